@@ -1,0 +1,300 @@
+"""The run configuration: one typed, validated object made once at the edge.
+
+A config comes from a TOML file (`feddistill simulate --config FILE.toml`) or from
+Flower's flat run config (`flwr run .`, keys flattened with dots, e.g.
+``"fleet.num-clients"``). Both go through :func:`parse_config`, which rejects
+unknown keys, wrong types and impossible values with a message that names the
+key and where it came from. Inner code takes :class:`RunConfig`, never dicts.
+
+Keys may be written with ``-`` or ``_`` (Flower's run config uses ``-``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from feddistill.models import MODEL_NAMES
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, of the wrong type or impossible."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "digits"  # "digits" (embedded) or "fashion-mnist"
+    data_dir: str = ""  # Fashion-MNIST IDX directory; "" = /usr/share/datasets/fashion-mnist
+    reference_size: int = 450  # unlabelled public reference set
+    public_labelled_size: int = 100  # labelled public sample for the public teacher
+    test_size: int = 360  # digits only (Fashion-MNIST has its own test split)
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    num_clients: int = 10
+    partition: str = "dirichlet"  # "iid" | "dirichlet" | "shards"
+    alpha: float = 0.5  # Dirichlet concentration (smaller = more skewed)
+    shards_per_client: int = 2
+    fraction: float = 0.5  # per-round client sampling rate q
+    sampling: str = "poisson"  # "poisson" (each client independently w.p. q) | "fixed" (round(q*N) clients)
+    students: str = "mlp"  # comma-separated; client i gets students[i % len] (heterogeneous fleet)
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    model: str = "cnn-large"
+    epochs: int = 150
+    lr: float = 0.05
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    aggregator: str = "mean"  # "mean" (FedMD) | "era" (DS-FL)
+    era_temperature: float = 0.1
+    temperature: float = 3.0  # KD temperature T
+    query_size: int = 450  # |Q|: reference examples queried per round
+    digest_epochs: int = 10  # client: KD toward the teacher signal on the queries
+    revisit_epochs: int = 5  # client: cross-entropy on private data
+    revisit_kd_weight: float = 1.0  # client: weight of KD on the queries while revisiting (0 = plain FedMD revisit)
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    answer_dtype: str = "float16"  # precision of uploaded answers: "float32" | "float16"
+    server_student: str = "mlp"  # architecture of the released global student
+    server_epochs: int = 5  # server distillation epochs per round (on the reference set)
+    server_lr: float = 0.05
+
+
+@dataclass(frozen=True)
+class BaselinesConfig:
+    local_only: bool = True
+    centralized: bool = True
+    fedavg: bool = True
+    max_local_clients: int = 20  # local-only baseline evaluates at most this many clients
+    local_epochs: int = 20  # epochs for local-only and centralized training
+    fedavg_local_epochs: int = 1
+    fedavg_init: str = "public"  # "public" (pretrained on the labelled public set) | "scratch"
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    cpus_per_client: float = 1.0  # Ray resources per ClientApp actor
+    round_timeout: float = 600.0  # seconds to wait for replies in one round
+    node_wait_timeout: float = 120.0  # seconds to wait for all simulated nodes at start-up
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    method: str = "feddistill"  # "feddistill" | "fedavg" (Flower's FedAvg baseline on the same fleet)
+    seed: int = 0
+    rounds: int = 10
+    output_dir: str = "runs/latest"
+    data: DataConfig = field(default_factory=DataConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    @property
+    def student_names(self) -> list[str]:
+        return [s.strip() for s in self.fleet.students.split(",")]
+
+    def student_for(self, partition_id: int) -> str:
+        names = self.student_names
+        return names[partition_id % len(names)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_flat(self) -> dict[str, Any]:
+        """Flower run-config form: ``{"fleet.num-clients": 10, ...}``."""
+        flat: dict[str, Any] = {}
+        for key, value in self.to_dict().items():
+            if isinstance(value, dict):
+                for sub, v in value.items():
+                    flat[f"{key}.{sub.replace('_', '-')}"] = v
+            else:
+                flat[key.replace("_", "-")] = value
+        return flat
+
+    def digest(self) -> str:
+        """SHA-256 of the canonical JSON form (the config hash recorded in results)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+# ---- parsing and validation ----
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "method": ("feddistill", "fedavg"),
+    "data.dataset": ("digits", "fashion-mnist"),
+    "fleet.partition": ("iid", "dirichlet", "shards"),
+    "fleet.sampling": ("poisson", "fixed"),
+    "distill.aggregator": ("mean", "era"),
+    "distill.answer_dtype": ("float32", "float16"),
+    "baselines.fedavg_init": ("public", "scratch"),
+    "teacher.model": MODEL_NAMES,
+    "distill.server_student": MODEL_NAMES,
+}
+
+# (key, lower bound, lower bound inclusive?, upper bound or None)
+_RANGES: dict[str, tuple[float, bool, float | None]] = {
+    "rounds": (1, True, None),
+    "data.reference_size": (1, True, None),
+    "data.public_labelled_size": (1, True, None),
+    "data.test_size": (0, True, None),
+    "fleet.num_clients": (1, True, None),
+    "fleet.alpha": (0, False, None),
+    "fleet.shards_per_client": (1, True, None),
+    "fleet.fraction": (0, False, 1.0),
+    "teacher.epochs": (0, True, None),
+    "teacher.lr": (0, False, None),
+    "teacher.batch_size": (1, True, None),
+    "distill.era_temperature": (0, False, None),
+    "distill.temperature": (0, False, None),
+    "distill.query_size": (1, True, None),
+    "distill.digest_epochs": (0, True, None),
+    "distill.revisit_epochs": (0, True, None),
+    "distill.batch_size": (1, True, None),
+    "distill.revisit_kd_weight": (0, True, None),
+    "distill.lr": (0, False, None),
+    "distill.momentum": (0, True, 1.0),
+    "distill.server_epochs": (0, True, None),
+    "distill.server_lr": (0, False, None),
+    "baselines.max_local_clients": (1, True, None),
+    "baselines.local_epochs": (1, True, None),
+    "baselines.fedavg_local_epochs": (1, True, None),
+    "simulation.cpus_per_client": (0, False, None),
+    "simulation.round_timeout": (0, False, None),
+    "simulation.node_wait_timeout": (0, False, None),
+}
+
+
+def _norm(key: str) -> str:
+    return key.replace("-", "_")
+
+
+def _coerce(value: Any, typ: type, where: str) -> Any:
+    # bool is a subclass of int: reject it where a number is expected, and vice versa.
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{where}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str, source: str) -> Any:
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for raw_key, value in values.items():
+        key = _norm(raw_key)
+        dotted = f"{prefix}{key}"
+        if key not in known:
+            valid = ", ".join(sorted(k.replace("_", "-") for k in known))
+            raise ConfigError(f"{source}: unknown key '{prefix}{raw_key}' (valid keys here: {valid})")
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: '{dotted}' must be a table, got {value!r}")
+            kwargs[key] = _build(typ, value, f"{dotted}.", source)
+        else:
+            kwargs[key] = _coerce(value, typ, f"{source}: '{dotted}'")
+    return cls(**kwargs)
+
+
+def _check(cfg: RunConfig, source: str) -> None:
+    def get(dotted: str) -> Any:
+        obj: Any = cfg
+        for part in dotted.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    for dotted, choices in _CHOICES.items():
+        if get(dotted) not in choices:
+            raise ConfigError(
+                f"{source}: '{dotted.replace('_', '-')}' = {get(dotted)!r} is not one of {', '.join(choices)}"
+            )
+    for dotted, (lo, inclusive, hi) in _RANGES.items():
+        v = get(dotted)
+        ok = (v >= lo if inclusive else v > lo) and (hi is None or v <= hi)
+        if not ok:
+            bound = f"{'>=' if inclusive else '>'} {lo}" + (f" and <= {hi}" if hi is not None else "")
+            raise ConfigError(f"{source}: '{dotted.replace('_', '-')}' = {v!r} must be {bound}")
+    for name in cfg.student_names:
+        if name not in MODEL_NAMES:
+            raise ConfigError(
+                f"{source}: 'fleet.students' names unknown model {name!r} (known: {', '.join(MODEL_NAMES)})"
+            )
+    if cfg.data.public_labelled_size > cfg.data.reference_size:
+        raise ConfigError(
+            f"{source}: 'data.public-labelled-size' ({cfg.data.public_labelled_size}) must not exceed "
+            f"'data.reference-size' ({cfg.data.reference_size}): the labelled public sample is drawn from the reference set"
+        )
+    if cfg.distill.query_size > cfg.data.reference_size:
+        raise ConfigError(
+            f"{source}: 'distill.query-size' ({cfg.distill.query_size}) must not exceed "
+            f"'data.reference-size' ({cfg.data.reference_size})"
+        )
+    if cfg.data.dataset == "digits" and cfg.data.test_size < 1:
+        raise ConfigError(f"{source}: 'data.test-size' must be >= 1 for digits (it has no test split of its own)")
+
+
+def parse_config(values: dict[str, Any], source: str = "config") -> RunConfig:
+    """Build and validate a RunConfig from a nested dict (TOML) or a flat dotted dict (Flower)."""
+    nested: dict[str, Any] = {}
+    for key, value in values.items():
+        if "." in key:  # Flower run config: "fleet.num-clients"
+            section, _, sub = key.partition(".")
+            table = nested.setdefault(section, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{source}: '{section}' is both a value and a table")
+            table[sub] = value
+        elif isinstance(value, dict):
+            nested.setdefault(key, {}).update(value)
+        else:
+            nested[key] = value
+    cfg = _build(RunConfig, nested, "", source)
+    _check(cfg, source)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a TOML config file (None = all defaults) and apply flat dotted overrides."""
+    values: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            values = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
+    for key, value in (overrides or {}).items():
+        section, _, sub = key.rpartition(".")
+        if section:
+            values.setdefault(section, {})
+            if not isinstance(values[section], dict):
+                raise ConfigError(f"{source}: '{section}' is not a table")
+            values[section][sub] = value
+        else:
+            values[key] = value
+    return parse_config(values, source)

@@ -1,0 +1,31 @@
+"""Data layer: numpy data sets, benchmark splits and client partitions."""
+
+from .datasets import (
+    DATASET_NAMES,
+    FASHION_MNIST_DIR,
+    ArrayDataset,
+    DataError,
+    load_dataset,
+    load_digits_dataset,
+    load_fashion_mnist,
+    read_idx,
+)
+from .partition import SCHEMES, label_histograms, partition
+from .splits import Splits, make_splits, reference_digest
+
+__all__ = [
+    "DATASET_NAMES",
+    "FASHION_MNIST_DIR",
+    "SCHEMES",
+    "ArrayDataset",
+    "DataError",
+    "Splits",
+    "label_histograms",
+    "load_dataset",
+    "load_digits_dataset",
+    "load_fashion_mnist",
+    "make_splits",
+    "partition",
+    "read_idx",
+    "reference_digest",
+]

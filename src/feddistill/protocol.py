@@ -1,0 +1,25 @@
+"""Names of the records and keys exchanged between ServerApp and ClientApp.
+
+Defined once here, used by server, client, strategies and tests.
+"""
+
+# Message types (Flower: "<category>.<action>")
+DISTILL = "train.distill"  # one federated-distillation round
+FEDAVG_TRAIN = "train"  # Flower's FedAvg baseline uses the default train action
+
+# Records in a distill request
+TEACHER_RECORD = "teacher"  # ArrayRecord: SIGNAL (|Q|, C) float32, QUERIES (|Q|,) int64
+CONFIG_RECORD = "config"  # ConfigRecord: round config (below)
+SIGNAL = "signal"
+QUERIES = "queries"
+
+# Records in a distill reply: the ONLY things that leave a device
+ANSWERS_RECORD = "answers"  # ArrayRecord: ANSWERS (|Q|, C)
+ANSWERS = "answers"
+METRICS_RECORD = "metrics"  # MetricRecord: scalar metrics only
+REPLY_META = "meta"  # ConfigRecord: round id and reference-set digest echoed back
+
+# Config keys (request) / meta keys (reply)
+ROUND = "round"
+DIGEST = "reference-digest"
+NUM_EXAMPLES = "num-examples"

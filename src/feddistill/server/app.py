@@ -1,0 +1,225 @@
+"""The ServerApp: the federated-distillation round loop (DESIGN.md, steps 0-4).
+
+0. public teacher -> round 0's teacher signal on the reference set;
+1. the strategy samples clients and sends each the teacher signal on the round's
+   queries, the round config and the reference-set digest;
+2. clients digest, revisit and answer (see ``feddistill.client.app``);
+3. the strategy validates the replies and aggregates them into the new teacher
+   signal for those queries;
+4. the server distils the global student from the teacher signal on the
+   reference set (FedDF: Lin et al. 2020, "Ensemble Distillation for Robust
+   Model Fusion in Federated Learning") and evaluates it on the test split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from feddistill import protocol
+from feddistill.config import RunConfig, parse_config
+from feddistill.models import build_model, count_parameters
+from feddistill.simulations.fleet import as_tensors, load_fleet
+from feddistill.strategies import ReplyCheck, make_strategy, teacher_arrays
+from feddistill.training import evaluate_model, predict_probs, train_distill
+
+log = logging.getLogger("feddistill")
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
+    """At start-up the grid may list only some nodes: wait until all are connected."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= expected:
+            return nodes
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(nodes)} of {expected} nodes connected after {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def round_config(cfg: RunConfig, digest: str) -> ConfigRecord:
+    d = cfg.distill
+    return ConfigRecord(
+        {
+            protocol.DIGEST: digest,
+            "temperature": d.temperature,
+            "digest-epochs": d.digest_epochs,
+            "revisit-epochs": d.revisit_epochs,
+            "revisit-kd-weight": d.revisit_kd_weight,
+            "batch-size": d.batch_size,
+            "lr": d.lr,
+            "momentum": d.momentum,
+            "answer-dtype": d.answer_dtype,
+        }
+    )
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomic write: a reader never sees a half-written file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def run_distillation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
+    from feddistill.server.teacher import public_teacher  # keeps `flwr run` imports lean until needed
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fleet = load_fleet(cfg.data, cfg.fleet, cfg.seed)
+    splits = fleet.splits
+    ref_x, _ = as_tensors(splits.reference)
+    test_x, _ = as_tensors(splits.test)
+    num_classes = fleet.num_classes
+
+    teacher = public_teacher(cfg.teacher, splits, cfg.seed)
+    log.info("public teacher (%s): test accuracy %.3f", cfg.teacher.model, teacher.test.accuracy)
+    signal = teacher.reference_probs.copy()
+
+    # Round 0: the global student distilled from the public teacher alone.
+    student = build_model(cfg.distill.server_student, fleet.image_size, num_classes, seed=cfg.seed)
+    d = cfg.distill
+
+    def distil_student(round_seed: int) -> None:
+        train_distill(
+            student,
+            ref_x,
+            torch_tensor(signal),
+            temperature=d.temperature,
+            epochs=d.server_epochs,
+            batch_size=d.batch_size,
+            lr=d.server_lr,
+            momentum=d.momentum,
+            seed=round_seed,
+        )
+
+    distil_student(cfg.seed)
+    public_only = evaluate_model(student, test_x, splits.test.y)
+    log.info("round 0 (public teacher only): student accuracy %.3f", public_only.accuracy)
+
+    nodes = wait_for_nodes(grid, cfg.fleet.num_clients, cfg.simulation.node_wait_timeout)
+    strategy = make_strategy(
+        d.aggregator,
+        sampling_rate=cfg.fleet.fraction,
+        sampling=cfg.fleet.sampling,
+        seed=cfg.seed,
+        era_temperature=d.era_temperature,
+    )
+    query_rng = np.random.default_rng(cfg.seed + 1)
+    rounds: list[dict[str, Any]] = []
+    for rnd in range(1, cfg.rounds + 1):
+        t0 = time.monotonic()
+        queries = np.sort(query_rng.choice(len(signal), size=d.query_size, replace=False))
+        messages = list(
+            strategy.configure_train(
+                rnd, teacher_arrays(signal[queries], queries), round_config(cfg, splits.reference_digest), grid
+            )
+        )
+        replies = grid.send_and_receive(messages, timeout=cfg.simulation.round_timeout) if messages else []
+        check = ReplyCheck(rnd, splits.reference_digest, d.query_size, num_classes)
+        new_signal, collected = strategy.aggregate_round(replies, check)
+        teacher_accuracy = None
+        if new_signal is not None:
+            signal[queries] = new_signal
+            teacher_accuracy = float((new_signal.argmax(1) == splits.reference.y[queries]).mean())
+        distil_student(cfg.seed + rnd)
+        ev = evaluate_model(student, test_x, splits.test.y)
+        agreement = float((predict_probs(student, ref_x).numpy().argmax(1) == signal.argmax(1)).mean())
+        record = {
+            "round": rnd,
+            "clients": len(messages),
+            "replies": len(collected.answers),
+            "dropped": collected.dropped,
+            "teacher_accuracy": teacher_accuracy,
+            "student_accuracy": ev.accuracy,
+            "student_nll": ev.nll,
+            "student_ece": ev.ece,
+            "agreement": agreement,
+            "bytes_uploaded": collected.bytes_uploaded,
+            "seconds": time.monotonic() - t0,
+        }
+        rounds.append(record)
+        log.info(
+            "round %d/%d: %d clients, %d answers, teacher signal acc %s, student acc %.3f, %d bytes up, %.1f s",
+            rnd,
+            cfg.rounds,
+            len(messages),
+            len(collected.answers),
+            "-" if teacher_accuracy is None else f"{teacher_accuracy:.3f}",
+            ev.accuracy,
+            collected.bytes_uploaded,
+            record["seconds"],
+        )
+
+    answered = [r for r in rounds if r["replies"]]
+    results = {
+        "method": "feddistill",
+        "config": cfg.to_dict(),
+        "config_digest": cfg.digest(),
+        "reference_digest": splits.reference_digest,
+        "num_nodes": len(nodes),
+        "public_teacher": {"model": cfg.teacher.model, **teacher.test.to_dict("test_")},
+        "public_only_student": public_only.to_dict("test_"),
+        "student": {"model": cfg.distill.server_student, "parameters": count_parameters(student)},
+        "rounds": rounds,
+        "final": {
+            "student_accuracy": rounds[-1]["student_accuracy"],
+            "student_nll": rounds[-1]["student_nll"],
+            "student_ece": rounds[-1]["student_ece"],
+            "agreement": rounds[-1]["agreement"],
+            "bytes_uploaded_total": sum(r["bytes_uploaded"] for r in rounds),
+            "bytes_per_client_round": (
+                sum(r["bytes_uploaded"] for r in answered) / max(1, sum(r["replies"] for r in answered))
+            ),
+        },
+        "label_histograms": fleet.label_histograms().tolist(),
+    }
+    write_json(out / "results.json", results)
+    save_student(student, out / "global_student.pt", cfg)
+    return results
+
+
+def torch_tensor(a: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+
+def save_student(model, path: Path, cfg: RunConfig) -> None:
+    import torch
+
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": cfg.distill.server_student, "state_dict": model.state_dict()}, tmp)
+    os.replace(tmp, path)
+
+
+def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
+    if cfg.method == "fedavg":
+        from feddistill.server.fedavg import run_fedavg
+
+        return run_fedavg(grid, cfg)
+    return run_distillation(grid, cfg)
+
+
+def make_server_app(cfg: RunConfig | None = None) -> ServerApp:
+    """A ServerApp for `cfg`; with None it reads Flower's run config (`flwr run .`)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_cfg = cfg if cfg is not None else parse_config(dict(context.run_config), "run config")
+        run_server(grid, run_cfg)
+
+    return server_app
+
+
+app = make_server_app()

@@ -1,0 +1,77 @@
+"""Run a fleet on Flower's simulation engine (the same apps `flwr run .` uses)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from feddistill.config import RunConfig
+
+log = logging.getLogger("feddistill")
+
+
+def simulate_flower(cfg: RunConfig, *, verbose: bool = False) -> dict[str, Any]:
+    """One Flower simulation of `cfg` (feddistill or fedavg); returns its results.json."""
+    # Ray workers must not re-resolve the app's dependencies, and must not print per-actor banners.
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    from flwr.simulation import run_simulation
+
+    from feddistill.client.app import make_client_app
+    from feddistill.server.app import make_server_app
+
+    backend_config = {
+        "client_resources": {"num_cpus": cfg.simulation.cpus_per_client, "num_gpus": 0.0},
+        "init_args": {"logging_level": "INFO" if verbose else "ERROR", "log_to_driver": verbose},
+    }
+    run_simulation(
+        server_app=make_server_app(cfg),
+        client_app=make_client_app(cfg),
+        num_supernodes=cfg.fleet.num_clients,
+        backend_config=backend_config,
+        verbose_logging=verbose,
+    )
+    path = Path(cfg.output_dir) / "results.json"
+    if not path.is_file():
+        raise RuntimeError(f"the {cfg.method} run ended without writing {path}; see the log above")
+    return json.loads(path.read_text())
+
+
+def simulate(cfg: RunConfig, *, verbose: bool = False, baselines: bool = True) -> dict[str, Any]:
+    """The full experiment: feddistill on Flower, plus the configured baselines on the same fleet."""
+    from feddistill.server.app import write_json
+    from feddistill.simulations import baselines as bl
+    from feddistill.simulations.fleet import load_fleet
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = simulate_flower(cfg, verbose=verbose)
+    base: dict[str, Any] = {
+        "public_teacher": results["public_teacher"],
+        "public_only_student": results["public_only_student"],
+    }
+    if baselines:
+        fleet = load_fleet(cfg.data, cfg.fleet, cfg.seed)
+        if cfg.baselines.local_only:
+            log.info("baseline: local-only (each client alone)")
+            base["local_only"] = bl.local_only(cfg, fleet)
+        if cfg.baselines.centralized:
+            log.info("baseline: centralized (pooled private data)")
+            base["centralized"] = bl.centralized(cfg, fleet)
+        if cfg.baselines.fedavg:
+            log.info("baseline: Flower FedAvg on the same fleet")
+            fed_cfg = dataclasses.replace(cfg, method="fedavg", output_dir=str(out / "fedavg"))
+            fed = simulate_flower(fed_cfg, verbose=verbose)
+            base["fedavg"] = {
+                "init": fed["init"],
+                "accuracy": fed["final"]["student_accuracy"],
+                "bytes_per_client_round": fed["final"]["bytes_per_client_round"],
+                "rounds": fed["rounds"],
+            }
+    results["baselines"] = base
+    write_json(out / "results.json", results)
+    return results

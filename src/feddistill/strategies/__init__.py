@@ -1,0 +1,29 @@
+"""Aggregation of client answers into the next teacher signal (Flower strategies)."""
+
+from feddistill.strategies.base import AnswerStrategy, RoundReplies, normalize_rows, teacher_arrays
+from feddistill.strategies.era import EntropyReducedMean, entropy_reduction
+from feddistill.strategies.mean import MeanAnswers
+from feddistill.strategies.validation import ReplyCheck, check_reply
+
+__all__ = [
+    "AnswerStrategy",
+    "EntropyReducedMean",
+    "MeanAnswers",
+    "ReplyCheck",
+    "RoundReplies",
+    "check_reply",
+    "entropy_reduction",
+    "make_strategy",
+    "normalize_rows",
+    "teacher_arrays",
+]
+
+
+def make_strategy(aggregator: str, *, sampling_rate: float, sampling: str, seed: int, era_temperature: float = 0.1):
+    """Build the configured aggregator."""
+    common = dict(sampling_rate=sampling_rate, sampling=sampling, seed=seed)
+    if aggregator == "mean":
+        return MeanAnswers(**common)
+    if aggregator == "era":
+        return EntropyReducedMean(**common, temperature=era_temperature)
+    raise ValueError(f"unknown aggregator {aggregator!r} (known: mean, era)")

@@ -1,0 +1,137 @@
+"""The base of every answer-aggregation strategy: sample, configure, validate, aggregate.
+
+A Flower :class:`~flwr.serverapp.strategy.Strategy` whose "arrays" are the
+teacher signal on the round's queries and whose train replies are the clients'
+answers on those queries. Subclasses override only :meth:`aggregate_answers`
+(the way Flower's ``FedMedian`` overrides only ``aggregate_train``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from feddistill import protocol
+from feddistill.strategies.validation import ReplyCheck, check_reply
+
+log = logging.getLogger("feddistill")
+
+
+@dataclass
+class RoundReplies:
+    """What one round's replies amounted to, after validation."""
+
+    answers: list[np.ndarray] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    bytes_uploaded: int = 0
+
+
+class AnswerStrategy(Strategy):
+    """Samples clients, sends them the teacher signal, validates and aggregates answers.
+
+    Parameters
+    ----------
+    sampling_rate : float
+        Per-round client sampling rate q.
+    sampling : str
+        ``"poisson"``: every node is picked independently with probability q
+        (what the subsampled-Gaussian accountant assumes); ``"fixed"``: exactly
+        ``max(1, round(q * N))`` nodes, uniformly without replacement.
+    seed : int
+        Seed of the sampling RNG (its state is part of the server checkpoint).
+    min_replies : int
+        A round whose valid replies are fewer than this is not aggregated.
+    """
+
+    name = "base"
+
+    def __init__(self, sampling_rate: float, sampling: str = "poisson", seed: int = 0, min_replies: int = 1) -> None:
+        self.sampling_rate = sampling_rate
+        self.sampling = sampling
+        self.rng = np.random.default_rng(seed)
+        self.min_replies = min_replies
+
+    # ---- Flower Strategy interface ----
+    def summary(self) -> None:
+        log.info("strategy %s: %s sampling, q=%.3f", self.name, self.sampling, self.sampling_rate)
+
+    def sample_nodes(self, node_ids: list[int]) -> list[int]:
+        node_ids = sorted(node_ids)
+        if self.sampling == "poisson":
+            picked = self.rng.random(len(node_ids)) < self.sampling_rate
+            return [n for n, p in zip(node_ids, picked) if p]
+        k = max(1, round(self.sampling_rate * len(node_ids)))
+        return sorted(self.rng.choice(node_ids, size=k, replace=False).tolist())
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        nodes = self.sample_nodes(list(grid.get_node_ids()))
+        config[protocol.ROUND] = server_round
+        content = RecordDict({protocol.TEACHER_RECORD: arrays, protocol.CONFIG_RECORD: config})
+        return [Message(content=content, dst_node_id=n, message_type=protocol.DISTILL) for n in nodes]
+
+    def collect(self, replies: Iterable[Message], check: ReplyCheck) -> RoundReplies:
+        """Validate every reply; keep the good ones, count the bad ones by reason."""
+        out = RoundReplies()
+        for msg in replies:
+            if not msg.has_error():
+                for rec in msg.content.array_records.values():
+                    out.bytes_uploaded += sum(len(a.data) for a in rec.values())
+            answers, reason = check_reply(msg, check)
+            if reason is not None:
+                key = reason.split(":")[0]
+                out.dropped[key] = out.dropped.get(key, 0) + 1
+                log.warning("round %d: dropped reply from node %d: %s", check.round, msg.metadata.src_node_id, reason)
+                continue
+            metrics = msg.content.metric_records.get(protocol.METRICS_RECORD, MetricRecord())
+            out.answers.append(answers)
+            out.weights.append(float(metrics.get(protocol.NUM_EXAMPLES, 1)))
+        return out
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower interface; needs the round's ReplyCheck, so the server calls :meth:`aggregate_round`."""
+        raise NotImplementedError("use aggregate_round(replies, check)")
+
+    def aggregate_round(self, replies: Iterable[Message], check: ReplyCheck) -> tuple[np.ndarray | None, RoundReplies]:
+        collected = self.collect(replies, check)
+        if len(collected.answers) < self.min_replies:
+            return None, collected
+        stacked = np.stack(collected.answers)
+        return self.aggregate_answers(stacked, np.asarray(collected.weights)), collected
+
+    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
+        return []  # evaluation is central (server-side, on the test split)
+
+    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
+        return None
+
+    # ---- the one thing subclasses define ----
+    def aggregate_answers(self, answers: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """answers: (K clients, |Q|, C) -> teacher signal (|Q|, C), rows summing to 1."""
+        raise NotImplementedError
+
+
+def teacher_arrays(signal: np.ndarray, queries: np.ndarray) -> ArrayRecord:
+    return ArrayRecord(
+        {
+            protocol.SIGNAL: Array(np.ascontiguousarray(signal, dtype=np.float32)),
+            protocol.QUERIES: Array(np.ascontiguousarray(queries, dtype=np.int64)),
+        }
+    )
+
+
+def normalize_rows(matrix: np.ndarray) -> np.ndarray:
+    matrix = np.clip(matrix, 0.0, None)
+    sums = matrix.sum(axis=1, keepdims=True)
+    uniform = np.full_like(matrix, 1.0 / matrix.shape[1])
+    return np.where(sums > 0, matrix / np.where(sums > 0, sums, 1.0), uniform)
