@@ -91,6 +91,13 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    keep_artifacts: bool = False  # opt-in: keep uploads, local students and canaries for `feddistill audit`
+    canaries: int = 0  # one-run audit (Steinke et al. 2023): m canaries, each included w.p. 1/2
+    canary_client: int = 0  # the client whose private data receives the included canaries
+
+
+@dataclass(frozen=True)
 class RunConfig:
     method: str = "feddistill"  # "feddistill" | "fedavg" (Flower's FedAvg baseline on the same fleet)
     seed: int = 0
@@ -102,6 +109,7 @@ class RunConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     @property
     def student_names(self) -> list[str]:
@@ -173,6 +181,8 @@ _RANGES: dict[str, tuple[float, bool, float | None]] = {
     "baselines.local_epochs": (1, True, None),
     "baselines.fedavg_local_epochs": (1, True, None),
     "simulation.cpus_per_client": (0, False, None),
+    "audit.canaries": (0, True, None),
+    "audit.canary_client": (0, True, None),
     "simulation.round_timeout": (0, False, None),
     "simulation.node_wait_timeout": (0, False, None),
 }
@@ -251,6 +261,10 @@ def _check(cfg: RunConfig, source: str) -> None:
         raise ConfigError(
             f"{source}: 'distill.query-size' ({cfg.distill.query_size}) must not exceed "
             f"'data.reference-size' ({cfg.data.reference_size})"
+        )
+    if cfg.audit.canary_client >= cfg.fleet.num_clients:
+        raise ConfigError(
+            f"{source}: 'audit.canary-client' ({cfg.audit.canary_client}) must be < 'fleet.num-clients' ({cfg.fleet.num_clients})"
         )
     if cfg.data.dataset == "digits" and cfg.data.test_size < 1:
         raise ConfigError(f"{source}: 'data.test-size' must be >= 1 for digits (it has no test split of its own)")

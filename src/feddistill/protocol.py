@@ -23,3 +23,4 @@ REPLY_META = "meta"  # ConfigRecord: round id and reference-set digest echoed ba
 ROUND = "round"
 DIGEST = "reference-digest"
 NUM_EXAMPLES = "num-examples"
+PARTITION = "partition-id"  # the node's partition id (simulation) or node-config id (device)

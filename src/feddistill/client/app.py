@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 from feddistill import protocol
 from feddistill.config import RunConfig, parse_config
 from feddistill.models import build_model
-from feddistill.simulations.fleet import Fleet, as_tensors, load_fleet
+from feddistill.simulations.fleet import Fleet, as_tensors, fleet_canaries, load_fleet, private_tensors, training_data
 from feddistill.training import predict_probs, train_distill, train_revisit, train_supervised
 
 # Each simulated client runs in a 1-CPU worker: more torch threads only oversubscribe the cores.
@@ -51,7 +51,7 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
     signal = torch.from_numpy(teacher[protocol.SIGNAL].numpy().astype(np.float32))
     ref_x, _ = as_tensors(fleet.splits.reference)
     query_x = ref_x[torch.from_numpy(queries)]
-    private_x, private_y = as_tensors(fleet.private_data(partition_id))
+    private_x, private_y = training_data(fleet, partition_id, fleet_canaries(cfg))
     seed = cfg.seed * 1_000_003 + rnd * 10_007 + partition_id
 
     student = _student(cfg, fleet, partition_id, context, cfg.student_for(partition_id))
@@ -66,6 +66,8 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
     )
     answers = predict_probs(student, query_x).numpy().astype(str(config["answer-dtype"]))
     context.state[STUDENT_STATE] = ArrayRecord(student.state_dict())
+    if cfg.audit.keep_artifacts:  # simulation only: the auditor's target (b), the local student
+        save_local_student(student, cfg, partition_id)
 
     metrics = {protocol.NUM_EXAMPLES: len(private_y)}
     for name, value in (("digest-loss", digest_loss), ("revisit-loss", revisit_loss)):
@@ -76,11 +78,24 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
             {
                 protocol.ANSWERS_RECORD: ArrayRecord({protocol.ANSWERS: Array(np.ascontiguousarray(answers))}),
                 protocol.METRICS_RECORD: MetricRecord(metrics),
-                protocol.REPLY_META: ConfigRecord({protocol.ROUND: rnd, protocol.DIGEST: fleet.splits.reference_digest}),
+                protocol.REPLY_META: ConfigRecord(
+                    {protocol.ROUND: rnd, protocol.DIGEST: fleet.splits.reference_digest, protocol.PARTITION: partition_id}
+                ),
             }
         ),
         reply_to=msg,
     )
+
+
+def save_local_student(student: torch.nn.Module, cfg: RunConfig, partition_id: int) -> None:
+    import os
+    from pathlib import Path
+
+    path = Path(cfg.output_dir) / "audit" / "clients" / f"client{partition_id}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"model": cfg.student_for(partition_id), "state_dict": student.state_dict()}, tmp)
+    os.replace(tmp, path)
 
 
 def handle_fedavg(msg: Message, context: Context, cfg: RunConfig) -> Message:
@@ -90,7 +105,7 @@ def handle_fedavg(msg: Message, context: Context, cfg: RunConfig) -> Message:
     fleet = load_fleet(cfg.data, cfg.fleet, cfg.seed)
     model = build_model(str(config["model"]), fleet.image_size, fleet.num_classes)
     model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
-    x, y = as_tensors(fleet.private_data(partition_id))
+    x, y = private_tensors(fleet, partition_id)
     loss = train_supervised(
         model, x, y, epochs=int(config["epochs"]), batch_size=int(config["batch-size"]), lr=float(config["lr"]),
         momentum=float(config["momentum"]), seed=cfg.seed * 1_000_003 + int(config["server-round"]) * 10_007 + partition_id,

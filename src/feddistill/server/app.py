@@ -81,6 +81,8 @@ def run_distillation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     test_x, _ = as_tensors(splits.test)
     num_classes = fleet.num_classes
 
+    if cfg.audit.keep_artifacts:
+        save_audit_setup(out / "audit", cfg)
     teacher = public_teacher(cfg.teacher, splits, cfg.seed)
     log.info("public teacher (%s): test accuracy %.3f", cfg.teacher.model, teacher.test.accuracy)
     signal = teacher.reference_probs.copy()
@@ -127,6 +129,8 @@ def run_distillation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         replies = grid.send_and_receive(messages, timeout=cfg.simulation.round_timeout) if messages else []
         check = ReplyCheck(rnd, splits.reference_digest, d.query_size, num_classes)
         new_signal, collected = strategy.aggregate_round(replies, check)
+        if cfg.audit.keep_artifacts:
+            save_uploads(out / "audit" / "uploads" / f"round{rnd:04d}.npz", queries, collected)
         teacher_accuracy = None
         if new_signal is not None:
             signal[queries] = new_signal
@@ -186,6 +190,28 @@ def run_distillation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     write_json(out / "results.json", results)
     save_student(student, out / "global_student.pt", cfg)
     return results
+
+
+def save_uploads(path: Path, queries: np.ndarray, collected) -> None:
+    """The uploads as the server received them (after validation), for the auditor."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"queries": queries}
+    for pid, answers in zip(collected.senders, collected.answers):
+        arrays[f"client{pid}"] = answers
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def save_audit_setup(audit_dir: Path, cfg: RunConfig) -> None:
+    from feddistill.simulations.fleet import fleet_canaries
+
+    audit_dir.mkdir(parents=True, exist_ok=True)
+    canaries = fleet_canaries(cfg)
+    if canaries is not None:
+        tmp = audit_dir / "canaries.tmp.npz"
+        np.savez_compressed(tmp, x=canaries.x, y=canaries.y, included=canaries.included, client=canaries.client)
+        os.replace(tmp, audit_dir / "canaries.npz")
 
 
 def torch_tensor(a: np.ndarray):

@@ -17,7 +17,7 @@ from feddistill.config import DataConfig, FleetConfig
 from feddistill.data import ArrayDataset, Splits, label_histograms, load_dataset, make_splits, partition
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Fleet:
     splits: Splits
     parts: list[np.ndarray]  # private-pool indices of each client
@@ -63,3 +63,53 @@ def load_fleet(data: DataConfig, fleet: FleetConfig, seed: int) -> Fleet:
 def as_tensors(dataset: ArrayDataset) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch views of a data set (cached: the reference set is used every round)."""
     return torch.from_numpy(dataset.x), torch.from_numpy(dataset.y)
+
+
+@dataclass(frozen=True, eq=False)
+class Canaries:
+    """One-run audit canaries (Steinke, Nasr & Jagielski 2023): m marked examples, each
+    included in one client's private data independently with probability 1/2.
+
+    Canaries are uniform-noise images with random labels: they belong to no split (so
+    they cannot leak into evaluation) and are as memorable as an example can be, which
+    makes the audit's lower bound as strong as possible.
+    """
+
+    x: np.ndarray  # (m, 1, H, W) float32
+    y: np.ndarray  # (m,) int64
+    included: np.ndarray  # (m,) bool
+    client: int
+
+
+def make_canaries(m: int, client: int, image_size: int, num_classes: int, seed: int) -> Canaries:
+    rng = np.random.default_rng([seed, 0xCA4A])
+    return Canaries(
+        x=rng.random((m, 1, image_size, image_size), dtype=np.float32),
+        y=rng.integers(0, num_classes, size=m).astype(np.int64),
+        included=rng.random(m) < 0.5,
+        client=client,
+    )
+
+
+@lru_cache(maxsize=64)
+def private_tensors(fleet: Fleet, partition_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A client's private data as tensors, cached per worker (bounded: 1000-client fleets)."""
+    data = fleet.private_data(partition_id)
+    return torch.from_numpy(data.x), torch.from_numpy(data.y)
+
+
+def training_data(fleet: Fleet, partition_id: int, canaries: Canaries | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A client's private training data, with the included canaries when it is the canary client."""
+    x, y = private_tensors(fleet, partition_id)
+    if canaries is None or canaries.client != partition_id or not canaries.included.any():
+        return x, y
+    keep = canaries.included
+    return (torch.cat([x, torch.from_numpy(canaries.x[keep])]), torch.cat([y, torch.from_numpy(canaries.y[keep])]))
+
+
+def fleet_canaries(cfg) -> Canaries | None:
+    """The run's canaries (None when the audit asks for none)."""
+    if cfg.audit.canaries == 0:
+        return None
+    fleet = load_fleet(cfg.data, cfg.fleet, cfg.seed)
+    return make_canaries(cfg.audit.canaries, cfg.audit.canary_client, fleet.image_size, fleet.num_classes, cfg.seed)
