@@ -142,7 +142,8 @@ def test_valid_reply_is_accepted():
         (lambda: _reply(np.full((5, 3), 7.0, np.float32)), "values outside"),
         (lambda: _reply(np.ones((5, 3), np.float32) / 3, extra={"weights": Array(np.zeros(3, np.float32))}),
          "unexpected arrays"),
-        (lambda: Message(Error(1, "over budget"), reply_to=_request()), "error reply"),
+        (lambda: Message(Error(protocol.REFUSED, "over budget"), reply_to=_request()), "refused"),
+        (lambda: Message(Error(99, "crashed"), reply_to=_request()), "error reply"),
     ],
 )
 def test_bad_replies_are_rejected_with_a_reason(reply, reason):

@@ -37,7 +37,8 @@ def _setup_logging(verbose: bool) -> None:
 
     FLOWER_LOGGER.propagate = False
     FLOWER_LOGGER.setLevel(logging.DEBUG if verbose else logging.WARNING)
-    for name in ("alembic", "ray", "filelock", "matplotlib"):
+    # dp-accounting's RDP cross-check warns (through absl) about orders it skips; not the user's concern
+    for name in ("alembic", "ray", "filelock", "matplotlib", "absl"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 

@@ -91,6 +91,29 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    # Client-level DP of the uploads (unit: one whole client; neighbouring: add/remove):
+    #   "off"; "local" (each client noises its own reply: holds against the server);
+    #   "central" (the server noises the sum: trusted server); "gnmax" / "confident-gnmax"
+    #   (PATE: noisy vote counts on the server, data-independent accounting).
+    client_level: str = "off"
+    bound: str = "probs"  # how answers are bounded: "probs" | "votes" | "clipped_logits"
+    clip_norm: float = 1.0  # row L2 bound for clipped_logits
+    noise_multiplier: float = 0.0  # z: noise std = z x L2 sensitivity (0 = calibrate to target-epsilon)
+    target_epsilon: float = 0.0  # client-level budget the server enforces (0 = none)
+    delta: float = 1e-5
+    gnmax_threshold: float = 0.0  # Confident-GNMax: answer a query only if noisy max vote >= this
+    threshold_noise_multiplier: float = 0.0  # Confident-GNMax: z of the threshold check
+    # Record-level DP on devices (unit: one private example): DP-SGD through Opacus.
+    record_level: bool = False
+    record_noise_multiplier: float = 0.0  # 0 = calibrate to record-target-epsilon
+    record_target_epsilon: float = 0.0  # each device's own budget, enforced on the device (0 = none)
+    record_delta: float = 1e-5
+    max_grad_norm: float = 1.0  # per-sample clipping norm C
+    record_participations: int = 0  # rounds a device plans to serve (calibration); 0 = min(rounds, ceil(2 q rounds))
+
+
+@dataclass(frozen=True)
 class AuditConfig:
     keep_artifacts: bool = False  # opt-in: keep uploads, local students and canaries for `feddistill audit`
     canaries: int = 0  # one-run audit (Steinke et al. 2023): m canaries, each included w.p. 1/2
@@ -110,6 +133,7 @@ class RunConfig:
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     @property
     def student_names(self) -> list[str]:
@@ -149,6 +173,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "distill.aggregator": ("mean", "era"),
     "distill.answer_dtype": ("float32", "float16"),
     "baselines.fedavg_init": ("public", "scratch"),
+    "privacy.client_level": ("off", "local", "central", "gnmax", "confident-gnmax"),
+    "privacy.bound": ("probs", "votes", "clipped_logits"),
     "teacher.model": MODEL_NAMES,
     "distill.server_student": MODEL_NAMES,
 }
@@ -182,6 +208,17 @@ _RANGES: dict[str, tuple[float, bool, float | None]] = {
     "baselines.fedavg_local_epochs": (1, True, None),
     "simulation.cpus_per_client": (0, False, None),
     "audit.canaries": (0, True, None),
+    "privacy.clip_norm": (0, False, None),
+    "privacy.noise_multiplier": (0, True, None),
+    "privacy.target_epsilon": (0, True, None),
+    "privacy.delta": (0, False, 0.1),
+    "privacy.gnmax_threshold": (0, True, None),
+    "privacy.threshold_noise_multiplier": (0, True, None),
+    "privacy.record_noise_multiplier": (0, True, None),
+    "privacy.record_target_epsilon": (0, True, None),
+    "privacy.record_delta": (0, False, 0.1),
+    "privacy.max_grad_norm": (0, False, None),
+    "privacy.record_participations": (0, True, None),
     "audit.canary_client": (0, True, None),
     "simulation.round_timeout": (0, False, None),
     "simulation.node_wait_timeout": (0, False, None),
@@ -262,12 +299,41 @@ def _check(cfg: RunConfig, source: str) -> None:
             f"{source}: 'distill.query-size' ({cfg.distill.query_size}) must not exceed "
             f"'data.reference-size' ({cfg.data.reference_size})"
         )
+    _check_privacy(cfg, source)
     if cfg.audit.canary_client >= cfg.fleet.num_clients:
         raise ConfigError(
             f"{source}: 'audit.canary-client' ({cfg.audit.canary_client}) must be < 'fleet.num-clients' ({cfg.fleet.num_clients})"
         )
     if cfg.data.dataset == "digits" and cfg.data.test_size < 1:
         raise ConfigError(f"{source}: 'data.test-size' must be >= 1 for digits (it has no test split of its own)")
+
+
+def _check_privacy(cfg: RunConfig, source: str) -> None:
+    p = cfg.privacy
+    if p.client_level != "off":
+        if p.noise_multiplier == 0 and p.target_epsilon == 0:
+            raise ConfigError(
+                f"{source}: 'privacy.client-level' = {p.client_level!r} needs 'privacy.noise-multiplier' > 0 "
+                "or 'privacy.target-epsilon' > 0 (to calibrate the noise)"
+            )
+        if cfg.fleet.sampling != "poisson":
+            raise ConfigError(
+                f"{source}: client-level DP needs 'fleet.sampling' = 'poisson': the subsampled-Gaussian "
+                "accountant assumes each client is sampled independently"
+            )
+    if p.client_level in ("gnmax", "confident-gnmax") and p.bound != "votes":
+        raise ConfigError(f"{source}: 'privacy.client-level' = {p.client_level!r} needs 'privacy.bound' = 'votes'")
+    if p.client_level == "confident-gnmax" and (p.gnmax_threshold == 0 or p.threshold_noise_multiplier == 0):
+        raise ConfigError(
+            f"{source}: confident-gnmax needs 'privacy.gnmax-threshold' > 0 and 'privacy.threshold-noise-multiplier' > 0"
+        )
+    if p.record_level and p.record_noise_multiplier == 0 and p.record_target_epsilon == 0:
+        raise ConfigError(
+            f"{source}: 'privacy.record-level' = true needs 'privacy.record-noise-multiplier' > 0 "
+            "or 'privacy.record-target-epsilon' > 0"
+        )
+    if p.record_level and cfg.distill.revisit_epochs == 0:
+        raise ConfigError(f"{source}: 'privacy.record-level' = true needs 'distill.revisit-epochs' >= 1")
 
 
 def parse_config(values: dict[str, Any], source: str = "config") -> RunConfig:

@@ -24,3 +24,6 @@ ROUND = "round"
 DIGEST = "reference-digest"
 NUM_EXAMPLES = "num-examples"
 PARTITION = "partition-id"  # the node's partition id (simulation) or node-config id (device)
+
+# Error code of a client's refusal (digest mismatch, over its own budget, bad signature...)
+REFUSED = 1

@@ -21,13 +21,18 @@ from feddistill import protocol
 from feddistill.config import RunConfig, parse_config
 from feddistill.models import build_model
 from feddistill.simulations.fleet import Fleet, as_tensors, fleet_canaries, load_fleet, private_tensors, training_data
-from feddistill.training import predict_probs, train_distill, train_revisit, train_supervised
+from feddistill.privacy.accounting import GaussianEvent
+from feddistill.privacy.dpsgd import dp_train, dpsgd_schedule
+from feddistill.privacy.ledger import PrivacyLedger
+from feddistill.privacy.mechanisms import add_gaussian_noise, bound_answers, noise_rng
+from feddistill.privacy.plan import UploadPrivacy, record_mechanism, record_noise_multiplier, upload_privacy
+from feddistill.training import predict_logits, train_distill, train_revisit, train_supervised
 
 # Each simulated client runs in a 1-CPU worker: more torch threads only oversubscribe the cores.
 torch.set_num_threads(1)
 
 STUDENT_STATE = "student"
-REFUSED = 1  # Error code of a refusal (digest mismatch, over budget, ...)
+RECORD_LEDGER = "record-ledger"  # the device's record-level privacy ledger (JSON), kept across rounds
 
 
 def _student(cfg: RunConfig, fleet: Fleet, partition_id: int, context: Context, arch: str) -> torch.nn.Module:
@@ -43,7 +48,7 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
     partition_id = int(context.node_config["partition-id"])
     fleet = load_fleet(cfg.data, cfg.fleet, cfg.seed)
     if config[protocol.DIGEST] != fleet.splits.reference_digest:
-        return Message(Error(REFUSED, "reference-set digest mismatch: refusing to answer"), reply_to=msg)
+        return Message(Error(protocol.REFUSED, "reference-set digest mismatch: refusing to answer"), reply_to=msg)
 
     rnd = int(config[protocol.ROUND])
     teacher = msg.content.array_records[protocol.TEACHER_RECORD]
@@ -56,20 +61,47 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
 
     student = _student(cfg, fleet, partition_id, context, cfg.student_for(partition_id))
     common = dict(batch_size=int(config["batch-size"]), lr=float(config["lr"]), momentum=float(config["momentum"]))
+    temperature = float(config["temperature"])
+    metrics: dict[str, float] = {protocol.NUM_EXAMPLES: len(private_y)}
+
+    # Record-level DP: the device checks its OWN budget before touching private data.
+    ledger, event = None, None
+    if cfg.privacy.record_level:
+        ledger = _record_ledger(context, cfg)
+        batch = min(int(config["batch-size"]), len(private_y))
+        rate, steps = dpsgd_schedule(len(private_y), batch, int(config["revisit-epochs"]))
+        event = GaussianEvent(record_noise_multiplier(cfg, rate, steps), rate, steps)
+        if not ledger.can_afford(event):
+            reason = (f"record-level budget: this round would raise epsilon from {ledger.epsilon():.3f} to "
+                      f"{ledger.epsilon_if(event):.3f} > target {ledger.target_epsilon} (delta={ledger.delta})")
+            return Message(Error(protocol.REFUSED, reason), reply_to=msg)
+
     digest_loss = train_distill(
-        student, query_x, signal, temperature=float(config["temperature"]),
-        epochs=int(config["digest-epochs"]), seed=seed, **common,
+        student, query_x, signal, temperature=temperature, epochs=int(config["digest-epochs"]), seed=seed, **common
     )
-    revisit_loss = train_revisit(
-        student, private_x, private_y, query_x, signal, kd_weight=float(config["revisit-kd-weight"]),
-        temperature=float(config["temperature"]), epochs=int(config["revisit-epochs"]), seed=seed + 1, **common,
-    )
-    answers = predict_probs(student, query_x).numpy().astype(str(config["answer-dtype"]))
+    if ledger is not None:
+        result = dp_train(
+            student, private_x, private_y, epochs=int(config["revisit-epochs"]), batch_size=batch, lr=common["lr"],
+            momentum=common["momentum"], noise_multiplier=event.noise_multiplier,
+            max_grad_norm=cfg.privacy.max_grad_norm, seed=seed + 1,
+        )
+        revisit_loss = result.mean_loss
+        ledger.record(event, rnd)
+        context.state[RECORD_LEDGER] = ConfigRecord({"json": ledger.to_json()})
+        metrics.update({"record-epsilon": ledger.epsilon(), "record-noise-multiplier": event.noise_multiplier,
+                        "record-sampling-rate": event.sampling_rate, "record-steps": float(sum(
+                            e.event.steps for e in ledger.history))})
+    else:
+        revisit_loss = train_revisit(
+            student, private_x, private_y, query_x, signal, kd_weight=float(config["revisit-kd-weight"]),
+            temperature=temperature, epochs=int(config["revisit-epochs"]), seed=seed + 1, **common,
+        )
+    answers = answer_matrix(predict_logits(student, query_x).numpy(), upload_privacy(cfg), seed + 2)
+    answers = answers.astype(str(config["answer-dtype"]))
     context.state[STUDENT_STATE] = ArrayRecord(student.state_dict())
     if cfg.audit.keep_artifacts:  # simulation only: the auditor's target (b), the local student
         save_local_student(student, cfg, partition_id)
 
-    metrics = {protocol.NUM_EXAMPLES: len(private_y)}
     for name, value in (("digest-loss", digest_loss), ("revisit-loss", revisit_loss)):
         if np.isfinite(value):
             metrics[name] = float(value)
@@ -85,6 +117,27 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
         ),
         reply_to=msg,
     )
+
+
+def answer_matrix(logits: np.ndarray, plan: UploadPrivacy, seed: int) -> np.ndarray:
+    """Bound the answers (probabilities, votes or clipped logits); with local DP, noise them here,
+    on the device, before they leave it."""
+    answers = bound_answers(logits, plan.bound, clip_norm=plan.clip_norm)
+    if plan.mode == "local":
+        answers = add_gaussian_noise(answers, noise_multiplier=plan.noise_multiplier, sensitivity=plan.sensitivity,
+                                     rng=noise_rng(seed))
+    return answers
+
+
+def _record_ledger(context: Context, cfg: RunConfig) -> PrivacyLedger:
+    saved = context.state.config_records.get(RECORD_LEDGER)
+    if saved is not None:
+        ledger = PrivacyLedger.from_json(str(saved["json"]))
+        # the history is the device's; the budget is whatever the device's config says now
+        ledger.target_epsilon = cfg.privacy.record_target_epsilon or None
+        return ledger
+    return PrivacyLedger(unit="record", delta=cfg.privacy.record_delta,
+                         target_epsilon=cfg.privacy.record_target_epsilon or None, mechanism=record_mechanism(cfg))
 
 
 def save_local_student(student: torch.nn.Module, cfg: RunConfig, partition_id: int) -> None:

@@ -28,7 +28,17 @@ from feddistill import protocol
 from feddistill.config import RunConfig, parse_config
 from feddistill.models import build_model, count_parameters
 from feddistill.simulations.fleet import as_tensors, load_fleet
-from feddistill.strategies import ReplyCheck, make_strategy, teacher_arrays
+from feddistill.privacy.ledger import PrivacyLedger
+from feddistill.privacy.mechanisms import noise_rng
+from feddistill.privacy.plan import UploadPrivacy, record_mechanism, upload_privacy
+from feddistill.strategies import (
+    AnswerStrategy,
+    CentralGaussianAnswers,
+    GNMaxVotes,
+    ReplyCheck,
+    make_strategy,
+    teacher_arrays,
+)
 from feddistill.training import evaluate_model, predict_probs, train_distill
 
 log = logging.getLogger("feddistill")
@@ -109,32 +119,54 @@ def run_distillation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     log.info("round 0 (public teacher only): student accuracy %.3f", public_only.accuracy)
 
     nodes = wait_for_nodes(grid, cfg.fleet.num_clients, cfg.simulation.node_wait_timeout)
-    strategy = make_strategy(
-        d.aggregator,
-        sampling_rate=cfg.fleet.fraction,
-        sampling=cfg.fleet.sampling,
-        seed=cfg.seed,
-        era_temperature=d.era_temperature,
-    )
+    plan = upload_privacy(cfg)
+    strategy = build_strategy(cfg, plan, noise_rng(cfg.seed + 2))
+    ledger = client_ledger(plan)
+    participations: dict[int, int] = {}  # local mode: how often each node has answered
+    devices: dict[int, dict[str, float]] = {}  # record-level ledgers reported by devices
     query_rng = np.random.default_rng(cfg.seed + 1)
+    low, high = plan.value_range()
     rounds: list[dict[str, Any]] = []
+    stop_reason = None
     for rnd in range(1, cfg.rounds + 1):
         t0 = time.monotonic()
+        if ledger is not None and plan.mode != "local" and not ledger.can_afford(plan.event()):
+            stop_reason = (
+                f"client-level budget: round {rnd} would raise epsilon from {ledger.epsilon():.3f} to "
+                f"{ledger.epsilon_if(plan.event()):.3f} > target {ledger.target_epsilon} (delta={ledger.delta})"
+            )
+            log.warning("stopping before round %d: %s", rnd, stop_reason)
+            break
         queries = np.sort(query_rng.choice(len(signal), size=d.query_size, replace=False))
         messages = list(
             strategy.configure_train(
                 rnd, teacher_arrays(signal[queries], queries), round_config(cfg, splits.reference_digest), grid
             )
         )
+        over_budget = 0
+        if ledger is not None:  # charge the round when it is sent: a client that drops still counts
+            if plan.mode == "local":
+                messages, over_budget = charge_local(messages, participations, ledger, plan, rnd)
+            else:
+                ledger.record(plan.event(), rnd, sensitivity=plan.sensitivity)
         replies = grid.send_and_receive(messages, timeout=cfg.simulation.round_timeout) if messages else []
-        check = ReplyCheck(rnd, splits.reference_digest, d.query_size, num_classes)
+        check = ReplyCheck(rnd, splits.reference_digest, d.query_size, num_classes, low=low, high=high)
         new_signal, collected = strategy.aggregate_round(replies, check)
         if cfg.audit.keep_artifacts:
             save_uploads(out / "audit" / "uploads" / f"round{rnd:04d}.npz", queries, collected)
+        for pid, metrics in zip(collected.senders, collected.metrics):
+            if "record-epsilon" in metrics:
+                devices[pid] = {k: v for k, v in metrics.items() if k.startswith("record-")}
         teacher_accuracy = None
+        answered_queries = 0
         if new_signal is not None:
-            signal[queries] = new_signal
-            teacher_accuracy = float((new_signal.argmax(1) == splits.reference.y[queries]).mean())
+            answered = np.isfinite(new_signal).all(axis=1)  # Confident-GNMax leaves some unanswered
+            answered_queries = int(answered.sum())
+            signal[queries[answered]] = new_signal[answered]
+            if answered.any():
+                teacher_accuracy = float(
+                    (new_signal[answered].argmax(1) == splits.reference.y[queries[answered]]).mean()
+                )
         distil_student(cfg.seed + rnd)
         ev = evaluate_model(student, test_x, splits.test.y)
         agreement = float((predict_probs(student, ref_x).numpy().argmax(1) == signal.argmax(1)).mean())
@@ -143,17 +175,20 @@ def run_distillation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
             "clients": len(messages),
             "replies": len(collected.answers),
             "dropped": collected.dropped,
+            "over_budget_skipped": over_budget,
+            "answered_queries": answered_queries,
             "teacher_accuracy": teacher_accuracy,
             "student_accuracy": ev.accuracy,
             "student_nll": ev.nll,
             "student_ece": ev.ece,
             "agreement": agreement,
             "bytes_uploaded": collected.bytes_uploaded,
+            "client_epsilon": None if ledger is None else ledger.epsilon(),
             "seconds": time.monotonic() - t0,
         }
         rounds.append(record)
         log.info(
-            "round %d/%d: %d clients, %d answers, teacher signal acc %s, student acc %.3f, %d bytes up, %.1f s",
+            "round %d/%d: %d clients, %d answers, teacher signal acc %s, student acc %.3f, %d bytes up%s, %.1f s",
             rnd,
             cfg.rounds,
             len(messages),
@@ -161,9 +196,12 @@ def run_distillation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
             "-" if teacher_accuracy is None else f"{teacher_accuracy:.3f}",
             ev.accuracy,
             collected.bytes_uploaded,
+            "" if ledger is None else f", client-level eps {ledger.epsilon():.3f}",
             record["seconds"],
         )
 
+    if not rounds:
+        raise RuntimeError(f"no round could run: {stop_reason}")
     answered = [r for r in rounds if r["replies"]]
     results = {
         "method": "feddistill",
@@ -185,11 +223,89 @@ def run_distillation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
                 sum(r["bytes_uploaded"] for r in answered) / max(1, sum(r["replies"] for r in answered))
             ),
         },
+        "stop_reason": stop_reason,
+        "privacy": privacy_report(cfg, plan, ledger, devices),
         "label_histograms": fleet.label_histograms().tolist(),
     }
     write_json(out / "results.json", results)
     save_student(student, out / "global_student.pt", cfg)
     return results
+
+
+def build_strategy(cfg: RunConfig, plan: UploadPrivacy, noise: np.random.Generator) -> AnswerStrategy:
+    """The configured aggregator, wrapped or replaced by the configured DP mechanism."""
+    common = dict(sampling_rate=cfg.fleet.fraction, sampling=cfg.fleet.sampling, seed=cfg.seed)
+    if plan.mode == "gnmax":
+        return GNMaxVotes(**common, sigma=plan.noise_std, noise_rng=noise)
+    if plan.mode == "confident-gnmax":
+        return GNMaxVotes(**common, sigma=plan.noise_std, noise_rng=noise, threshold=cfg.privacy.gnmax_threshold,
+                          sigma_threshold=plan.threshold_std)
+    inner = make_strategy(cfg.distill.aggregator, era_temperature=cfg.distill.era_temperature, **common)
+    if plan.mode == "central":
+        expected = cfg.fleet.fraction * cfg.fleet.num_clients
+        return CentralGaussianAnswers(inner, noise_std=plan.noise_std, expected_clients=expected, rng=noise)
+    return inner
+
+
+def client_ledger(plan: UploadPrivacy) -> PrivacyLedger | None:
+    if plan.mode == "off":
+        return None
+    return PrivacyLedger(unit="client", delta=plan.delta, target_epsilon=plan.target_epsilon, mechanism=plan.mechanism)
+
+
+def charge_local(messages, participations, ledger, plan, rnd):
+    """Local noise: a client's epsilon composes its own answers (q = 1 each). Nodes whose next
+    answer would exceed the target are not asked; the ledger tracks the most-used client."""
+    kept, skipped = [], 0
+    worst = max(participations.values(), default=0)
+    for msg in messages:
+        count = participations.get(msg.metadata.dst_node_id, 0) + 1
+        if ledger.target_epsilon is not None and count > worst and not ledger.can_afford(plan.event()):
+            skipped += 1
+            continue
+        participations[msg.metadata.dst_node_id] = count
+        if count > worst:
+            ledger.record(plan.event(), rnd, sensitivity=plan.sensitivity)
+            worst = count
+        kept.append(msg)
+    if skipped:
+        log.warning("round %d: %d sampled clients skipped: their next answer would exceed the client-level target", rnd, skipped)
+    return kept, skipped
+
+
+def privacy_report(cfg: RunConfig, plan: UploadPrivacy, ledger: PrivacyLedger | None,
+                   devices: dict[int, dict[str, float]]) -> dict[str, Any]:
+    """results.json's "privacy": every epsilon with its unit, mechanism, accountant and delta."""
+    client_level = None
+    if ledger is not None:
+        client_level = {
+            **ledger.summary(),
+            "epsilon_rdp": ledger.epsilon_rdp(),
+            "protects_against": plan.protects_against,
+            "sensitivity": plan.sensitivity,
+            "noise_std": plan.noise_std,
+            "query_size": cfg.distill.query_size,
+            "client_sampling": "each round, once per participation (q=1)" if plan.mode == "local"
+            else f"Poisson, q={plan.sampling_rate}",
+            "analysis": "data-independent" if "gnmax" in plan.mode else "worst case",
+        }
+    record_level = None
+    if cfg.privacy.record_level:
+        worst = max(devices.items(), key=lambda kv: kv[1]["record-epsilon"], default=(None, None))
+        record_level = {
+            "epsilon": None if worst[1] is None else worst[1]["record-epsilon"],
+            "epsilon_is": "the largest epsilon of any device (each device accounts its own)",
+            "delta": cfg.privacy.record_delta,
+            "unit": "record",
+            "neighbouring": "add/remove",
+            "mechanism": record_mechanism(cfg),
+            "accountant": "pld",
+            "target_epsilon": cfg.privacy.record_target_epsilon or None,
+            "protects_against": "everyone, the server included (noise added on the device during training)",
+            "worst_device": worst[0],
+            "devices": {str(pid): m for pid, m in sorted(devices.items())},
+        }
+    return {"client_level": client_level, "record_level": record_level}
 
 
 def save_uploads(path: Path, queries: np.ndarray, collected) -> None:

@@ -1,12 +1,16 @@
 """Aggregation of client answers into the next teacher signal (Flower strategies)."""
 
 from feddistill.strategies.base import AnswerStrategy, RoundReplies, normalize_rows, teacher_arrays
+from feddistill.strategies.dp import CentralGaussianAnswers
 from feddistill.strategies.era import EntropyReducedMean, entropy_reduction
+from feddistill.strategies.gnmax import GNMaxVotes
 from feddistill.strategies.mean import MeanAnswers
 from feddistill.strategies.validation import ReplyCheck, check_reply
 
 __all__ = [
     "AnswerStrategy",
+    "CentralGaussianAnswers",
+    "GNMaxVotes",
     "EntropyReducedMean",
     "MeanAnswers",
     "ReplyCheck",

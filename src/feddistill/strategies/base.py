@@ -30,6 +30,7 @@ class RoundReplies:
     answers: list[np.ndarray] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
     senders: list[int] = field(default_factory=list)  # partition id of each kept answer (-1 if unknown)
+    metrics: list[dict[str, float]] = field(default_factory=list)  # scalar metrics of each kept answer
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> count
     bytes_uploaded: int = 0
 
@@ -95,6 +96,7 @@ class AnswerStrategy(Strategy):
             metrics = msg.content.metric_records.get(protocol.METRICS_RECORD, MetricRecord())
             out.answers.append(answers)
             out.weights.append(float(metrics.get(protocol.NUM_EXAMPLES, 1)))
+            out.metrics.append(dict(metrics))
             out.senders.append(int(msg.content.config_records[protocol.REPLY_META].get(protocol.PARTITION, -1)))
         return out
 

@@ -34,6 +34,8 @@ class ReplyCheck:
 def check_reply(msg: Message, check: ReplyCheck) -> tuple[np.ndarray | None, str | None]:
     """Return (answers, None) for a valid reply, or (None, reason) for a bad one."""
     if msg.has_error():
+        if msg.error.code == protocol.REFUSED:
+            return None, f"refused: {msg.error.reason}"
         return None, f"error reply: {msg.error.reason}"
     content = msg.content
     meta = content.config_records.get(protocol.REPLY_META)

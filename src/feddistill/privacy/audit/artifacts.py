@@ -1,0 +1,276 @@
+"""Reading and validating what a finished run left for the auditor.
+
+A run made with ``audit.keep-artifacts = true`` writes (see ``feddistill.server.app``
+and ``feddistill.client.app``)::
+
+    RUN_DIR/results.json                      config, reference digest, rounds, privacy claims
+    RUN_DIR/global_student.pt                 the released global student   -> target (c)
+    RUN_DIR/audit/uploads/roundNNNN.npz       queries + every client's answers -> target (a)
+    RUN_DIR/audit/clients/client{pid}.pt      each client's final local student -> target (b)
+    RUN_DIR/audit/canaries.npz                one-run canaries (when audit.canaries > 0)
+
+:func:`load_run` checks every one of them up front and raises :class:`AuditInputError`
+(the CLI's exit code 2) with a message that names the missing or unreadable file and
+says how to get it, before any model is trained.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from feddistill.config import ConfigError, RunConfig, parse_config
+from feddistill.data import DataError
+from feddistill.models import MODEL_NAMES, build_model
+from feddistill.simulations.fleet import Canaries, Fleet, load_fleet
+
+__all__ = ["AuditInputError", "ClientUploads", "RunArtifacts", "load_run", "KEEP_HINT"]
+
+KEEP_HINT = "re-run the simulation with --set audit.keep-artifacts=true"
+_ROUND_FILE = re.compile(r"^round(\d+)\.npz$")
+_CLIENT_KEY = re.compile(r"^client(-?\d+)$")
+_CLIENT_FILE = re.compile(r"^client(\d+)\.pt$")
+
+
+class AuditInputError(Exception):
+    """The run directory or the policy cannot be audited (CLI exit code 2).
+
+    The message names the missing/corrupt file (or key) and how to fix it.
+    """
+
+
+@dataclass(frozen=True, eq=False)
+class ClientUploads:
+    """Everything one client uploaded, in round order, as the server received it."""
+
+    rounds: list[int]
+    queries: list[np.ndarray]  # per round, (Q,) int64 indices into the reference set
+    answers: list[np.ndarray]  # per round, (Q, C) float32 (possibly DP-noised)
+
+    def stacked(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.concatenate(self.queries), np.concatenate(self.answers).astype(np.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class RunArtifacts:
+    run_dir: Path
+    cfg: RunConfig
+    results: dict[str, Any]
+    fleet: Fleet
+    privacy: dict[str, dict[str, Any] | None]  # {"record_level": ..., "client_level": ...}
+    global_student: tuple[str, dict[str, torch.Tensor]]  # (arch, state_dict)
+    uploads: dict[int, ClientUploads]  # partition id -> uploads
+    client_students: dict[int, tuple[str, dict[str, torch.Tensor]]]
+    canaries: Canaries | None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def participants(self) -> list[int]:
+        """Clients that uploaded at least once (their private data is in the global student)."""
+        return sorted(self.uploads)
+
+    @property
+    def is_dp(self) -> bool:
+        return any(v is not None for v in self.privacy.values())
+
+
+def _load_model_file(path: Path, what: str, image_size: int, num_classes: int) -> tuple[str, dict[str, torch.Tensor]]:
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt pickle/zip
+        raise AuditInputError(f"{path}: cannot read {what} ({type(exc).__name__}: {exc}); {KEEP_HINT}") from exc
+    if not isinstance(blob, dict) or "model" not in blob or "state_dict" not in blob:
+        raise AuditInputError(f"{path}: {what} must be a dict with keys 'model' and 'state_dict'")
+    arch = blob["model"]
+    if arch not in MODEL_NAMES:
+        raise AuditInputError(f"{path}: unknown model {arch!r} (known: {', '.join(MODEL_NAMES)})")
+    try:
+        build_model(arch, image_size, num_classes).load_state_dict(blob["state_dict"])
+    except Exception as exc:
+        raise AuditInputError(
+            f"{path}: {what} does not fit a {arch!r} for {image_size}x{image_size} images, {num_classes} classes ({exc})"
+        ) from exc
+    return arch, blob["state_dict"]
+
+
+def _privacy_claims(results: dict[str, Any], path: Path) -> dict[str, dict[str, Any] | None]:
+    privacy = results.get("privacy")
+    if privacy is None:
+        return {"record_level": None, "client_level": None}
+    if not isinstance(privacy, dict):
+        raise AuditInputError(f"{path}: 'privacy' must be an object, got {type(privacy).__name__}")
+    out: dict[str, dict[str, Any] | None] = {}
+    for unit in ("record_level", "client_level"):
+        claim = privacy.get(unit)
+        if claim is None:
+            out[unit] = None
+            continue
+        if not isinstance(claim, dict):
+            raise AuditInputError(f"{path}: 'privacy.{unit}' must be an object or null")
+        for key in ("epsilon", "delta"):
+            v = claim.get(key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise AuditInputError(f"{path}: 'privacy.{unit}.{key}' must be a finite number >= 0, got {v!r}")
+        if not claim["delta"] < 1:
+            raise AuditInputError(f"{path}: 'privacy.{unit}.delta' must be < 1")
+        out[unit] = dict(claim)
+    return out
+
+
+def _load_uploads(upload_dir: Path, ref_size: int, num_classes: int, warnings: list[str]) -> dict[int, ClientUploads]:
+    if not upload_dir.is_dir():
+        raise AuditInputError(f"{upload_dir}: missing (the clients' uploads, target (a)); {KEEP_HINT}")
+    files = sorted((int(m.group(1)), p) for p in upload_dir.iterdir() if (m := _ROUND_FILE.match(p.name)))
+    if not files:
+        raise AuditInputError(f"{upload_dir}: no roundNNNN.npz files (the clients' uploads); {KEEP_HINT}")
+    per_client: dict[int, tuple[list[int], list[np.ndarray], list[np.ndarray]]] = {}
+    for rnd, path in files:
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+            raise AuditInputError(f"{path}: cannot read uploads ({type(exc).__name__}: {exc}); {KEEP_HINT}") from exc
+        if "queries" not in arrays:
+            raise AuditInputError(f"{path}: no 'queries' array; {KEEP_HINT}")
+        queries = np.asarray(arrays.pop("queries")).astype(np.int64).ravel()
+        if queries.size and (queries.min() < 0 or queries.max() >= ref_size):
+            raise AuditInputError(f"{path}: queries outside the reference set (size {ref_size})")
+        for key, answers in arrays.items():
+            m = _CLIENT_KEY.match(key)
+            if m is None:
+                raise AuditInputError(f"{path}: unexpected array {key!r} (expected 'queries' and 'client<pid>')")
+            pid = int(m.group(1))
+            if pid < 0:
+                warnings.append(f"{path.name}: answers from an unknown sender ({key}) ignored")
+                continue
+            if answers.shape != (queries.size, num_classes):
+                raise AuditInputError(
+                    f"{path}: {key} has shape {answers.shape}, expected ({queries.size}, {num_classes})"
+                )
+            entry = per_client.setdefault(pid, ([], [], []))
+            entry[0].append(rnd)
+            entry[1].append(queries)
+            entry[2].append(np.asarray(answers, dtype=np.float32))
+    if not per_client:
+        raise AuditInputError(f"{upload_dir}: no client answered in any round; nothing to audit")
+    return {pid: ClientUploads(*v) for pid, v in sorted(per_client.items())}
+
+
+def _load_canaries(path: Path, cfg: RunConfig, image_size: int, num_classes: int) -> Canaries | None:
+    if not path.is_file():
+        if cfg.audit.canaries > 0:
+            raise AuditInputError(
+                f"{path}: missing although the run's config has audit.canaries = {cfg.audit.canaries}; {KEEP_HINT}"
+            )
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise AuditInputError(f"{path}: cannot read canaries ({type(exc).__name__}: {exc})") from exc
+    missing = {"x", "y", "included", "client"} - set(arrays)
+    if missing:
+        raise AuditInputError(f"{path}: missing arrays {sorted(missing)}")
+    x = np.asarray(arrays["x"], dtype=np.float32)
+    y = np.asarray(arrays["y"]).astype(np.int64).ravel()
+    inc = np.asarray(arrays["included"]).astype(bool).ravel()
+    m = y.size
+    if x.shape != (m, 1, image_size, image_size) or inc.shape != (m,) or m == 0:
+        raise AuditInputError(f"{path}: inconsistent shapes x {x.shape}, y {y.shape}, included {inc.shape}")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise AuditInputError(f"{path}: canary labels outside 0..{num_classes - 1}")
+    return Canaries(x=x, y=y, included=inc, client=int(np.asarray(arrays["client"]).ravel()[0]))
+
+
+def load_run(run_dir: str | Path) -> RunArtifacts:
+    """Read and validate a run directory; raise :class:`AuditInputError` naming what is missing."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise AuditInputError(f"{run_dir}: not a directory (expected a finished run's output directory)")
+    results_path = run_dir / "results.json"
+    if not results_path.is_file():
+        raise AuditInputError(f"{results_path}: missing; is {run_dir} a finished run's output directory?")
+    try:
+        results = json.loads(results_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AuditInputError(f"{results_path}: not readable JSON ({exc}); re-run the simulation") from exc
+    if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
+        raise AuditInputError(f"{results_path}: no 'config' object (was it written by feddistill?)")
+    if results.get("method", "feddistill") != "feddistill":
+        raise AuditInputError(
+            f"{results_path}: method {results.get('method')!r}; the audit targets federated-distillation runs"
+        )
+    try:
+        cfg = parse_config(results["config"], str(results_path))
+    except ConfigError as exc:
+        raise AuditInputError(str(exc)) from exc
+    try:
+        fleet = load_fleet(cfg.data, cfg.fleet, cfg.seed)
+    except (DataError, OSError) as exc:
+        raise AuditInputError(f"cannot rebuild the run's data to know who was a member: {exc}") from exc
+    digest = results.get("reference_digest")
+    if digest is not None and digest != fleet.splits.reference_digest:
+        raise AuditInputError(
+            f"{results_path}: reference_digest differs from the data rebuilt from its config "
+            "(the data set changed since the run); membership ground truth would be wrong"
+        )
+    privacy = _privacy_claims(results, results_path)
+
+    size, classes = fleet.image_size, fleet.num_classes
+    student_path = run_dir / "global_student.pt"
+    if not student_path.is_file():
+        raise AuditInputError(f"{student_path}: missing (the released global student, target (c)); re-run the simulation")
+    global_student = _load_model_file(student_path, "the global student", size, classes)
+
+    audit_dir = run_dir / "audit"
+    if not audit_dir.is_dir():
+        raise AuditInputError(
+            f"{audit_dir}: missing: the run kept no audit artefacts (uploads, local students, canaries); {KEEP_HINT}"
+        )
+    warnings: list[str] = []
+    uploads = _load_uploads(audit_dir / "uploads", len(fleet.splits.reference), classes, warnings)
+    for pid in uploads:
+        if pid >= cfg.fleet.num_clients:
+            raise AuditInputError(f"{audit_dir / 'uploads'}: client{pid} is not in a fleet of {cfg.fleet.num_clients}")
+
+    clients_dir = audit_dir / "clients"
+    if not clients_dir.is_dir():
+        raise AuditInputError(f"{clients_dir}: missing (the clients' local students, target (b)); {KEEP_HINT}")
+    client_students: dict[int, tuple[str, dict[str, torch.Tensor]]] = {}
+    for pid in uploads:
+        path = clients_dir / f"client{pid}.pt"
+        if not path.is_file():
+            raise AuditInputError(f"{path}: missing: client {pid} uploaded answers but its local student was not kept; {KEEP_HINT}")
+        client_students[pid] = _load_model_file(path, f"client {pid}'s local student", size, classes)
+    for path in sorted(clients_dir.iterdir()):
+        m = _CLIENT_FILE.match(path.name)
+        if m and int(m.group(1)) not in client_students and int(m.group(1)) < cfg.fleet.num_clients:
+            pid = int(m.group(1))
+            client_students[pid] = _load_model_file(path, f"client {pid}'s local student", size, classes)
+            warnings.append(f"client {pid} has a local student but no accepted upload")
+
+    canaries = _load_canaries(audit_dir / "canaries.npz", cfg, size, classes)
+    if canaries is not None and canaries.client not in client_students:
+        raise AuditInputError(
+            f"{clients_dir / f'client{canaries.client}.pt'}: missing: the canary client's local student is needed for the canary audit"
+        )
+    return RunArtifacts(
+        run_dir=run_dir,
+        cfg=cfg,
+        results=results,
+        fleet=fleet,
+        privacy=privacy,
+        global_student=global_student,
+        uploads=uploads,
+        client_students=client_students,
+        canaries=canaries,
+        warnings=warnings,
+    )

@@ -1,0 +1,243 @@
+"""Writing an audit: ``audit.json``, a Markdown report for privacy officers, log-log ROC PNGs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .plots import plot_roc_loglog
+
+__all__ = ["sanitize", "write_json", "write_roc_plots", "write_report"]
+
+_FPRS = (("0.1", "10 %"), ("0.01", "1 %"), ("0.001", "0.1 %"))
+
+
+def sanitize(obj: Any) -> Any:
+    """Plain JSON types only: numpy scalars/arrays converted, non-finite floats -> None."""
+    if isinstance(obj, dict):
+        return {str(k): sanitize(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [sanitize(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return sanitize(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    return obj
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def write_roc_plots(out: Path, curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
+                    targets: dict[str, Any]) -> dict[str, str]:
+    """One log-log ROC per target, with the (eps, delta)-DP bound of the claim that
+    protects a record of that target (Kairouz et al. 2015) when the run claims DP."""
+    written: dict[str, str] = {}
+    for name, cv in curves.items():
+        t = targets[name]
+        claim = t.get("claimed")
+        kw: dict[str, Any] = {}
+        if claim:
+            kw = {"dp_epsilon": claim["epsilon"], "dp_delta": claim["delta"]}
+        labelled = {f"{a} (AUC {t['attacks'][a]['summary']['auc']:.3f})": c for a, c in cv.items()}
+        path = out / f"roc_{name}.png"
+        plot_roc_loglog(labelled, path, title=f"{name}: {t['n_members']} members / {t['n_nonmembers']} non-members", **kw)
+        written[name] = path.name
+    return written
+
+
+def _f(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return "∞"
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _claim_text(c: dict[str, Any] | None) -> str:
+    if not c:
+        return "none (the run claims no DP for this target)"
+    txt = (f"ε = {_f(c['epsilon'])} at δ = {c['delta']:.3g} ({c['unit']}-level, {c['mechanism']}, "
+           f"accountant {c['accountant']}, {c['neighbouring']})")
+    if c.get("derivation") and c["derivation"] != "as claimed":
+        txt += f"; per record: {c['derivation']}"
+    return txt
+
+
+def _target_section(name: str, t: dict[str, Any], plot: str | None) -> list[str]:
+    lines = [f"### `{name}`", ""]
+    if t.get("skipped"):
+        return lines + [f"Skipped: {t['reason']}.", ""]
+    lines += [
+        f"{t['description']}.",
+        "",
+        f"- Candidates: {t['n_members']} members, {t['n_nonmembers']} class-matched non-members "
+        f"({t['n_fit']} fit / {t['n_eval']} evaluation); {t.get('reference_models', 0)} reference models.",
+        f"- Claimed privacy for one record: {_claim_text(t.get('claimed'))}.",
+        "",
+        "| attack | AUC | TPR @ 10 % FPR [95 % CI] | TPR @ 1 % FPR [95 % CI] | TPR @ 0.1 % FPR [95 % CI] | advantage | ε lower bound (eval split) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for a, res in t["attacks"].items():
+        s = res["summary"]
+        cells = []
+        for key, _ in _FPRS:
+            r = s["tpr_at_fpr"][key]
+            star = "" if r["resolvable"] else "*"
+            cells.append(f"{_f(r['tpr'])}{star} [{_f(r['tpr_ci'][0])}, {_f(r['tpr_ci'][1])}]")
+        mark = " (chosen on fit split)" if a == t["best_attack"] else ""
+        lines.append(f"| {a}{mark} | {_f(s['auc'])} | " + " | ".join(cells)
+                     + f" | {_f(s['advantage'])} | {_f(res['empirical_epsilon']['epsilon_lower_bound'])} |")
+    lines.append("")
+    if any(not r["resolvable"] for res in t["attacks"].values() for r in res["summary"]["tpr_at_fpr"].values()):
+        lines += ["\\* the target FPR is below 1 / (number of non-members): the value is the TPR at zero false positives.", ""]
+    for a, why in t.get("skipped_attacks", {}).items():
+        lines.append(f"- `{a}` not run: {why}.")
+    claim = t.get("claimed")
+    verdict = ""
+    if claim:
+        verdict = (" — **DP VIOLATION**: above the claimed ε" if t["violation"]
+                   else " — consistent with the claimed ε")
+    lines += [
+        f"**Empirical ε lower bound: {_f(t['epsilon_lower_bound'])}** (attack `{t['best_attack']}`, δ = {t['delta']:.3g}; "
+        f"the most this sample could certify: {_f(t['max_certifiable_epsilon'])}) vs claimed ε "
+        f"{_f(claim['epsilon']) if claim else 'none'}{verdict}.",
+        "",
+    ]
+    pc = t.get("per_class", {})
+    if pc:
+        lines += [f"Per class (`{t['best_attack']}`):", "", "| class | members | non-members | AUC | TPR @ 1 % FPR |",
+                  "| --- | --- | --- | --- | --- |"]
+        for k, v in pc.items():
+            if v.get("skipped"):
+                lines.append(f"| {k} | {v['n_members']} | {v['n_nonmembers']} | – ({v['reason']}) | – |")
+            else:
+                lines.append(f"| {k} | {v['n_members']} | {v['n_nonmembers']} | {_f(v['auc'])} | "
+                             f"{_f(v['tpr_at_fpr']['0.01']['tpr'])} |")
+        lines.append("")
+    pcl = t.get("per_client", {})
+    if pcl:
+        lines += [f"Per client (its members vs all non-members, `{t['best_attack']}`):", "",
+                  "| client | members | AUC | TPR @ 1 % FPR |", "| --- | --- | --- | --- |"]
+        for k, v in pcl.items():
+            lines.append(f"| {k} | {v['n_members']} | {_f(v['auc'])} | {_f(v['tpr_at_fpr']['0.01']['tpr'])} |")
+        lines.append("")
+    if plot:
+        lines += [f"![log-log ROC of {name}]({plot})", ""]
+    return lines
+
+
+def write_report(path: Path, audit: dict[str, Any]) -> None:
+    v = audit["verdict"]
+    lines = [
+        f"# Privacy audit of `{audit['run_dir']}`",
+        "",
+        f"**{'PASSED' if v['passed'] else 'FAILED'}** (exit code {v['exit_code']}; policy: {audit['policy']['source']})",
+        "",
+    ]
+    for r in v["rules"]:
+        lines.append(f"- VERDICT: {'PASS' if r['passed'] else '**FAIL**'} — `{r['rule']}`: {r['detail']}")
+    lines.append("")
+
+    lines += ["## Privacy claims of the run", ""]
+    claims = audit["privacy_claims"]
+    if not any(claims.values()):
+        lines += ["The run claims no differential privacy: the attacks below measure leakage, there is no claim to violate.", ""]
+    else:
+        lines += ["| unit | ε | δ | mechanism | accountant | neighbouring |", "| --- | --- | --- | --- | --- | --- |"]
+        for unit, c in claims.items():
+            if c:
+                lines.append(f"| {unit} | {_f(c['epsilon'])} | {c['delta']:.3g} | {c.get('mechanism', '–')} | "
+                             f"{c.get('accountant', '–')} | {c.get('neighbouring', 'add/remove (assumed)')} |")
+        lines.append("")
+        for kind, c in audit["claims_per_target"].items():
+            lines.append(f"- applies to one record of the `{kind}` target: {_claim_text(c)}")
+        lines.append("")
+
+    conf = audit["confidence"]
+    lines += [
+        "## Empirical ε lower bounds vs claimed ε",
+        "",
+        f"Each bound holds at confidence 1 − {conf['alpha']:g}/{conf['n_bounds']} (Bonferroni), so all of them hold jointly "
+        f"at {1 - conf['alpha']:.0%}.",
+        "",
+        "| source | ε lower bound | max certifiable | δ | claimed ε | result |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for b in audit["epsilon_lower_bounds"]:
+        if b["claimed_epsilon"] is None:
+            res = "no claim"
+        else:
+            res = "**DP VIOLATION**" if b["violation"] else "ok"
+        lines.append(f"| {b['source']} | {_f(b['epsilon_lower_bound'])} | {_f(b['max_certifiable_epsilon'])} | "
+                     f"{b['delta']:.3g} | {_f(b['claimed_epsilon'])} | {res} |")
+    lines.append("")
+
+    lines += ["## Membership inference per target", ""]
+    for name, t in audit["targets"].items():
+        lines += _target_section(name, t, audit.get("plots", {}).get(name))
+
+    can = audit.get("canary_audit")
+    lines += ["## Canary audit (one run, Steinke, Nasr & Jagielski 2023)", ""]
+    if not can:
+        lines += ["The run has no canaries (set `audit.canaries` > 0 to check the DP implementation itself).", ""]
+    else:
+        lines += [
+            f"{can['m']} canaries, {can['n_included']} included in client {can['client']}'s data (each with probability ½); "
+            f"score: {can['score']}.",
+            "",
+            "| target | guesses | correct | ε lower bound | cap (all correct) | claimed ε | result |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for kind, r in can["results"].items():
+            claim = r.get("claimed")
+            res = "no claim" if not claim else ("**DP VIOLATION**" if r["violation"] else "ok")
+            lines.append(f"| {kind} | {r['n_guesses']} | {r['n_correct']} | {_f(r['epsilon_lower_bound'])} | "
+                         f"{_f(r['max_cap'])} | {_f(claim['epsilon']) if claim else '–'} | {res} |")
+        lines.append("")
+
+    li = audit["label_inference"]
+    lines += ["## Label-distribution inference from uploads (Shi, Ouyang & Wang 2025)", "",
+              f"Estimate: {li['method']}. Lower TV = more leakage; baselines: {li['baselines']}.", ""]
+    if li["clients"]:
+        s = li["summary"]
+        lines += [
+            f"Mean TV {_f(s['mean_tv'])} vs uniform guess {_f(s['mean_tv_uniform_guess'])} and population prior "
+            f"{_f(s['mean_tv_population_prior'])}; the uploads beat the prior for {s['clients_better_than_prior']} of "
+            f"{s['n_clients']} clients.",
+            "",
+            "| client | private examples | TV | KL (nats) | TV uniform guess | TV population prior |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for pid, r in li["clients"].items():
+            lines.append(f"| {pid} | {r['n_private']} | {_f(r['tv'])} | {_f(r['kl'])} | {_f(r['tv_uniform_guess'])} | "
+                         f"{_f(r['tv_population_prior'])} |")
+        lines.append("")
+
+    lines += ["## Method", ""]
+    for k, text in audit["methodology"].items():
+        lines.append(f"- **{k.replace('_', ' ')}**: {text}.")
+    lines.append("")
+    if audit.get("warnings"):
+        lines += ["## Warnings", ""] + [f"- {w}" for w in audit["warnings"]] + [""]
+    t = audit.get("timings_s", {})
+    if t:
+        lines += [f"Audit time: {t.get('total', 0):.1f} s.", ""]
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, path)

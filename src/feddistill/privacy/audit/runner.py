@@ -1,0 +1,690 @@
+"""`feddistill audit RUN_DIR`: the membership-inference and DP-claim audit of a finished run.
+
+Targets (DESIGN.md, "Membership-inference audit")
+-------------------------------------------------
+(a) ``uploads_client{pid}``: what left the device.  The auditor sees what the server saw:
+    it distils a mimic model from the client's answers on the reference-set queries and
+    attacks the mimic; the reference models go through the same mimicry, which makes
+    LiRA on the mimic the distillation-based LiRA of Shi, Ouyang & Wang, "Unveiling
+    Client Privacy Leakage from Public Dataset Usage in Federated Distillation", PoPETs 2025.
+(b) ``local_client{pid}``: the client's final local student.
+(c) ``global``: the released global student (members: private data of every client that uploaded).
+
+Attacks: loss threshold (Yeom et al. 2018), LiRA offline/online (Carlini et al. 2022),
+RMIA online/offline (Zarifzadeh et al. 2024).  Metrics: ROC AUC, TPR at 10/1/0.1 % FPR
+with Clopper-Pearson intervals, membership advantage, and an empirical epsilon lower
+bound whose attack and threshold are both chosen on a held-out *fit* split and whose
+bound is computed on the *evaluation* split (Jagielski et al. 2020; Nasr et al. 2021).
+
+DP-claim audit: the canaries of the one-run audit (Steinke, Nasr & Jagielski 2023) are
+scored by the negative loss of the canary client's local student, of the mimic of its
+uploads, and of the global student.  Every empirical lower bound is compared with the
+claimed epsilon that applies to one record of that target; a lower bound above the
+claim is a DP VIOLATION and fails the audit (``fail_on_dp_violation``, on by default).
+
+All lower bounds of one audit hold *jointly* at confidence ``1 - alpha``: each is
+computed at ``alpha / n`` for the ``n`` bounds the audit reports (Bonferroni), so a
+run with several targets does not raise false violations by multiple testing.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from feddistill.models import build_model
+
+from .artifacts import AuditInputError, RunArtifacts, load_run
+from .attacks import loss_scores
+from .label_inference import estimate_label_histogram, kl_divergence, tv_distance
+from .metrics import empirical_epsilon, roc, slices, summarize_attack
+from .one_run import audit_canaries
+from .policy import AuditPolicy, evaluate_policy, load_policy
+from .report import sanitize, write_json, write_report, write_roc_plots
+from .targets import (
+    ATTACKS,
+    TargetPoints,
+    TrainRecipe,
+    answers_to_probs,
+    attack_scores,
+    balanced_in_mask,
+    fit_reference,
+    matched_members,
+    mean_per_query,
+    mimic_from_answers,
+    probs_of,
+    split_test,
+)
+
+__all__ = ["AuditInputError", "AuditOptions", "RunArtifacts", "load_run", "run_audit", "main", "claims_for_targets"]
+
+MIN_PER_SIDE = 4  # fewer class-matched members (or non-members) than this: the target is skipped
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    """How hard the auditor works.  The defaults audit the digits quick start in well
+    under a minute on two CPU cores; raise ``reference_models`` (LiRA's per-example
+    variances pay off from ~64) and ``max_points`` for a publication-grade audit."""
+
+    reference_models: int = 4  # K reference (shadow) models per target; each point IN for K // 2
+    target_clients: int = 2  # clients audited as targets (a) and (b); the canary client first
+    max_points: int = 500  # candidate points per target (members + non-members), and population cap
+    seed: int = 0
+    fit_fraction: float = 0.5  # share of candidates that choose the attack and threshold for epsilon
+    mimic_epochs: int = 20  # distillation epochs of every mimic model (target (a))
+    max_reference_epochs: int = 100  # cap on a reference model's training epochs
+    max_queries: int = 2000  # cap on distinct reference-set queries a mimic trains on
+    alpha: float = 0.05  # 1 - joint confidence of all epsilon lower bounds
+    default_delta: float = 1e-5  # delta for empirical epsilon where the run claims no DP
+
+    def check(self) -> None:
+        problems = []
+        if self.reference_models < 0:
+            problems.append("reference_models must be >= 0")
+        if self.target_clients < 0:
+            problems.append("target_clients must be >= 0")
+        if self.max_points < 4 * MIN_PER_SIDE:
+            problems.append(f"max_points must be >= {4 * MIN_PER_SIDE}")
+        if not 0.0 < self.fit_fraction < 1.0:
+            problems.append("fit_fraction must be in (0, 1)")
+        if self.mimic_epochs < 1 or self.max_reference_epochs < 1 or self.max_queries < 1:
+            problems.append("mimic_epochs, max_reference_epochs and max_queries must be >= 1")
+        if not 0.0 < self.alpha < 1.0 or not 0.0 <= self.default_delta < 1.0:
+            problems.append("alpha must be in (0, 1) and default_delta in [0, 1)")
+        if problems:
+            raise AuditInputError("invalid audit options: " + "; ".join(problems))
+
+
+# --------------------------------------------------------------------------- claims
+def _record_equivalent(claim: dict[str, Any], unit: str) -> dict[str, Any]:
+    """The (epsilon, delta) a claim gives one *record*.
+
+    Record-level claims apply as they are.  A client-level claim under replace-one
+    applies too (changing a record replaces the client's data set).  Under add/remove
+    (the default when the claim does not say), changing a record is a remove and an add
+    of that client, so group privacy gives (2 eps, (1 + e^eps) delta) (Dwork & Roth 2014,
+    Thm. 2.2 and its approximate-DP form)."""
+    eps, delta = float(claim["epsilon"]), float(claim["delta"])
+    out = {
+        "epsilon": eps,
+        "delta": delta,
+        "unit": claim.get("unit", "record" if unit == "record_level" else "client"),
+        "mechanism": claim.get("mechanism", "unspecified"),
+        "accountant": claim.get("accountant", "unspecified"),
+        "neighbouring": claim.get("neighbouring", "add/remove"),
+        "source": f"privacy.{unit}",
+        "derivation": "as claimed",
+    }
+    if unit == "client_level" and out["neighbouring"] != "replace-one":
+        out["epsilon"] = 2.0 * eps
+        out["delta"] = min(1.0, delta * (1.0 + math.exp(min(eps, 700.0))))
+        out["derivation"] = (
+            f"client-level ({eps:g}, {delta:g})-DP under add/remove: a changed record is one client removed "
+            "and one added, so group privacy gives (2 eps, (1 + e^eps) delta) per record"
+        )
+    return out
+
+
+def _noise_is_local(claim: dict[str, Any]) -> bool:
+    where = str(claim.get("placement", claim.get("noise_placement", ""))).lower()
+    return where in {"local", "device", "client", "reply"}
+
+
+def claims_for_targets(privacy: dict[str, dict[str, Any] | None]) -> dict[str, dict[str, Any] | None]:
+    """The smallest claimed epsilon that protects one record of each target kind.
+
+    * ``local`` (b): only record-level DP (DP-SGD) protects a client's own student.
+    * ``uploads`` (a): record-level DP (uploads are post-processing), and client-level DP
+      when its noise is added on the device (``placement = "local"``); noise added to the
+      *sum* at the server does not protect what the server received.
+    * ``global`` (c): record-level DP and client-level DP wherever its noise is added (the
+      global student is post-processing of the noisy aggregate).
+    """
+    rec = privacy.get("record_level")
+    cli = privacy.get("client_level")
+    r = _record_equivalent(rec, "record_level") if rec else None
+    c = _record_equivalent(cli, "client_level") if cli else None
+
+    def smallest(*cands: dict[str, Any] | None) -> dict[str, Any] | None:
+        cands_ = [x for x in cands if x is not None]
+        return min(cands_, key=lambda x: x["epsilon"]) if cands_ else None
+
+    return {
+        "local": r,
+        "uploads": smallest(r, c if (cli and _noise_is_local(cli)) else None),
+        "global": smallest(r, c),
+    }
+
+
+# --------------------------------------------------------------------------- evaluation
+def _fit_split(member: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Boolean mask of the fit split, stratified by membership (each side keeps >= 1 of each)."""
+    fit = np.zeros(member.size, bool)
+    for side in (True, False):
+        idx = rng.permutation(np.flatnonzero(member == side))
+        k = int(round(fraction * idx.size))
+        k = min(max(k, 1), idx.size - 1)
+        fit[idx[:k]] = True
+    return fit
+
+
+def _evaluate(
+    scores: dict[str, np.ndarray],
+    skipped: dict[str, str],
+    points: TargetPoints,
+    delta: float,
+    alpha_each: float,
+    fit_fraction: float,
+    rng: np.random.Generator,
+) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    m = points.member
+    fit = _fit_split(m, fit_fraction, rng)
+    attacks: dict[str, Any] = {}
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name in ATTACKS:
+        if name not in scores:
+            continue
+        s = np.nan_to_num(scores[name], nan=-np.inf, posinf=1e300, neginf=-1e300)
+        summary = summarize_attack(s, m)
+        eps = empirical_epsilon(s[fit], m[fit], s[~fit], m[~fit], delta, alpha_each)
+        fpr, tpr, _ = roc(s, m)
+        curves[name] = (fpr, tpr)
+        attacks[name] = {"summary": summary, "empirical_epsilon": eps}
+    # the headline attack is chosen on the fit split only, so its evaluation bound stays valid
+    best = max(attacks, key=lambda a: (attacks[a]["empirical_epsilon"]["epsilon_lower_bound_fit"], -ATTACKS.index(a)))
+    best_scores = np.nan_to_num(scores[best], nan=-np.inf, posinf=1e300, neginf=-1e300)
+    out = {
+        "n_members": int(m.sum()),
+        "n_nonmembers": int((~m).sum()),
+        "n_fit": int(fit.sum()),
+        "n_eval": int((~fit).sum()),
+        "attacks": attacks,
+        "skipped_attacks": skipped,
+        "best_attack": best,
+        "best_auc_attack": max(attacks, key=lambda a: attacks[a]["summary"]["auc"]),
+        "epsilon_lower_bound": attacks[best]["empirical_epsilon"]["epsilon_lower_bound"],
+        "max_certifiable_epsilon": attacks[best]["empirical_epsilon"]["max_certifiable_epsilon"],
+        "per_class": {str(k): v for k, v in slices(best_scores, m, points.y).items()},
+    }
+    return out, curves
+
+
+def _per_client(scores: np.ndarray, points: TargetPoints) -> dict[str, Any]:
+    """Members of each client against all non-members (for the global student)."""
+    out: dict[str, Any] = {}
+    non = ~points.member
+    for pid in np.unique(points.owner[points.member]):
+        sel = (points.owner == pid) | non
+        out[str(int(pid))] = summarize_attack(scores[sel], points.member[sel])
+    return out
+
+
+# --------------------------------------------------------------------------- the audit
+@dataclass
+class _Context:
+    art: RunArtifacts
+    options: AuditOptions
+    rng: np.random.Generator
+    ev_idx: np.ndarray  # test-split positions of non-member candidates
+    pop_idx: np.ndarray  # test-split positions of population data
+    answer_kind: str
+
+    @property
+    def fleet(self):
+        return self.art.fleet
+
+    def model(self, arch: str, state: dict) -> Any:
+        m = build_model(arch, self.fleet.image_size, self.fleet.num_classes)
+        m.load_state_dict(state)
+        m.eval()
+        return m
+
+
+def _candidates(ctx: _Context, member_x: np.ndarray, member_y: np.ndarray, owner: np.ndarray) -> TargetPoints | None:
+    test = ctx.fleet.splits.test
+    ev_y = test.y[ctx.ev_idx]
+    mpos, npos = matched_members(member_y, ev_y, ctx.fleet.num_classes, ctx.options.max_points // 2, ctx.rng)
+    if mpos.size < MIN_PER_SIDE:
+        return None
+    nidx = ctx.ev_idx[npos]
+    return TargetPoints(
+        x=np.concatenate([member_x[mpos], test.x[nidx]]),
+        y=np.concatenate([member_y[mpos], test.y[nidx]]),
+        member=np.r_[np.ones(mpos.size, bool), np.zeros(npos.size, bool)],
+        owner=np.r_[owner[mpos], np.full(npos.size, -1)],
+    )
+
+
+def _population(ctx: _Context) -> tuple[np.ndarray, np.ndarray]:
+    test = ctx.fleet.splits.test
+    idx = ctx.pop_idx
+    if idx.size > ctx.options.max_points:
+        idx = np.sort(ctx.rng.choice(idx, ctx.options.max_points, replace=False))
+    return test.x[idx], test.y[idx]
+
+
+def _reference_models(ctx: _Context, arch: str, points: TargetPoints, pop: tuple[np.ndarray, np.ndarray],
+                      recipe: TrainRecipe, seed: int) -> tuple[list[Any], np.ndarray]:
+    pool_x = np.concatenate([points.x, pop[0]])
+    pool_y = np.concatenate([points.y, pop[1]])
+    mask = balanced_in_mask(ctx.options.reference_models, pool_y.size, ctx.rng)
+    models = [
+        fit_reference(arch, ctx.fleet.image_size, ctx.fleet.num_classes, pool_x[mask[k]], pool_y[mask[k]], recipe,
+                      seed=seed + 7919 * (k + 1))
+        for k in range(mask.shape[0])
+    ]
+    return models, mask
+
+
+def _probs_pair(model: Any, points: TargetPoints, pop_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return probs_of(model, points.x), probs_of(model, pop_x)
+
+
+def _stack(pairs: list[tuple[np.ndarray, np.ndarray]], n: int, z: int, c: int) -> tuple[np.ndarray, np.ndarray]:
+    if not pairs:
+        return np.zeros((0, n, c)), np.zeros((0, z, c))
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+def _client_recipe(ctx: _Context, rounds_taken: int) -> TrainRecipe:
+    d = ctx.art.cfg.distill
+    epochs = min(ctx.options.max_reference_epochs, max(1, d.revisit_epochs * max(1, rounds_taken)))
+    return TrainRecipe(epochs=epochs, batch_size=d.batch_size, lr=d.lr, momentum=d.momentum)
+
+
+def _mimic_recipe(ctx: _Context) -> TrainRecipe:
+    d = ctx.art.cfg.distill
+    return TrainRecipe(epochs=ctx.options.mimic_epochs, batch_size=d.batch_size, lr=d.lr, momentum=d.momentum)
+
+
+def _upload_queries(ctx: _Context, pid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct queries the client answered and its mean answer on each (as probabilities)."""
+    q, a = ctx.art.uploads[pid].stacked()
+    uq, mean = mean_per_query(q, a)
+    soft = answers_to_probs(mean, ctx.answer_kind)
+    if uq.size > ctx.options.max_queries:
+        keep = np.sort(ctx.rng.choice(uq.size, ctx.options.max_queries, replace=False))
+        uq, soft = uq[keep], soft[keep]
+    return uq, soft
+
+
+def _audit_client(ctx: _Context, pid: int, recipe_seed: int) -> dict[str, Any]:
+    """Targets (a) and (b) of one client: shared candidates and reference models."""
+    fleet, cfg = ctx.fleet, ctx.art.cfg
+    arch, state = ctx.art.client_students[pid]
+    data = fleet.private_data(pid)
+    points = _candidates(ctx, data.x, data.y, np.full(len(data), pid))
+    if points is None:
+        return {"skipped": f"fewer than {MIN_PER_SIDE} class-matched members of client {pid}"}
+    pop_x, pop_y = _population(ctx)
+    taken = len(ctx.art.uploads[pid].rounds) if pid in ctx.art.uploads else cfg.rounds
+    recipe = _client_recipe(ctx, taken)
+    refs, mask = _reference_models(ctx, arch, points, (pop_x, pop_y), recipe, recipe_seed)
+    n, z, c = len(points), pop_y.size, fleet.num_classes
+    mask_x, mask_z = mask[:, :n], mask[:, n:]
+    out: dict[str, Any] = {"points": points, "pop_y": pop_y, "mask": (mask_x, mask_z), "recipe": recipe}
+
+    local = ctx.model(arch, state)
+    tx, tz = _probs_pair(local, points, pop_x)
+    rx, rz = _stack([_probs_pair(r, points, pop_x) for r in refs], n, z, c)
+    out["local"] = (tx, tz, rx, rz)
+
+    if pid in ctx.art.uploads:
+        uq, soft = _upload_queries(ctx, pid)
+        qx = fleet.splits.reference.x[uq]
+        mrec = _mimic_recipe(ctx)
+        mimic = mimic_from_answers(arch, fleet.image_size, c, qx, soft, mrec, seed=recipe_seed + 1)
+        out["mimic"] = mimic
+        tx, tz = _probs_pair(mimic, points, pop_x)
+        pairs = []
+        for k, r in enumerate(refs):
+            mk = mimic_from_answers(arch, fleet.image_size, c, qx, probs_of(r, qx).astype(np.float32), mrec,
+                                    seed=recipe_seed + 104_729 * (k + 1))
+            pairs.append(_probs_pair(mk, points, pop_x))
+        rx, rz = _stack(pairs, n, z, c)
+        out["uploads"] = (tx, tz, rx, rz)
+        out["n_queries"] = int(uq.size)
+        out["rounds"] = list(ctx.art.uploads[pid].rounds)
+    return out
+
+
+def _audit_global(ctx: _Context, seed: int) -> dict[str, Any]:
+    fleet, cfg = ctx.fleet, ctx.art.cfg
+    parts = ctx.art.participants
+    xs = [fleet.private_data(p) for p in parts]
+    member_x = np.concatenate([d.x for d in xs])
+    member_y = np.concatenate([d.y for d in xs])
+    owner = np.concatenate([np.full(len(d), p) for d, p in zip(xs, parts)])
+    points = _candidates(ctx, member_x, member_y, owner)
+    if points is None:
+        return {"skipped": f"fewer than {MIN_PER_SIDE} class-matched members of the global student"}
+    pop_x, pop_y = _population(ctx)
+    client_arch = Counter(ctx.art.client_students[p][0] for p in parts).most_common(1)[0][0]
+    taken = np.mean([len(ctx.art.uploads[p].rounds) for p in parts])
+    recipe = _client_recipe(ctx, int(round(taken)))
+    refs, mask = _reference_models(ctx, client_arch, points, (pop_x, pop_y), recipe, seed)
+    n, z, c = len(points), pop_y.size, fleet.num_classes
+    server_arch, state = ctx.art.global_student
+    d = cfg.distill
+    ref_x = fleet.splits.reference.x
+    if len(ref_x) > ctx.options.max_queries:
+        ref_x = ref_x[np.sort(ctx.rng.choice(len(ref_x), ctx.options.max_queries, replace=False))]
+    srec = TrainRecipe(epochs=min(ctx.options.max_reference_epochs, max(1, d.server_epochs * cfg.rounds)),
+                       batch_size=d.batch_size, lr=d.server_lr, momentum=d.momentum)
+    pairs = []
+    for k, r in enumerate(refs):
+        student = mimic_from_answers(server_arch, fleet.image_size, c, ref_x, probs_of(r, ref_x).astype(np.float32),
+                                     srec, seed=seed + 15_485_863 * (k + 1), temperature=d.temperature)
+        pairs.append(_probs_pair(student, points, pop_x))
+    target = ctx.model(server_arch, state)
+    tx, tz = _probs_pair(target, points, pop_x)
+    rx, rz = _stack(pairs, n, z, c)
+    return {"points": points, "pop_y": pop_y, "mask": (mask[:, :n], mask[:, n:]), "global": (tx, tz, rx, rz),
+            "recipe": recipe, "server_recipe": srec, "model": target}
+
+
+def _label_inference(ctx: _Context) -> dict[str, Any]:
+    """Label-distribution inference from uploads (Shi, Ouyang & Wang, PoPETs 2025)."""
+    fleet = ctx.fleet
+    c = fleet.num_classes
+    uniform = np.full(c, 1.0 / c)
+    prior = np.bincount(fleet.splits.private_pool.y, minlength=c) / len(fleet.splits.private_pool)
+    clients: dict[str, Any] = {}
+    for pid, up in ctx.art.uploads.items():
+        _, answers = up.stacked()
+        if ctx.answer_kind == "clipped_logits":
+            answers = answers_to_probs(answers, ctx.answer_kind)
+        est = estimate_label_histogram(answers)
+        y = fleet.private_data(pid).y
+        if y.size == 0:
+            continue
+        true = np.bincount(y, minlength=c) / y.size
+        clients[str(pid)] = {
+            "n_private": int(y.size),
+            "n_answers": int(answers.shape[0]),
+            "estimate": est.tolist(),
+            "true": true.tolist(),
+            "tv": tv_distance(true, est),
+            "kl": kl_divergence(true, est),
+            "tv_uniform_guess": tv_distance(true, uniform),
+            "tv_population_prior": tv_distance(true, prior),
+        }
+    rows = list(clients.values())
+    summary = {}
+    if rows:
+        summary = {
+            "mean_tv": float(np.mean([r["tv"] for r in rows])),
+            "mean_tv_uniform_guess": float(np.mean([r["tv_uniform_guess"] for r in rows])),
+            "mean_tv_population_prior": float(np.mean([r["tv_population_prior"] for r in rows])),
+            "clients_better_than_uniform": int(sum(r["tv"] < r["tv_uniform_guess"] for r in rows)),
+            "clients_better_than_prior": int(sum(r["tv"] < r["tv_population_prior"] for r in rows)),
+            "n_clients": len(rows),
+        }
+    return {
+        "method": "column mean of the uploaded answers, clipped at 0 and normalised (Shi et al. 2025)",
+        "baselines": "uniform guess; population prior (label mix of the whole private pool)",
+        "summary": summary,
+        "clients": clients,
+    }
+
+
+def _canary_rows(ctx: _Context, models: dict[str, Any], claims: dict[str, Any], alpha_each: float) -> dict[str, Any]:
+    can = ctx.art.canaries
+    assert can is not None
+    out: dict[str, Any] = {
+        "m": int(can.y.size),
+        "n_included": int(can.included.sum()),
+        "client": int(can.client),
+        "score": "negative cross-entropy loss of the target model (eval mode)",
+        "method": "Steinke, Nasr & Jagielski 2023 one-run audit",
+        "results": {},
+    }
+    for kind, model in models.items():
+        claim = claims[kind]
+        delta = claim["delta"] if claim else ctx.options.default_delta
+        s = loss_scores(probs_of(model, can.x), can.y)
+        res = audit_canaries(s, can.included, delta=delta, beta=alpha_each)
+        res.pop("guesses", None)
+        res["claimed"] = claim
+        res["violation"] = bool(claim is not None and res["epsilon_lower_bound"] > claim["epsilon"])
+        out["results"][kind] = res
+    return out
+
+
+def _bound_entry(source: str, eps_lb: float, cap: float, claim: dict[str, Any] | None, delta: float) -> dict[str, Any]:
+    return {
+        "source": source,
+        "epsilon_lower_bound": float(eps_lb),
+        "max_certifiable_epsilon": float(cap),
+        "delta": float(delta),
+        "claimed_epsilon": None if claim is None else claim["epsilon"],
+        "claimed_delta": None if claim is None else claim["delta"],
+        "claim": claim,
+        "violation": bool(claim is not None and eps_lb > claim["epsilon"]),
+    }
+
+
+def _select_clients(art: RunArtifacts, n: int) -> list[int]:
+    cands = [p for p in art.participants if p in art.client_students]
+    sizes = {p: len(art.fleet.parts[p]) for p in cands}
+    canary = art.canaries.client if art.canaries is not None else None
+    cands.sort(key=lambda p: (p != canary, -sizes[p], p))
+    return cands[:n]
+
+
+def run_audit(
+    run_dir: str | Path,
+    out_dir: str | Path | None = None,
+    policy_path: str | Path | None = None,
+    options: AuditOptions = AuditOptions(),
+) -> tuple[dict[str, Any], int]:
+    """Audit a finished run; write ``audit.json``, ``report.md`` and ``roc_<target>.png``
+    to ``out_dir`` (default ``RUN_DIR/audit-report``).  Returns ``(audit, exit_code)``:
+    0 when the policy passes, 1 when it fails.  Unreadable input raises
+    :class:`AuditInputError` (exit code 2) before anything is trained."""
+    t_start = time.monotonic()
+    policy = load_policy(policy_path)
+    options.check()
+    art = load_run(run_dir)
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "audit-report"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AuditInputError(f"{out}: cannot create the output directory ({exc})") from exc
+
+    rng = np.random.default_rng([options.seed, 0xA0D17])
+    ev_idx, pop_idx = split_test(art.fleet.splits.test.y, options.seed)
+    privacy_cfg = getattr(art.cfg, "privacy", None)
+    answer_kind = str(getattr(privacy_cfg, "bound", "probs"))
+    ctx = _Context(art, options, rng, ev_idx, pop_idx, answer_kind)
+    claims = claims_for_targets(art.privacy)
+    clients = _select_clients(art, options.target_clients)
+    warnings = list(art.warnings)
+    if art.privacy.get("client_level") and not _noise_is_local(art.privacy["client_level"]):
+        warnings.append(
+            "the client-level claim does not say its noise is added on the device (placement = 'local'); "
+            "it is not applied to the uploads target"
+        )
+
+    n_bounds = 2 * len(clients) + 1 + (3 if art.canaries is not None else 0)
+    alpha_each = options.alpha / n_bounds
+    timings: dict[str, float] = {}
+    targets: dict[str, Any] = {}
+    curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    bounds: list[dict[str, Any]] = []
+    mimics: dict[int, Any] = {}
+
+    def add_target(name: str, kind: str, desc: str, probs: tuple, info: dict[str, Any], extra: dict[str, Any]) -> None:
+        claim = claims[kind]
+        delta = claim["delta"] if claim else options.default_delta
+        points: TargetPoints = info["points"]
+        mx, mz = info["mask"]
+        scores, skipped = attack_scores(probs[0], probs[1], probs[2], probs[3], points.y, info["pop_y"], mx, mz)
+        res, cv = _evaluate(scores, skipped, points, delta, alpha_each, options.fit_fraction, rng)
+        res.update({"kind": kind, "description": desc, "claimed": claim, "delta": delta, **extra})
+        res["violation"] = bool(claim is not None and res["epsilon_lower_bound"] > claim["epsilon"])
+        if kind == "global":
+            best = np.nan_to_num(scores[res["best_attack"]], nan=-np.inf, posinf=1e300, neginf=-1e300)
+            res["per_client"] = _per_client(best, points)
+        targets[name] = res
+        curves[name] = cv
+        ee = res["attacks"][res["best_attack"]]["empirical_epsilon"]
+        bounds.append(_bound_entry(f"{name} (membership inference, {res['best_attack']})", ee["epsilon_lower_bound"],
+                                   ee["max_certifiable_epsilon"], claim, delta))
+
+    for i, pid in enumerate(clients):
+        t0 = time.monotonic()
+        info = _audit_client(ctx, pid, recipe_seed=options.seed * 1_000_003 + 101 * (i + 1))
+        if "skipped" in info:
+            for kind in ("uploads", "local"):
+                targets[f"{kind}_client{pid}"] = {"skipped": True, "reason": info["skipped"], "kind": kind}
+            continue
+        common = {"client": pid, "architecture": ctx.art.client_students[pid][0],
+                  "reference_recipe": asdict(info["recipe"]), "reference_models": options.reference_models}
+        if "uploads" in info:
+            mimics[pid] = info["mimic"]
+            add_target(
+                f"uploads_client{pid}", "uploads",
+                f"(a) client {pid}'s uploads: mimic distilled from its answers on {info['n_queries']} reference-set "
+                f"queries over rounds {info['rounds']}; reference models mimicked the same way (distillation-based LiRA)",
+                info["uploads"], info, {**common, "mimic_recipe": asdict(_mimic_recipe(ctx)), "rounds": info["rounds"]},
+            )
+        add_target(f"local_client{pid}", "local", f"(b) client {pid}'s final local student", info["local"], info, common)
+        timings[f"client{pid}"] = time.monotonic() - t0
+
+    t0 = time.monotonic()
+    ginfo = _audit_global(ctx, seed=options.seed * 1_000_003 + 99_991)
+    if "skipped" in ginfo:
+        targets["global"] = {"skipped": True, "reason": ginfo["skipped"], "kind": "global"}
+    else:
+        add_target("global", "global",
+                   f"(c) the released global student; members: private data of the {len(art.participants)} clients that uploaded",
+                   ginfo["global"], ginfo,
+                   {"architecture": art.global_student[0], "reference_recipe": asdict(ginfo["recipe"]),
+                    "reference_distillation": asdict(ginfo["server_recipe"]), "reference_models": options.reference_models})
+    timings["global"] = time.monotonic() - t0
+
+    canary = None
+    if art.canaries is not None:
+        t0 = time.monotonic()
+        cpid = art.canaries.client
+        models = {"local": ctx.model(*art.client_students[cpid])}
+        if cpid in art.uploads:
+            if cpid not in mimics:
+                uq, soft = _upload_queries(ctx, cpid)
+                mimics[cpid] = mimic_from_answers(art.client_students[cpid][0], art.fleet.image_size,
+                                                  art.fleet.num_classes, art.fleet.splits.reference.x[uq], soft,
+                                                  _mimic_recipe(ctx), seed=options.seed * 1_000_003 + 17)
+            models["uploads"] = mimics[cpid]
+        else:
+            warnings.append(f"the canary client {cpid} uploaded nothing: no canary audit of its uploads")
+        models["global"] = ctx.model(*art.global_student)
+        canary = _canary_rows(ctx, models, claims, alpha_each)
+        for kind, res in canary["results"].items():
+            bounds.append(_bound_entry(f"canaries vs {kind} (client {cpid}, one-run audit)", res["epsilon_lower_bound"],
+                                       res["max_cap"], res["claimed"], res["delta"]))
+        timings["canaries"] = time.monotonic() - t0
+
+    t0 = time.monotonic()
+    labels = _label_inference(ctx)
+    timings["label_inference"] = time.monotonic() - t0
+
+    violations = [b for b in bounds if b["violation"]]
+    audit: dict[str, Any] = {
+        "run_dir": str(Path(run_dir)),
+        "config_digest": art.results.get("config_digest"),
+        "reference_digest": art.fleet.splits.reference_digest,
+        "options": asdict(options),
+        "policy": policy.to_dict(),
+        "privacy_claims": art.privacy,
+        "claims_per_target": claims,
+        "is_dp": art.is_dp,
+        "target_clients": clients,
+        "participants": art.participants,
+        "confidence": {
+            "alpha": options.alpha,
+            "n_bounds": n_bounds,
+            "alpha_per_bound": alpha_each,
+            "note": "every epsilon lower bound holds at 1 - alpha/n_bounds, so all of them hold jointly at 1 - alpha",
+        },
+        "methodology": METHODOLOGY,
+        "targets": targets,
+        "canary_audit": canary,
+        "label_inference": labels,
+        "epsilon_lower_bounds": bounds,
+        "dp_violations": violations,
+        "warnings": warnings,
+    }
+    rules, code = evaluate_policy(audit, policy)
+    audit["verdict"] = {"passed": code == 0, "exit_code": code, "rules": rules}
+    t0 = time.monotonic()
+    plots = write_roc_plots(out, curves, targets)
+    audit["plots"] = plots
+    timings["report"] = time.monotonic() - t0
+    timings["total"] = time.monotonic() - t_start
+    audit["timings_s"] = timings
+    audit = sanitize(audit)
+    write_json(out / "audit.json", audit)
+    write_report(out / "report.md", audit)
+    return audit, code
+
+
+METHODOLOGY = {
+    "members": "client pid: fleet.private_data(pid); global student: private data of every client that uploaded",
+    "non_members": (
+        "evaluation half of the test split (class-stratified halves; no model of the run trains on the test split); "
+        "members and non-members are matched per class so label skew alone gives AUC 0.5"
+    ),
+    "population": "the other half of the test split: trains the reference models and is RMIA's population z",
+    "reference_models": (
+        "K models of the client's architecture trained with cross-entropy (the client's batch size, lr, momentum; "
+        "revisit_epochs x rounds the client took part in epochs) on random halves of candidates + population, "
+        "each point IN for exactly K//2 of them; for uploads each is then mimicked like the real uploads, for the "
+        "global student distilled into the server architecture on the reference set. The digest step is not "
+        "replayed (the per-round teacher signal is not stored), so this approximates the client pipeline."
+    ),
+    "mimic": "student of the client's architecture distilled (temperature 1) from the client's per-query mean answer",
+    "epsilon": (
+        "attack and threshold chosen on the fit split (largest Clopper-Pearson bound there), bound computed on the "
+        "evaluation split; eps >= max(ln((TPR_lo - delta)/FPR_hi), ln((TNR_lo - delta)/FNR_hi))"
+    ),
+    "dp_violation": "an empirical lower bound above the smallest claimed epsilon that protects one record of the target",
+    "delta": "the claimed delta of the target where the run is DP, otherwise options.default_delta",
+}
+
+
+def main(run_dir: str, policy: str | None = None, out: str | None = None, reference_models: int = 4,
+         target_clients: int = 2) -> int:
+    """CLI entry point: run the audit, print the verdict, return the exit code
+    (0 pass, 1 policy failed, 2 unreadable input / usage error)."""
+    try:
+        audit, code = run_audit(
+            run_dir, out, policy, AuditOptions(reference_models=reference_models, target_clients=target_clients)
+        )
+    except AuditInputError as exc:
+        print(f"feddistill audit: error: {exc}", file=sys.stderr)
+        return 2
+    out_dir = Path(out) if out is not None else Path(run_dir) / "audit-report"
+    for name, t in audit["targets"].items():
+        if t.get("skipped"):
+            print(f"{name}: skipped ({t['reason']})")
+            continue
+        best = t["attacks"][t["best_auc_attack"]]["summary"]
+        claim = t.get("claimed")
+        claimed = f", claimed eps {claim['epsilon']:.3g}" if claim else ""
+        print(
+            f"{name}: AUC {best['auc']:.3f} ({t['best_auc_attack']}), TPR@0.1%FPR "
+            f"{best['tpr_at_fpr']['0.001']['tpr']:.3f}, eps lower bound {t['epsilon_lower_bound']:.3f}{claimed}"
+        )
+    for r in audit["verdict"]["rules"]:
+        print(f"VERDICT {'PASS' if r['passed'] else 'FAIL'} {r['rule']}: {r['detail']}")
+    print(f"{'PASSED' if code == 0 else 'FAILED'}; report: {out_dir / 'report.md'}")
+    return code

@@ -1,0 +1,244 @@
+"""Audit targets, membership samples, reference (shadow) models and attack scores.
+
+The model side of the audit: everything that trains or queries a torch model lives
+here, while the statistics come from the pure functions of :mod:`.metrics`,
+:mod:`.attacks` and :mod:`.one_run`.
+
+Membership ground truth (simulation only: the auditor knows the fleet)
+----------------------------------------------------------------------
+* Members of client ``pid``: ``fleet.private_data(pid)`` (canaries are audited separately).
+  Members of the global student: the private data of every client that uploaded.
+* Non-members and population data both come from the test split, which no model of the
+  run trains on.  It is split once, class-stratified, into two halves: the *evaluation*
+  half supplies non-member candidates, the *population* half trains the reference models
+  and gives RMIA its population samples ``z``.  The reference set is not used: every
+  client distils on it, so it is neither member nor non-member data.
+* Dirichlet partitions make a client's members label-skewed.  Members and non-members
+  are therefore matched per class (the same count of each class on both sides), so an
+  attack that only detects "this class is frequent at the client" scores AUC 0.5.
+
+Reference models (Carlini et al. 2022; Zarifzadeh et al. 2024)
+---------------------------------------------------------------
+The target points and the population form a pool; reference model ``k`` trains on the
+pool points where ``in_mask[k]`` is set, and every pool point is IN for exactly
+``K // 2`` of the ``K`` models, so online LiRA has IN and OUT models for every point and
+offline LiRA / RMIA can use the ``K - K // 2`` OUT models of each point.
+The auditor cannot replay the client's digest step (the teacher signal of each round is
+not stored), so the client recipe is approximated by cross-entropy training with the
+client's architecture, batch size, learning rate and momentum for
+``revisit_epochs x rounds the client took part in`` epochs.  For the uploads target each
+reference model is then mimicked exactly as the real uploads are (distillation on the
+same reference-set queries), and for the global student it is distilled into the server
+architecture on the reference set, so IN/OUT distributions match what the attack sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from feddistill.models import build_model
+from feddistill.training import predict_probs, train_distill, train_supervised
+
+from .attacks import logit_scaled_confidence, loss_scores, lira_offline, lira_online, rmia_scores, true_class_probability
+
+__all__ = [
+    "TrainRecipe",
+    "TargetPoints",
+    "split_test",
+    "matched_members",
+    "balanced_in_mask",
+    "answers_to_probs",
+    "mimic_from_answers",
+    "fit_reference",
+    "probs_of",
+    "attack_scores",
+    "ATTACKS",
+]
+
+#: attack names in report order
+ATTACKS = ("loss", "lira_offline", "lira_online", "rmia", "rmia_offline")
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+
+
+@dataclass(frozen=True, eq=False)
+class TargetPoints:
+    """The candidate points of one target: members and matched non-members."""
+
+    x: np.ndarray  # (N, 1, H, W)
+    y: np.ndarray  # (N,)
+    member: np.ndarray  # (N,) bool
+    owner: np.ndarray  # (N,) client id of each member, -1 for non-members
+
+    def __len__(self) -> int:
+        return int(self.y.size)
+
+
+def split_test(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class-stratified halves of the test split: (evaluation non-members, population)."""
+    rng = np.random.default_rng([seed, 0x7E57])
+    ev, pop = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        half = (idx.size + 1) // 2
+        ev.append(idx[:half])
+        pop.append(idx[half:])
+    return np.sort(np.concatenate(ev)), np.sort(np.concatenate(pop))
+
+
+def _largest_remainder(counts: np.ndarray, total: int) -> np.ndarray:
+    if counts.sum() <= total:
+        return counts
+    exact = counts * total / counts.sum()
+    quota = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - quota), kind="stable")
+    quota[order[: total - int(quota.sum())]] += 1
+    return np.minimum(quota, counts)
+
+
+def matched_members(
+    member_y: np.ndarray, nonmember_y: np.ndarray, num_classes: int, max_per_side: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of members and non-members with the same count per class on both sides
+    (at most ``max_per_side`` each, shared out over classes by largest remainder)."""
+    cm = np.bincount(member_y, minlength=num_classes)
+    cn = np.bincount(nonmember_y, minlength=num_classes)
+    n = _largest_remainder(np.minimum(cm, cn), max_per_side)
+    mem, non = [], []
+    for c in range(num_classes):
+        if n[c] == 0:
+            continue
+        mem.append(rng.choice(np.flatnonzero(member_y == c), size=int(n[c]), replace=False))
+        non.append(rng.choice(np.flatnonzero(nonmember_y == c), size=int(n[c]), replace=False))
+    if not mem:
+        return np.array([], np.int64), np.array([], np.int64)
+    return np.sort(np.concatenate(mem)), np.sort(np.concatenate(non))
+
+
+def balanced_in_mask(k: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """(k, n) bool: each column has exactly ``k // 2`` True entries, at random rows."""
+    if k == 0:
+        return np.zeros((0, n), bool)
+    ranks = rng.random((k, n)).argsort(axis=0).argsort(axis=0)
+    return ranks < k // 2
+
+
+def answers_to_probs(answers: np.ndarray, kind: str = "probs") -> np.ndarray:
+    """Turn uploaded rows into probability vectors: softmax for clipped logits; otherwise
+    clip DP noise at 0 and renormalise (rows with nothing positive become uniform)."""
+    a = np.asarray(answers, dtype=np.float64)
+    if kind == "clipped_logits":
+        a = a - a.max(axis=1, keepdims=True)
+        e = np.exp(a)
+        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    a = np.clip(np.nan_to_num(a, nan=0.0), 0.0, None)
+    s = a.sum(axis=1, keepdims=True)
+    uniform = np.full_like(a, 1.0 / a.shape[1])
+    return np.where(s > 0, a / np.where(s > 0, s, 1.0), uniform).astype(np.float32)
+
+
+def mean_per_query(queries: np.ndarray, answers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Average the answers given to the same query over rounds.
+
+    With temperature-1 distillation the loss is linear in the soft label, so training on
+    the per-query mean is the same objective as training on every round's copy (up to
+    batching); averaging first also averages out independent DP noise before it is
+    clipped into a probability vector."""
+    uq, inv = np.unique(queries, return_inverse=True)
+    sums = np.zeros((uq.size, answers.shape[1]))
+    np.add.at(sums, inv, answers)
+    counts = np.bincount(inv, minlength=uq.size)[:, None]
+    return uq, (sums / counts).astype(np.float32)
+
+
+def _t(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def fit_reference(arch: str, image_size: int, num_classes: int, x: np.ndarray, y: np.ndarray,
+                  recipe: TrainRecipe, seed: int) -> torch.nn.Module:
+    """A reference model trained with the (approximated) client recipe."""
+    model = build_model(arch, image_size, num_classes, seed=seed)
+    train_supervised(model, _t(x), _t(y), epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
+                     momentum=recipe.momentum, seed=seed)
+    return model
+
+
+def mimic_from_answers(arch: str, image_size: int, num_classes: int, query_x: np.ndarray, soft: np.ndarray,
+                       recipe: TrainRecipe, seed: int, temperature: float = 1.0) -> torch.nn.Module:
+    """Distil a model of ``arch`` from soft labels on the reference-set queries
+    (the auditor's view of a client: Shi, Ouyang & Wang, PoPETs 2025)."""
+    model = build_model(arch, image_size, num_classes, seed=seed)
+    train_distill(model, _t(query_x), _t(soft.astype(np.float32)), temperature=temperature, epochs=recipe.epochs,
+                  batch_size=recipe.batch_size, lr=recipe.lr, momentum=recipe.momentum, seed=seed)
+    return model
+
+
+def probs_of(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    """Class probabilities in eval mode (float64 for the statistics)."""
+    return predict_probs(model, _t(x)).numpy().astype(np.float64)
+
+
+def _gather_out(arr: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(K, N, ...) -> (K - K//2, N, ...): the OUT models' values of each column."""
+    n_out = mask.shape[0] - int(mask[:, 0].sum()) if mask.shape[1] else 0
+    order = np.argsort(mask, axis=0, kind="stable")[:n_out]  # False (OUT) first
+    idx = order.reshape(order.shape + (1,) * (arr.ndim - 2))
+    return np.take_along_axis(arr, idx, axis=0)
+
+
+def attack_scores(
+    target_x: np.ndarray,
+    target_z: np.ndarray,
+    ref_x: np.ndarray,
+    ref_z: np.ndarray,
+    y_x: np.ndarray,
+    y_z: np.ndarray,
+    mask_x: np.ndarray,
+    mask_z: np.ndarray,
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Scores (higher = member) of every attack that the number of reference models allows.
+
+    ``target_x`` (N, C) / ``target_z`` (Z, C): the target model's probabilities on the
+    candidates and on the population; ``ref_x`` (K, N, C) / ``ref_z`` (K, Z, C): the
+    reference models'; ``mask_*`` (K, ·): which reference model trained on which point.
+    Returns ``(scores, skipped)`` where ``skipped`` maps an attack to the reason it did not run.
+
+    The loss attack (Yeom et al. 2018) is rank-equivalent to the confidence threshold
+    (``log`` is monotone), so only one of the two is reported.
+    """
+    k = ref_x.shape[0]
+    n_in, n_out = k // 2, k - k // 2
+    scores: dict[str, np.ndarray] = {"loss": loss_scores(target_x, y_x)}
+    skipped: dict[str, str] = {}
+    phi_t = logit_scaled_confidence(target_x, y_x)
+    phi_r = logit_scaled_confidence(ref_x, y_x) if k else None
+    p_t, p_tz = true_class_probability(target_x, y_x), true_class_probability(target_z, y_z)
+    p_r = true_class_probability(ref_x, y_x) if k else None
+    p_rz = true_class_probability(ref_z, y_z) if k else None
+    if n_out >= 2:
+        scores["lira_offline"] = lira_offline(phi_t, _gather_out(phi_r, mask_x))
+    else:
+        skipped["lira_offline"] = f"needs >= 2 OUT reference models per point (have {n_out}; use >= 3 reference models)"
+    if n_in >= 2:
+        scores["lira_online"] = lira_online(phi_t, ref_phi=phi_r, in_mask=mask_x)
+    else:
+        skipped["lira_online"] = f"needs >= 2 IN reference models per point (have {n_in}; use >= 4 reference models)"
+    if n_in >= 1:
+        scores["rmia"] = rmia_scores(p_t, p_r, p_tz, p_rz, a=None)
+    else:
+        skipped["rmia"] = "online RMIA needs reference models that trained on each point (use >= 2)"
+    if n_out >= 1:
+        scores["rmia_offline"] = rmia_scores(p_t, _gather_out(p_r, mask_x), p_tz, _gather_out(p_rz, mask_z), a=0.3)
+    else:
+        skipped["rmia_offline"] = "needs at least one reference model"
+    return scores, skipped

@@ -1,0 +1,146 @@
+"""A run's privacy plan: which mechanism protects the uploads, with which noise, and
+what the accountant is told — derived once from the config, used by server and client.
+
+Client-level DP of the uploads (unit: one client, add/remove neighbouring). A reply is
+a (|Q|, C) matrix whose rows have L2 norm <= B (probabilities and votes: B = 1;
+clipped logits: B = clip-norm), so one client changes the sum of replies by at most
+Delta = B * sqrt(|Q|) (``mechanisms.reply_sensitivity``). Per mode:
+
+- ``local``: every client adds N(0, (z Delta)^2) to its own reply. Each reply is a
+  Gaussian mechanism on that client's data, and the server sees who replied, so no
+  amplification by sampling is claimed: a client's epsilon composes its own
+  participations (q = 1 per participation). Holds against the server.
+- ``central``: the (trusted) server adds N(0, (z Delta)^2) to the sum of the replies of
+  a Poisson(q) sample of clients: a Poisson-subsampled Gaussian per round (Abadi et al.
+  2016; Mironov et al. 2019), composed over rounds. Holds for everything the server
+  releases (teacher signals, students), not against the server.
+- ``gnmax``: one-hot votes summed by the server plus N(0, (z Delta)^2) per count
+  (Papernot et al. 2018), accounted like ``central`` (data-independent analysis).
+- ``confident-gnmax``: the threshold check (z1) and the answer (z2) are both Gaussian
+  mechanisms on the same sampled votes; together they are one Gaussian mechanism with
+  1/z^2 = 1/z1^2 + 1/z2^2, accounted like ``central`` — data-independent, every query
+  is charged whether or not it is answered.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+from feddistill.config import RunConfig
+from feddistill.privacy.accounting import GaussianEvent, noise_multiplier_for_epsilon
+from feddistill.privacy.mechanisms import reply_sensitivity, row_norm_bound
+
+ACCOUNTANT = "pld (dp-accounting), rdp cross-check"
+
+
+def planned_participations(cfg: RunConfig) -> int:
+    """Rounds a device plans to serve: the config's value, or about twice its expected share."""
+    if cfg.privacy.record_participations:
+        return cfg.privacy.record_participations
+    return max(1, min(cfg.rounds, math.ceil(2 * cfg.fleet.fraction * cfg.rounds)))
+
+
+@dataclass(frozen=True)
+class UploadPrivacy:
+    mode: str  # "off" | "local" | "central" | "gnmax" | "confident-gnmax"
+    bound: str
+    clip_norm: float
+    sensitivity: float  # L2 sensitivity of one reply (add/remove)
+    noise_multiplier: float  # z of the answer noise: std = z * sensitivity
+    threshold_noise_multiplier: float  # z1 of Confident-GNMax's threshold check
+    accounted_noise_multiplier: float  # z of the Gaussian the accountant sees
+    sampling_rate: float  # q per accounted event (1.0 for local: no amplification claimed)
+    delta: float
+    target_epsilon: float | None
+
+    @property
+    def noise_std(self) -> float:
+        return self.noise_multiplier * self.sensitivity
+
+    @property
+    def threshold_std(self) -> float:
+        return self.threshold_noise_multiplier * self.sensitivity
+
+    @property
+    def mechanism(self) -> str:
+        return {
+            "off": f"none ({self.bound})",
+            "local": f"local Gaussian on each reply ({self.bound}, z={self.noise_multiplier:.4g}, sensitivity {self.sensitivity:.4g})",
+            "central": f"central Gaussian on the sum of replies ({self.bound}, z={self.noise_multiplier:.4g}, "
+            f"sensitivity {self.sensitivity:.4g}), Poisson client sampling q={self.sampling_rate}",
+            "gnmax": f"GNMax noisy votes (z={self.noise_multiplier:.4g}, sensitivity {self.sensitivity:.4g}), "
+            f"Poisson client sampling q={self.sampling_rate}; data-independent analysis",
+            "confident-gnmax": f"Confident-GNMax (threshold z1={self.threshold_noise_multiplier:.4g}, "
+            f"answer z2={self.noise_multiplier:.4g}, sensitivity {self.sensitivity:.4g}), Poisson client sampling "
+            f"q={self.sampling_rate}; data-independent analysis (every query charged)",
+        }[self.mode]
+
+    @property
+    def protects_against(self) -> str:
+        if self.mode == "local":
+            return "everyone, the server included (each reply is noised on the device)"
+        return "everyone who sees the server's outputs (teacher signals, students); the server itself is trusted"
+
+    def event(self) -> GaussianEvent:
+        """What one round (central, GNMax) or one participation (local) costs."""
+        return GaussianEvent(self.accounted_noise_multiplier, self.sampling_rate, 1)
+
+    def value_range(self) -> tuple[float, float]:
+        """Values a valid reply can hold: the bound, widened by 20 noise stds for local noise."""
+        b = row_norm_bound(self.bound, clip_norm=self.clip_norm)
+        low = -b if self.bound == "clipped_logits" else 0.0
+        slack = 20 * self.noise_std if self.mode == "local" else 0.0
+        return low - slack, b + slack
+
+
+def upload_privacy(cfg: RunConfig) -> UploadPrivacy:
+    p = cfg.privacy
+    q = cfg.distill.query_size
+    sensitivity = reply_sensitivity(p.bound, q, neighbouring="add/remove", clip_norm=p.clip_norm)
+    target = p.target_epsilon or None
+    common = dict(mode=p.client_level, bound=p.bound, clip_norm=p.clip_norm, sensitivity=sensitivity,
+                  delta=p.delta, target_epsilon=target, threshold_noise_multiplier=p.threshold_noise_multiplier)
+    if p.client_level == "off":
+        return UploadPrivacy(noise_multiplier=0.0, accounted_noise_multiplier=0.0, sampling_rate=1.0, **common)
+    if p.client_level == "local":
+        z = p.noise_multiplier or _calibrate(p.target_epsilon, p.delta, 1.0, planned_participations(cfg))
+        return UploadPrivacy(noise_multiplier=z, accounted_noise_multiplier=z, sampling_rate=1.0, **common)
+    rate = cfg.fleet.fraction
+    if p.client_level in ("central", "gnmax"):
+        z = p.noise_multiplier or _calibrate(p.target_epsilon, p.delta, rate, cfg.rounds)
+        return UploadPrivacy(noise_multiplier=z, accounted_noise_multiplier=z, sampling_rate=rate, **common)
+    # confident-gnmax: combined z of the threshold check and the answer
+    z1 = p.threshold_noise_multiplier
+    if p.noise_multiplier:
+        z2 = p.noise_multiplier
+    else:
+        z_total = _calibrate(p.target_epsilon, p.delta, rate, cfg.rounds)
+        rest = 1 / z_total**2 - 1 / z1**2
+        if rest <= 0:
+            raise ValueError(
+                f"confident-gnmax: the threshold check alone (z1={z1}) spends more than the target "
+                f"epsilon {p.target_epsilon}; raise privacy.threshold-noise-multiplier"
+            )
+        z2 = 1 / math.sqrt(rest)
+    combined = 1 / math.sqrt(1 / z1**2 + 1 / z2**2)
+    return UploadPrivacy(noise_multiplier=z2, accounted_noise_multiplier=combined, sampling_rate=rate, **common)
+
+
+@lru_cache(maxsize=256)
+def _calibrate(target: float, delta: float, rate: float, steps: int) -> float:
+    return noise_multiplier_for_epsilon(target, delta, rate, steps)
+
+
+def record_noise_multiplier(cfg: RunConfig, sampling_rate: float, steps_per_round: int) -> float:
+    """DP-SGD z for a device: given, or calibrated so that its planned participations fit its target."""
+    p = cfg.privacy
+    if p.record_noise_multiplier:
+        return p.record_noise_multiplier
+    return _calibrate(p.record_target_epsilon, p.record_delta, sampling_rate, steps_per_round * planned_participations(cfg))
+
+
+def record_mechanism(cfg: RunConfig) -> str:
+    return (f"DP-SGD through Opacus (per-sample clipping C={cfg.privacy.max_grad_norm}, Poisson sampling of "
+            "private examples); uploads are post-processing")

@@ -1,0 +1,42 @@
+"""PATE's noisy-argmax aggregation of one-hot votes.
+
+Papernot, Abadi, Erlingsson, Goodfellow & Talwar (2017), "Semi-supervised Knowledge
+Transfer for Deep Learning from Private Training Data" (GNMax as in Papernot, Song,
+Mironov, Raghunathan, Talwar & Erlingsson (2018), "Scalable Private Learning with
+PATE"): each client votes with a one-hot row per query; the server adds Gaussian noise
+to the vote counts and releases the noisy argmax. Confident-GNMax first checks that the
+noisy top count clears a threshold and leaves the other queries unanswered: their rows
+come back as NaN and are not taken into the teacher signal.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from feddistill.privacy.mechanisms import confident_gnmax, gnmax
+from feddistill.strategies.base import AnswerStrategy
+
+
+class GNMaxVotes(AnswerStrategy):
+    name = "gnmax"
+
+    def __init__(self, *args, sigma: float, noise_rng: np.random.Generator, threshold: float | None = None,
+                 sigma_threshold: float | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sigma = sigma
+        self.threshold = threshold
+        self.sigma_threshold = sigma_threshold
+        self.noise = noise_rng
+        if threshold is not None:
+            self.name = "confident-gnmax"
+
+    def aggregate_answers(self, answers: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        counts = answers.sum(axis=0)
+        num_classes = counts.shape[1]
+        if self.threshold is None:
+            return np.eye(num_classes, dtype=np.float32)[gnmax(counts, sigma=self.sigma, rng=self.noise)]
+        answered, labels = confident_gnmax(counts, threshold=self.threshold, sigma_threshold=self.sigma_threshold,
+                                           sigma_answer=self.sigma, rng=self.noise)
+        signal = np.full(counts.shape, np.nan, dtype=np.float32)
+        signal[answered] = np.eye(num_classes, dtype=np.float32)[labels[answered]]
+        return signal
