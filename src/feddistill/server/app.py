@@ -358,6 +358,11 @@ def make_server_app(cfg: RunConfig | None = None) -> ServerApp:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        if cfg is None and not log.handlers:  # under `flwr run`, print our per-round lines too
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s feddistill: %(message)s"))
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
         run_cfg = cfg if cfg is not None else parse_config(dict(context.run_config), "run config")
         run_server(grid, run_cfg)
 
