@@ -13,7 +13,8 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from feddistill import protocol
-from feddistill.client.app import RECORD_LEDGER, handle_distill
+from feddistill.client.app import handle_distill
+from feddistill.client.state import load_state
 from feddistill.config import ConfigError, load_config
 from feddistill.privacy.plan import upload_privacy
 from feddistill.simulations.fleet import load_fleet
@@ -32,18 +33,18 @@ def _context(pid=1) -> Context:
                    run_config={})
 
 
-def test_device_enforces_its_own_record_budget_across_rounds():
-    cfg = load_config(None, {**SMALL, "privacy.record_level": True, "privacy.record_noise_multiplier": 2.0,
+def test_device_enforces_its_own_record_budget_across_rounds(tmp_path):
+    cfg = load_config(None, {**SMALL, "output_dir": str(tmp_path), "privacy.record_level": True, "privacy.record_noise_multiplier": 2.0,
                              "distill.revisit_epochs": 1})
     digest = load_fleet(cfg.data, cfg.fleet, cfg.seed).splits.reference_digest
     context = _context()
     first = handle_distill(_request(cfg, digest, rnd=1), context, cfg)
     assert not first.has_error()
     eps1 = first.content.metric_records[protocol.METRICS_RECORD]["record-epsilon"]
-    assert eps1 > 0 and RECORD_LEDGER in context.state.config_records
+    assert eps1 > 0 and load_state(tmp_path / "clients", 1, 2).ledger_json is not None
     # The same device, now with a budget just above what it has spent: the next round is refused,
     # whatever the server asks, and nothing is trained or sent.
-    tight = load_config(None, {**SMALL, "privacy.record_level": True, "privacy.record_noise_multiplier": 2.0,
+    tight = load_config(None, {**SMALL, "output_dir": str(tmp_path), "privacy.record_level": True, "privacy.record_noise_multiplier": 2.0,
                                "privacy.record_target_epsilon": eps1 * 1.01, "distill.revisit_epochs": 1})
     second = handle_distill(_request(tight, digest, rnd=2), context, tight)
     assert second.has_error() and second.error.code == protocol.REFUSED
@@ -53,8 +54,8 @@ def test_device_enforces_its_own_record_budget_across_rounds():
     assert third.content.metric_records[protocol.METRICS_RECORD]["record-epsilon"] > eps1
 
 
-def test_local_noise_is_added_on_the_device_with_std_z_times_sensitivity():
-    cfg = load_config(None, {**SMALL, "privacy.client_level": "local", "privacy.noise_multiplier": 0.05,
+def test_local_noise_is_added_on_the_device_with_std_z_times_sensitivity(tmp_path):
+    cfg = load_config(None, {**SMALL, "output_dir": str(tmp_path), "privacy.client_level": "local", "privacy.noise_multiplier": 0.05,
                              "distill.answer_dtype": "float32", "distill.digest_epochs": 0,
                              "distill.revisit_epochs": 0})
     plan = upload_privacy(cfg)

@@ -13,7 +13,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from feddistill import protocol
-from feddistill.client.app import STUDENT_STATE, handle_distill
+from feddistill.client.app import handle_distill
 from feddistill.config import load_config
 from feddistill.server.app import round_config
 from feddistill.simulations.fleet import load_fleet
@@ -53,8 +53,8 @@ def _context() -> Context:
                    run_config={})
 
 
-def test_client_answers_with_only_the_answers_matrix_and_scalars(task_identity):
-    cfg = load_config(None, SMALL)
+def test_client_answers_with_only_the_answers_matrix_and_scalars(task_identity, tmp_path):
+    cfg = load_config(None, {**SMALL, "output_dir": str(tmp_path)})
     digest = load_fleet(cfg.data, cfg.fleet, cfg.seed).splits.reference_digest
     context = _context()
     reply = handle_distill(_request(cfg, digest), context, cfg)
@@ -68,12 +68,12 @@ def test_client_answers_with_only_the_answers_matrix_and_scalars(task_identity):
     metrics = content.metric_records[protocol.METRICS_RECORD]
     assert all(isinstance(v, (int, float)) for v in metrics.values())  # scalars only
     assert content.config_records[protocol.REPLY_META][protocol.ROUND] == 1
-    # the student stays on the device, in the node's state
-    assert STUDENT_STATE in context.state.array_records
+    # the student stays on the device, in its state folder
+    assert (tmp_path / "clients" / "client2.pt").is_file()
 
 
-def test_client_refuses_a_wrong_reference_digest(task_identity):
-    cfg = load_config(None, SMALL)
+def test_client_refuses_a_wrong_reference_digest(task_identity, tmp_path):
+    cfg = load_config(None, {**SMALL, "output_dir": str(tmp_path)})
     reply = handle_distill(_request(cfg, "0" * 64), _context(), cfg)
     assert reply.has_error() and "digest mismatch" in reply.error.reason
 

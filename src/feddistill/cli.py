@@ -43,7 +43,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}")
+    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -53,6 +53,7 @@ def simulate(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (overrides output-dir)."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set fleet.num-clients=20."),
     no_baselines: bool = typer.Option(False, "--no-baselines", help="Skip local-only, centralized and FedAvg."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run from its folder's checkpoint."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's and Ray's own logs."),
 ) -> None:
     """Run a simulated fleet on Flower's simulation engine and write results.json + accuracy.png."""
@@ -61,16 +62,24 @@ def simulate(
         overrides = dict(_parse_override(s) for s in set_)
         if out is not None:
             overrides["output_dir"] = str(out)
-        cfg = load_config(config, overrides)
+        if resume is not None:
+            if config is not None or overrides:
+                raise ConfigError("--resume takes the run's own config: drop --config/--set/--out")
+            from feddistill.simulations.run import resume_config
+
+            cfg = resume_config(resume)
+        else:
+            cfg = load_config(config, overrides)
     except ConfigError as exc:
         _fail(str(exc))
     from feddistill.data import DataError
+    from feddistill.server.checkpoint import CheckpointError
     from feddistill.report import plot_accuracy, print_summary
     from feddistill.simulations.run import simulate as run
 
     try:
-        results = run(cfg, verbose=verbose, baselines=not no_baselines)
-    except DataError as exc:
+        results = run(cfg, verbose=verbose, baselines=not no_baselines, resume=resume is not None)
+    except (DataError, CheckpointError) as exc:
         _fail(str(exc))
     plot_accuracy(results, Path(cfg.output_dir) / "accuracy.png")
     print_summary(results, console)

@@ -6,6 +6,7 @@ Defined once here, used by server, client, strategies and tests.
 # Message types (Flower: "<category>.<action>")
 DISTILL = "train.distill"  # one federated-distillation round
 FEDAVG_TRAIN = "train"  # Flower's FedAvg baseline uses the default train action
+IDENTIFY = "query.identify"  # a node says which partition (simulation) / device id it serves
 
 # Records in a distill request
 TEACHER_RECORD = "teacher"  # ArrayRecord: SIGNAL (|Q|, C) float32, QUERIES (|Q|,) int64

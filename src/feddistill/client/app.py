@@ -6,8 +6,9 @@ trains on its private data (revisit), then answers with its student's
 probabilities on the queries. Only that matrix, the round id, the digest and a
 few scalar metrics leave the device: no weights, no per-example private values.
 
-The student persists across rounds in the node's context state (FedMD:
-Li & Wang 2019), so each client keeps learning from the consensus.
+The student persists across rounds (FedMD: Li & Wang 2019), so each client keeps
+learning from the consensus; it is kept with the device's privacy ledger in
+``feddistill.client.state``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 
 from feddistill import protocol
+from feddistill.client.state import load_state, save_state, state_dir
 from feddistill.config import RunConfig, parse_config
 from feddistill.models import build_model
 from feddistill.simulations.fleet import Fleet, as_tensors, fleet_canaries, load_fleet, private_tensors, training_data
@@ -31,15 +33,12 @@ from feddistill.training import predict_logits, train_distill, train_revisit, tr
 # Each simulated client runs in a 1-CPU worker: more torch threads only oversubscribe the cores.
 torch.set_num_threads(1)
 
-STUDENT_STATE = "student"
-RECORD_LEDGER = "record-ledger"  # the device's record-level privacy ledger (JSON), kept across rounds
 
 
-def _student(cfg: RunConfig, fleet: Fleet, partition_id: int, context: Context, arch: str) -> torch.nn.Module:
+def _student(cfg: RunConfig, fleet: Fleet, partition_id: int, saved: dict | None, arch: str) -> torch.nn.Module:
     model = build_model(arch, fleet.image_size, fleet.num_classes, seed=cfg.seed * 100_003 + partition_id)
-    saved = context.state.array_records.get(STUDENT_STATE)
     if saved is not None:
-        model.load_state_dict(saved.to_torch_state_dict())
+        model.load_state_dict(saved)
     return model
 
 
@@ -59,7 +58,9 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
     private_x, private_y = training_data(fleet, partition_id, fleet_canaries(cfg))
     seed = cfg.seed * 1_000_003 + rnd * 10_007 + partition_id
 
-    student = _student(cfg, fleet, partition_id, context, cfg.student_for(partition_id))
+    store = state_dir(cfg, context)
+    kept = load_state(store, partition_id, rnd)
+    student = _student(cfg, fleet, partition_id, kept.student, cfg.student_for(partition_id))
     common = dict(batch_size=int(config["batch-size"]), lr=float(config["lr"]), momentum=float(config["momentum"]))
     temperature = float(config["temperature"])
     metrics: dict[str, float] = {protocol.NUM_EXAMPLES: len(private_y)}
@@ -67,7 +68,7 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
     # Record-level DP: the device checks its OWN budget before touching private data.
     ledger, event = None, None
     if cfg.privacy.record_level:
-        ledger = _record_ledger(context, cfg)
+        ledger = _record_ledger(kept.ledger_json, cfg)
         batch = min(int(config["batch-size"]), len(private_y))
         rate, steps = dpsgd_schedule(len(private_y), batch, int(config["revisit-epochs"]))
         event = GaussianEvent(record_noise_multiplier(cfg, rate, steps), rate, steps)
@@ -87,7 +88,6 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
         )
         revisit_loss = result.mean_loss
         ledger.record(event, rnd)
-        context.state[RECORD_LEDGER] = ConfigRecord({"json": ledger.to_json()})
         metrics.update({"record-epsilon": ledger.epsilon(), "record-noise-multiplier": event.noise_multiplier,
                         "record-sampling-rate": event.sampling_rate, "record-steps": float(sum(
                             e.event.steps for e in ledger.history))})
@@ -98,7 +98,7 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
         )
     answers = answer_matrix(predict_logits(student, query_x).numpy(), upload_privacy(cfg), seed + 2)
     answers = answers.astype(str(config["answer-dtype"]))
-    context.state[STUDENT_STATE] = ArrayRecord(student.state_dict())
+    save_state(store, partition_id, rnd, student.state_dict(), None if ledger is None else ledger.to_json())
     if cfg.audit.keep_artifacts:  # simulation only: the auditor's target (b), the local student
         save_local_student(student, cfg, partition_id)
 
@@ -129,10 +129,9 @@ def answer_matrix(logits: np.ndarray, plan: UploadPrivacy, seed: int) -> np.ndar
     return answers
 
 
-def _record_ledger(context: Context, cfg: RunConfig) -> PrivacyLedger:
-    saved = context.state.config_records.get(RECORD_LEDGER)
+def _record_ledger(saved: str | None, cfg: RunConfig) -> PrivacyLedger:
     if saved is not None:
-        ledger = PrivacyLedger.from_json(str(saved["json"]))
+        ledger = PrivacyLedger.from_json(saved)
         # the history is the device's; the budget is whatever the device's config says now
         ledger.target_epsilon = cfg.privacy.record_target_epsilon or None
         return ledger
@@ -181,6 +180,11 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
     @client_app.train("distill")
     def distill(msg: Message, context: Context) -> Message:
         return handle_distill(msg, context, resolve(context))
+
+    @client_app.query("identify")
+    def identify(msg: Message, context: Context) -> Message:
+        meta = ConfigRecord({protocol.PARTITION: int(context.node_config["partition-id"])})
+        return Message(RecordDict({protocol.REPLY_META: meta}), reply_to=msg)
 
     @client_app.train()
     def fedavg(msg: Message, context: Context) -> Message:

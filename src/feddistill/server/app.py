@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from feddistill import protocol
@@ -39,7 +39,15 @@ from feddistill.strategies import (
     make_strategy,
     teacher_arrays,
 )
-from feddistill.training import evaluate_model, predict_probs, train_distill
+from feddistill.server.checkpoint import (
+    CHECKPOINT,
+    ServerState,
+    journal_round,
+    journaled_rounds_after,
+    load_checkpoint,
+    save_checkpoint,
+)
+from feddistill.training import Evaluation, evaluate_model, predict_probs, train_distill
 
 log = logging.getLogger("feddistill")
 
@@ -80,11 +88,13 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def run_distillation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
+def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     from feddistill.server.teacher import public_teacher  # keeps `flwr run` imports lean until needed
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        write_json(out / "config.json", cfg.to_dict())  # what `feddistill simulate --resume` reads back
     fleet = load_fleet(cfg.data, cfg.fleet, cfg.seed)
     splits = fleet.splits
     ref_x, _ = as_tensors(splits.reference)
@@ -114,21 +124,41 @@ def run_distillation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
             seed=round_seed,
         )
 
-    distil_student(cfg.seed)
-    public_only = evaluate_model(student, test_x, splits.test.y)
-    log.info("round 0 (public teacher only): student accuracy %.3f", public_only.accuracy)
-
-    nodes = wait_for_nodes(grid, cfg.fleet.num_clients, cfg.simulation.node_wait_timeout)
     plan = upload_privacy(cfg)
-    strategy = build_strategy(cfg, plan, noise_rng(cfg.seed + 2))
+    noise = noise_rng(cfg.seed + 2)
+    strategy = build_strategy(cfg, plan, noise)
     ledger = client_ledger(plan)
     participations: dict[int, int] = {}  # local mode: how often each node has answered
     devices: dict[int, dict[str, float]] = {}  # record-level ledgers reported by devices
     query_rng = np.random.default_rng(cfg.seed + 1)
-    low, high = plan.value_range()
     rounds: list[dict[str, Any]] = []
+    start = 1
+    if resume:
+        state = load_checkpoint(out, cfg.digest())
+        signal, rounds, devices, participations = state.signal, state.rounds, state.devices, state.participations
+        student.load_state_dict(state.student)
+        public_only = Evaluation(**state.public_only)
+        for name, gen in (("strategy", strategy.rng), ("query", query_rng), ("noise", noise)):
+            gen.bit_generator.state = state.rng[name]
+        if ledger is not None and state.ledger_json is not None:
+            ledger = PrivacyLedger.from_json(state.ledger_json)
+        if ledger is not None and plan.mode == "local":
+            for rnd in journaled_rounds_after(out, state.round):  # answers that may have reached us
+                ledger.record(plan.event(), rnd, sensitivity=plan.sensitivity)
+        start = state.round + 1
+        log.info("resumed from %s after round %d", out / CHECKPOINT, state.round)
+    else:
+        distil_student(cfg.seed)
+        public_only = evaluate_model(student, test_x, splits.test.y)
+        log.info("round 0 (public teacher only): student accuracy %.3f", public_only.accuracy)
+    nodes = wait_for_nodes(grid, cfg.fleet.num_clients, cfg.simulation.node_wait_timeout)
+    # Node ids are new in every run; partition ids are not. Sampling in partition order makes a
+    # seeded run (and a resumed one) pick the same clients.
+    node_partition = identify_nodes(grid, nodes, cfg.simulation.round_timeout)
+    strategy.node_order = sorted(nodes, key=lambda n: node_partition[n])
+    low, high = plan.value_range()
     stop_reason = None
-    for rnd in range(1, cfg.rounds + 1):
+    for rnd in range(start, cfg.rounds + 1):
         t0 = time.monotonic()
         if ledger is not None and plan.mode != "local" and not ledger.can_afford(plan.event()):
             stop_reason = (
@@ -146,7 +176,8 @@ def run_distillation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         over_budget = 0
         if ledger is not None:  # charge the round when it is sent: a client that drops still counts
             if plan.mode == "local":
-                messages, over_budget = charge_local(messages, participations, ledger, plan, rnd)
+                journal_round(out, rnd)
+                messages, over_budget = charge_local(messages, participations, node_partition, ledger, plan, rnd)
             else:
                 ledger.record(plan.event(), rnd, sensitivity=plan.sensitivity)
         replies = grid.send_and_receive(messages, timeout=cfg.simulation.round_timeout) if messages else []
@@ -198,6 +229,22 @@ def run_distillation(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
             collected.bytes_uploaded,
             "" if ledger is None else f", client-level eps {ledger.epsilon():.3f}",
             record["seconds"],
+        )
+        save_checkpoint(
+            out,
+            cfg.digest(),
+            ServerState(
+                round=rnd,
+                signal=signal,
+                student=student.state_dict(),
+                rng={"strategy": strategy.rng.bit_generator.state, "query": query_rng.bit_generator.state,
+                     "noise": noise.bit_generator.state},
+                ledger_json=None if ledger is None else ledger.to_json(),
+                participations=participations,
+                devices=devices,
+                rounds=rounds,
+                public_only=public_only.__dict__,
+            ),
         )
 
     if not rounds:
@@ -253,17 +300,32 @@ def client_ledger(plan: UploadPrivacy) -> PrivacyLedger | None:
     return PrivacyLedger(unit="client", delta=plan.delta, target_epsilon=plan.target_epsilon, mechanism=plan.mechanism)
 
 
-def charge_local(messages, participations, ledger, plan, rnd):
-    """Local noise: a client's epsilon composes its own answers (q = 1 each). Nodes whose next
+def identify_nodes(grid: Grid, nodes: list[int], timeout: float) -> dict[int, int]:
+    """Ask every node for its partition id (a `query.identify` message)."""
+    messages = [Message(RecordDict(), dst_node_id=n, message_type=protocol.IDENTIFY) for n in nodes]
+    mapping = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            raise RuntimeError(f"node {reply.metadata.src_node_id} did not identify itself: {reply.error.reason}")
+        mapping[reply.metadata.src_node_id] = int(reply.content.config_records[protocol.REPLY_META][protocol.PARTITION])
+    missing = set(nodes) - set(mapping)
+    if missing:
+        raise RuntimeError(f"{len(missing)} nodes did not identify themselves within {timeout:.0f} s")
+    return mapping
+
+
+def charge_local(messages, participations, node_partition, ledger, plan, rnd):
+    """Local noise: a client's epsilon composes its own answers (q = 1 each). Clients whose next
     answer would exceed the target are not asked; the ledger tracks the most-used client."""
     kept, skipped = [], 0
     worst = max(participations.values(), default=0)
     for msg in messages:
-        count = participations.get(msg.metadata.dst_node_id, 0) + 1
+        pid = node_partition[msg.metadata.dst_node_id]
+        count = participations.get(pid, 0) + 1
         if ledger.target_epsilon is not None and count > worst and not ledger.can_afford(plan.event()):
             skipped += 1
             continue
-        participations[msg.metadata.dst_node_id] = count
+        participations[pid] = count
         if count > worst:
             ledger.record(plan.event(), rnd, sensitivity=plan.sensitivity)
             worst = count
@@ -344,15 +406,15 @@ def save_student(model, path: Path, cfg: RunConfig) -> None:
     os.replace(tmp, path)
 
 
-def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
+def run_server(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     if cfg.method == "fedavg":
         from feddistill.server.fedavg import run_fedavg
 
         return run_fedavg(grid, cfg)
-    return run_distillation(grid, cfg)
+    return run_distillation(grid, cfg, resume)
 
 
-def make_server_app(cfg: RunConfig | None = None) -> ServerApp:
+def make_server_app(cfg: RunConfig | None = None, resume: bool = False) -> ServerApp:
     """A ServerApp for `cfg`; with None it reads Flower's run config (`flwr run .`)."""
     server_app = ServerApp()
 
@@ -364,7 +426,7 @@ def make_server_app(cfg: RunConfig | None = None) -> ServerApp:
             log.addHandler(handler)
             log.setLevel(logging.INFO)
         run_cfg = cfg if cfg is not None else parse_config(dict(context.run_config), "run config")
-        run_server(grid, run_cfg)
+        run_server(grid, run_cfg, resume)
 
     return server_app
 

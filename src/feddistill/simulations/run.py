@@ -14,7 +14,7 @@ from feddistill.config import RunConfig
 log = logging.getLogger("feddistill")
 
 
-def simulate_flower(cfg: RunConfig, *, verbose: bool = False) -> dict[str, Any]:
+def simulate_flower(cfg: RunConfig, *, verbose: bool = False, resume: bool = False) -> dict[str, Any]:
     """One Flower simulation of `cfg` (feddistill or fedavg); returns its results.json."""
     # Ray workers must not re-resolve the app's dependencies, and must not print per-actor banners.
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
@@ -29,7 +29,7 @@ def simulate_flower(cfg: RunConfig, *, verbose: bool = False) -> dict[str, Any]:
         "init_args": {"logging_level": "INFO" if verbose else "ERROR", "log_to_driver": verbose},
     }
     run_simulation(
-        server_app=make_server_app(cfg),
+        server_app=make_server_app(cfg, resume=resume),
         client_app=make_client_app(cfg),
         num_supernodes=cfg.fleet.num_clients,
         backend_config=backend_config,
@@ -41,7 +41,21 @@ def simulate_flower(cfg: RunConfig, *, verbose: bool = False) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def simulate(cfg: RunConfig, *, verbose: bool = False, baselines: bool = True) -> dict[str, Any]:
+def resume_config(run_dir: Path) -> RunConfig:
+    """The config of an interrupted run, read back from its folder."""
+    from feddistill.config import ConfigError, parse_config
+
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; is {run_dir} the output folder of a feddistill run?")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: corrupt ({exc})") from exc
+    return parse_config({**values, "output_dir": str(run_dir)}, str(path))
+
+
+def simulate(cfg: RunConfig, *, verbose: bool = False, baselines: bool = True, resume: bool = False) -> dict[str, Any]:
     """The full experiment: feddistill on Flower, plus the configured baselines on the same fleet."""
     from feddistill.server.app import write_json
     from feddistill.simulations import baselines as bl
@@ -49,7 +63,7 @@ def simulate(cfg: RunConfig, *, verbose: bool = False, baselines: bool = True) -
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results = simulate_flower(cfg, verbose=verbose)
+    results = simulate_flower(cfg, verbose=verbose, resume=resume)
     base: dict[str, Any] = {
         "public_teacher": results["public_teacher"],
         "public_only_student": results["public_only_student"],

@@ -59,23 +59,25 @@ class AnswerStrategy(Strategy):
         self.sampling = sampling
         self.rng = np.random.default_rng(seed)
         self.min_replies = min_replies
+        self.node_order: list[int] | None = None  # nodes in partition order, set by the server
 
     # ---- Flower Strategy interface ----
     def summary(self) -> None:
         log.info("strategy %s: %s sampling, q=%.3f", self.name, self.sampling, self.sampling_rate)
 
     def sample_nodes(self, node_ids: list[int]) -> list[int]:
-        node_ids = sorted(node_ids)
+        """Sample from `node_ids` in the order given (the server passes partition order)."""
         if self.sampling == "poisson":
             picked = self.rng.random(len(node_ids)) < self.sampling_rate
             return [n for n, p in zip(node_ids, picked) if p]
         k = max(1, round(self.sampling_rate * len(node_ids)))
-        return sorted(self.rng.choice(node_ids, size=k, replace=False).tolist())
+        chosen = self.rng.choice(len(node_ids), size=k, replace=False)
+        return [node_ids[i] for i in sorted(chosen)]
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        nodes = self.sample_nodes(list(grid.get_node_ids()))
+        nodes = self.sample_nodes(self.node_order or list(grid.get_node_ids()))
         config[protocol.ROUND] = server_round
         content = RecordDict({protocol.TEACHER_RECORD: arrays, protocol.CONFIG_RECORD: config})
         return [Message(content=content, dst_node_id=n, message_type=protocol.DISTILL) for n in nodes]
@@ -110,8 +112,10 @@ class AnswerStrategy(Strategy):
         collected = self.collect(replies, check)
         if len(collected.answers) < self.min_replies:
             return None, collected
-        stacked = np.stack(collected.answers)
-        return self.aggregate_answers(stacked, np.asarray(collected.weights)), collected
+        # replies arrive in any order: aggregate in sender order so a seeded run is reproducible
+        order = np.argsort(collected.senders, kind="stable")
+        stacked = np.stack([collected.answers[i] for i in order])
+        return self.aggregate_answers(stacked, np.asarray(collected.weights)[order]), collected
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
         return []  # evaluation is central (server-side, on the test split)

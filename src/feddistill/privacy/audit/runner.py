@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from feddistill.models import build_model
 
@@ -265,21 +266,30 @@ def _candidates(ctx: _Context, member_x: np.ndarray, member_y: np.ndarray, owner
 
 def _population(ctx: _Context) -> tuple[np.ndarray, np.ndarray]:
     test = ctx.fleet.splits.test
-    idx = ctx.pop_idx
-    if idx.size > ctx.options.max_points:
-        idx = np.sort(ctx.rng.choice(idx, ctx.options.max_points, replace=False))
+    idx = ctx.rng.permutation(ctx.pop_idx)[: ctx.options.max_points]  # random order: the pool takes a prefix
     return test.x[idx], test.y[idx]
 
 
 def _reference_models(ctx: _Context, arch: str, points: TargetPoints, pop: tuple[np.ndarray, np.ndarray],
-                      recipe: TrainRecipe, seed: int) -> tuple[list[Any], np.ndarray]:
-    pool_x = np.concatenate([points.x, pop[0]])
-    pool_y = np.concatenate([points.y, pop[1]])
-    mask = balanced_in_mask(ctx.options.reference_models, pool_y.size, ctx.rng)
+                      recipe: TrainRecipe, seed: int, n_train: int) -> tuple[list[Any], np.ndarray]:
+    """K reference models on random halves of candidates + population.
+
+    The pool takes only as many population points as make a half about ``n_train`` (the
+    target's training-set size): how much a model overfits depends on how much data it
+    has, so the reference models should see as much as the target did.  Population
+    points left out of the pool are OUT for every reference model (they still serve as
+    RMIA's population ``z``).  Returns the models and the (K, N + Z) IN mask."""
+    n = len(points)
+    n_pop = int(np.clip(2 * n_train - n, 0, pop[1].size))
+    pool_x = np.concatenate([points.x, pop[0][:n_pop]])
+    pool_y = np.concatenate([points.y, pop[1][:n_pop]])
+    k = ctx.options.reference_models
+    mask = np.zeros((k, n + pop[1].size), bool)
+    mask[:, : n + n_pop] = balanced_in_mask(k, n + n_pop, ctx.rng)
     models = [
-        fit_reference(arch, ctx.fleet.image_size, ctx.fleet.num_classes, pool_x[mask[k]], pool_y[mask[k]], recipe,
-                      seed=seed + 7919 * (k + 1))
-        for k in range(mask.shape[0])
+        fit_reference(arch, ctx.fleet.image_size, ctx.fleet.num_classes, pool_x[mask[i, : n + n_pop]],
+                      pool_y[mask[i, : n + n_pop]], recipe, seed=seed + 7919 * (i + 1))
+        for i in range(k)
     ]
     return models, mask
 
@@ -327,7 +337,8 @@ def _audit_client(ctx: _Context, pid: int, recipe_seed: int) -> dict[str, Any]:
     pop_x, pop_y = _population(ctx)
     taken = len(ctx.art.uploads[pid].rounds) if pid in ctx.art.uploads else cfg.rounds
     recipe = _client_recipe(ctx, taken)
-    refs, mask = _reference_models(ctx, arch, points, (pop_x, pop_y), recipe, recipe_seed)
+    n_train = len(data) + (int(ctx.art.canaries.included.sum()) if ctx.art.canaries is not None and ctx.art.canaries.client == pid else 0)
+    refs, mask = _reference_models(ctx, arch, points, (pop_x, pop_y), recipe, recipe_seed, n_train)
     n, z, c = len(points), pop_y.size, fleet.num_classes
     mask_x, mask_z = mask[:, :n], mask[:, n:]
     out: dict[str, Any] = {"points": points, "pop_y": pop_y, "mask": (mask_x, mask_z), "recipe": recipe}
@@ -370,7 +381,7 @@ def _audit_global(ctx: _Context, seed: int) -> dict[str, Any]:
     client_arch = Counter(ctx.art.client_students[p][0] for p in parts).most_common(1)[0][0]
     taken = np.mean([len(ctx.art.uploads[p].rounds) for p in parts])
     recipe = _client_recipe(ctx, int(round(taken)))
-    refs, mask = _reference_models(ctx, client_arch, points, (pop_x, pop_y), recipe, seed)
+    refs, mask = _reference_models(ctx, client_arch, points, (pop_x, pop_y), recipe, seed, member_y.size)
     n, z, c = len(points), pop_y.size, fleet.num_classes
     server_arch, state = ctx.art.global_student
     d = cfg.distill
@@ -489,7 +500,21 @@ def run_audit(
     """Audit a finished run; write ``audit.json``, ``report.md`` and ``roc_<target>.png``
     to ``out_dir`` (default ``RUN_DIR/audit-report``).  Returns ``(audit, exit_code)``:
     0 when the policy passes, 1 when it fails.  Unreadable input raises
-    :class:`AuditInputError` (exit code 2) before anything is trained."""
+    :class:`AuditInputError` (exit code 2) before anything is trained.
+
+    Torch runs single-threaded meanwhile: the audit trains many tiny models, which
+    intra-op threads only slow down (by 10x and more on a busy 2-core laptop)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_audit(run_dir, out_dir, policy_path, options)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_audit(
+    run_dir: str | Path, out_dir: str | Path | None, policy_path: str | Path | None, options: AuditOptions
+) -> tuple[dict[str, Any], int]:
     t_start = time.monotonic()
     policy = load_policy(policy_path)
     options.check()

@@ -1,0 +1,83 @@
+"""A killed server resumes from its last checkpoint: same final metrics, same epsilon."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_simulation import SMALL
+
+SETTINGS = {
+    **SMALL,
+    "rounds": 4,
+    "fleet.fraction": 0.6,
+    "privacy.client_level": "central",
+    "privacy.noise_multiplier": 0.3,
+}
+
+
+def _cmd(*extra: str) -> list[str]:
+    return [sys.executable, "-m", "feddistill.cli", "simulate", "--no-baselines", *extra]
+
+
+def _settings_args(out: Path) -> list[str]:
+    args = ["--out", str(out)]
+    for key, value in SETTINGS.items():
+        args += ["--set", f"{key}={json.dumps(value) if isinstance(value, (bool, str)) else value}"]
+    return args
+
+
+def _checkpoint_round(out: Path) -> int:
+    try:
+        return torch.load(out / "checkpoint.pt", weights_only=False)["state"]["round"]
+    except Exception:
+        return 0
+
+
+def _comparable(results: dict) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in results["rounds"]]
+
+
+def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
+    clean = tmp_path / "clean"
+    proc = subprocess.run(_cmd(*_settings_args(clean)), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = json.loads((clean / "results.json").read_text())
+
+    killed = tmp_path / "killed"
+    victim = subprocess.Popen(_cmd(*_settings_args(killed)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 400
+        while _checkpoint_round(killed) < 2:  # kill during round 3
+            assert victim.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint after round 2"
+            time.sleep(0.2)
+    finally:
+        os.killpg(victim.pid, signal.SIGKILL)  # the server and its simulation workers, mid-run
+        victim.wait(timeout=60)
+    assert not (killed / "results.json").exists()
+
+    resumed = subprocess.run(_cmd("--resume", str(killed)), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got = json.loads((killed / "results.json").read_text())
+    assert _comparable(got) == _comparable(expected)
+    assert got["final"]["student_accuracy"] == expected["final"]["student_accuracy"]
+    assert got["privacy"]["client_level"]["epsilon"] == expected["privacy"]["client_level"]["epsilon"]
+    assert got["privacy"]["client_level"]["steps"] == 4  # each round counted once
+
+
+def test_resume_without_checkpoint_or_config_is_a_clear_error(tmp_path):
+    proc = subprocess.run(_cmd("--resume", str(tmp_path)), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "config.json: not found" in proc.stderr
+    (tmp_path / "config.json").write_text("{not json")
+    proc = subprocess.run(_cmd("--resume", str(tmp_path)), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "corrupt" in proc.stderr
