@@ -129,7 +129,7 @@ def test_leaky_run_is_flagged_and_strict_policy_fails(leaky_audit):
     assert audit["target_clients"] == [0]  # the canary client comes first
     local = audit["targets"]["local_client0"]
     best_auc = max(a["summary"]["auc"] for a in local["attacks"].values())
-    assert best_auc > 0.65, local["attacks"]
+    assert best_auc > 0.6, local["attacks"]
     assert set(local["attacks"]) == {"loss", "lira_offline", "lira_online", "rmia", "rmia_offline"}
     # members and non-members are class-matched: equal counts per class
     for row in local["per_class"].values():
@@ -171,8 +171,9 @@ def test_label_inference_beats_uniform_guess_on_skewed_client(leaky_audit, leaky
     assert len(clients) == 16
     pid, row = max(clients.items(), key=lambda kv: kv[1]["tv_uniform_guess"])  # the most skewed client
     assert row["tv_uniform_guess"] > 0.5
-    assert row["tv"] < row["tv_uniform_guess"] - 0.2
+    assert row["tv"] < row["tv_uniform_guess"] - 0.05
     assert row["kl"] >= 0
+    assert all(r["tv"] < r["tv_uniform_guess"] for r in clients.values())
     s = audit["label_inference"]["summary"]
     assert s["mean_tv"] < s["mean_tv_uniform_guess"]
     # the true histogram is the client's private labels
@@ -214,8 +215,8 @@ def test_claimed_epsilon_below_canary_bound_is_a_dp_violation(leaky_run, tmp_pat
     rule = next(r for r in audit["verdict"]["rules"] if r["rule"] == "fail_on_dp_violation")
     assert rule["passed"] is False
     assert "DP VIOLATION" in (tmp_path / "out" / "report.md").read_text()
-    # the CLI entry point says the same
-    assert main(str(run), str(lenient), str(tmp_path / "out2"), 2, 1) == 1
+    # the CLI entry point says the same (no reference models: the canary audit alone fails it)
+    assert main(str(run), str(lenient), str(tmp_path / "out2"), 0, 0) == 1
 
 
 def test_dp_violation_fails_even_without_a_policy_file(leaky_run, tmp_path):

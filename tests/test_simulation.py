@@ -107,3 +107,24 @@ def test_cli_rejects_bad_config_with_exit_code_2(tmp_path):
     )
     assert proc.returncode == 2
     assert "'fleet.alpha' = -1.0 must be > 0" in proc.stderr
+
+
+def test_run_survives_hostile_clients_and_dropouts(tmp_path):
+    """A Flower run with a NaN-sending client and 30 % dropouts completes; bad replies are counted."""
+    out = tmp_path / "faults"
+    settings = {**SMALL, "rounds": 3, "scenario.hostile_fraction": 0.2, "scenario.attack": '"nan"',
+                "scenario.dropout": 0.3}
+    args = [sys.executable, "-m", "feddistill.cli", "simulate", "--no-baselines", "--out", str(out)]
+    for key, value in settings.items():
+        args += ["--set", f"{key}={value}"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rounds = json.loads((out / "results.json").read_text())["rounds"]
+    assert len(rounds) == 3
+    non_finite = sum(r["dropped"].get("non-finite values (NaN or Inf)", 0) for r in rounds)
+    dropped_out = sum(r["dropped"].get("dropped out", 0) for r in rounds)
+    assert 1 <= non_finite <= 3  # the one hostile client, whenever it did not drop out
+    assert dropped_out >= 1
+    assert all(r["replies"] + sum(r["dropped"].values()) == r["clients"] for r in rounds)
+    assert rounds[-1]["student_accuracy"] > 0.6
+    assert "replies dropped by validation" in proc.stdout

@@ -114,6 +114,15 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class ScenarioConfig:
+    """Faults injected into a simulated fleet (never used on real devices)."""
+
+    hostile_fraction: float = 0.0  # share of clients that answer with `attack`
+    attack: str = "label-flip"  # "label-flip" | "random" | "scaled" | "nan" | "wrong-shape"
+    dropout: float = 0.0  # probability that a sampled client drops out of a round (sends no answer)
+
+
+@dataclass(frozen=True)
 class AuditConfig:
     keep_artifacts: bool = False  # opt-in: keep uploads, local students and canaries for `feddistill audit`
     canaries: int = 0  # one-run audit (Steinke et al. 2023): m canaries, each included w.p. 1/2
@@ -134,6 +143,7 @@ class RunConfig:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
 
     @property
     def student_names(self) -> list[str]:
@@ -175,6 +185,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "baselines.fedavg_init": ("public", "scratch"),
     "privacy.client_level": ("off", "local", "central", "gnmax", "confident-gnmax"),
     "privacy.bound": ("probs", "votes", "clipped_logits"),
+    "scenario.attack": ("label-flip", "random", "scaled", "nan", "wrong-shape"),
     "teacher.model": MODEL_NAMES,
     "distill.server_student": MODEL_NAMES,
 }
@@ -208,6 +219,8 @@ _RANGES: dict[str, tuple[float, bool, float | None]] = {
     "baselines.fedavg_local_epochs": (1, True, None),
     "simulation.cpus_per_client": (0, False, None),
     "audit.canaries": (0, True, None),
+    "scenario.hostile_fraction": (0, True, 1.0),
+    "scenario.dropout": (0, True, 1.0),
     "privacy.clip_norm": (0, False, None),
     "privacy.noise_multiplier": (0, True, None),
     "privacy.target_epsilon": (0, True, None),

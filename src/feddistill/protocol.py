@@ -28,3 +28,4 @@ PARTITION = "partition-id"  # the node's partition id (simulation) or node-confi
 
 # Error code of a client's refusal (digest mismatch, over its own budget, bad signature...)
 REFUSED = 1
+DROPPED = 2  # a simulated dropout: the client was sampled but sends no answer

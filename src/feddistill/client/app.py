@@ -22,6 +22,7 @@ from feddistill import protocol
 from feddistill.client.state import load_state, save_state, state_dir
 from feddistill.config import RunConfig, parse_config
 from feddistill.models import build_model
+from feddistill.simulations.attacks import corrupt_answers, hostile_clients
 from feddistill.simulations.fleet import Fleet, as_tensors, fleet_canaries, load_fleet, private_tensors, training_data
 from feddistill.privacy.accounting import GaussianEvent
 from feddistill.privacy.dpsgd import dp_train, dpsgd_schedule
@@ -50,6 +51,8 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
         return Message(Error(protocol.REFUSED, "reference-set digest mismatch: refusing to answer"), reply_to=msg)
 
     rnd = int(config[protocol.ROUND])
+    if cfg.scenario.dropout and np.random.default_rng([cfg.seed, rnd, partition_id, 0xD0]).random() < cfg.scenario.dropout:
+        return Message(Error(protocol.DROPPED, "dropped out (simulated)"), reply_to=msg)
     teacher = msg.content.array_records[protocol.TEACHER_RECORD]
     queries = teacher[protocol.QUERIES].numpy()
     signal = torch.from_numpy(teacher[protocol.SIGNAL].numpy().astype(np.float32))
@@ -98,6 +101,9 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
         )
     answers = answer_matrix(predict_logits(student, query_x).numpy(), upload_privacy(cfg), seed + 2)
     answers = answers.astype(str(config["answer-dtype"]))
+    if partition_id in hostile_clients(cfg.fleet.num_clients, cfg.scenario.hostile_fraction, cfg.seed):
+        answers = corrupt_answers(answers, cfg.scenario.attack, np.random.default_rng(seed + 3),
+                                  num_classes=fleet.num_classes)
     save_state(store, partition_id, rnd, student.state_dict(), None if ledger is None else ledger.to_json())
     if cfg.audit.keep_artifacts:  # simulation only: the auditor's target (b), the local student
         save_local_student(student, cfg, partition_id)

@@ -36,6 +36,8 @@ def check_reply(msg: Message, check: ReplyCheck) -> tuple[np.ndarray | None, str
     if msg.has_error():
         if msg.error.code == protocol.REFUSED:
             return None, f"refused: {msg.error.reason}"
+        if msg.error.code == protocol.DROPPED:
+            return None, "dropped out"
         return None, f"error reply: {msg.error.reason}"
     content = msg.content
     meta = content.config_records.get(protocol.REPLY_META)
