@@ -62,6 +62,7 @@ class DistillConfig:
     query_size: int = 450  # |Q|: reference examples queried per round
     digest_epochs: int = 10  # client: KD toward the teacher signal on the queries
     revisit_epochs: int = 5  # client: cross-entropy on private data
+    client_start: str = "global"  # each round a client starts from: "global" (the released global student) | "own"
     revisit_kd_weight: float = 1.0  # client: weight of KD on the queries while revisiting (0 = plain FedMD revisit)
     batch_size: int = 32
     lr: float = 0.05
@@ -182,6 +183,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "fleet.sampling": ("poisson", "fixed"),
     "distill.aggregator": ("mean", "era"),
     "distill.answer_dtype": ("float32", "float16"),
+    "distill.client_start": ("global", "own"),
     "baselines.fedavg_init": ("public", "scratch"),
     "privacy.client_level": ("off", "local", "central", "gnmax", "confident-gnmax"),
     "privacy.bound": ("probs", "votes", "clipped_logits"),

@@ -13,6 +13,7 @@ TEACHER_RECORD = "teacher"  # ArrayRecord: SIGNAL (|Q|, C) float32, QUERIES (|Q|
 CONFIG_RECORD = "config"  # ConfigRecord: round config (below)
 SIGNAL = "signal"
 QUERIES = "queries"
+STUDENT_PREFIX = "student."  # optional: the global student's weights, "student.<parameter name>"
 
 # Records in a distill reply: the ONLY things that leave a device
 ANSWERS_RECORD = "answers"  # ArrayRecord: ANSWERS (|Q|, C)

@@ -63,7 +63,14 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
 
     store = state_dir(cfg, context)
     kept = load_state(store, partition_id, rnd)
-    student = _student(cfg, fleet, partition_id, kept.student, cfg.student_for(partition_id))
+    arch = cfg.student_for(partition_id)
+    start = kept.student
+    if arch == config.get("student-model") and any(k.startswith(protocol.STUDENT_PREFIX) for k in teacher.keys()):
+        # start from the released global student (public): a client of the same architecture
+        # refines it on its private data instead of relearning what the fleet already knows
+        start = {k[len(protocol.STUDENT_PREFIX):]: torch.from_numpy(teacher[k].numpy().copy())
+                 for k in teacher.keys() if k.startswith(protocol.STUDENT_PREFIX)}
+    student = _student(cfg, fleet, partition_id, start, arch)
     common = dict(batch_size=int(config["batch-size"]), lr=float(config["lr"]), momentum=float(config["momentum"]))
     temperature = float(config["temperature"])
     metrics: dict[str, float] = {protocol.NUM_EXAMPLES: len(private_y)}

@@ -69,6 +69,7 @@ def round_config(cfg: RunConfig, digest: str) -> ConfigRecord:
     return ConfigRecord(
         {
             protocol.DIGEST: digest,
+            "student-model": d.server_student,
             "temperature": d.temperature,
             "digest-epochs": d.digest_epochs,
             "revisit-epochs": d.revisit_epochs,
@@ -170,7 +171,10 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
         queries = np.sort(query_rng.choice(len(signal), size=d.query_size, replace=False))
         messages = list(
             strategy.configure_train(
-                rnd, teacher_arrays(signal[queries], queries), round_config(cfg, splits.reference_digest), grid
+                rnd,
+                teacher_arrays(signal[queries], queries, student.state_dict() if d.client_start == "global" else None),
+                round_config(cfg, splits.reference_digest),
+                grid,
             )
         )
         over_budget = 0

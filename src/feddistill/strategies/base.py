@@ -129,13 +129,16 @@ class AnswerStrategy(Strategy):
         raise NotImplementedError
 
 
-def teacher_arrays(signal: np.ndarray, queries: np.ndarray) -> ArrayRecord:
-    return ArrayRecord(
-        {
-            protocol.SIGNAL: Array(np.ascontiguousarray(signal, dtype=np.float32)),
-            protocol.QUERIES: Array(np.ascontiguousarray(queries, dtype=np.int64)),
-        }
-    )
+def teacher_arrays(signal: np.ndarray, queries: np.ndarray, student: dict | None = None) -> ArrayRecord:
+    """The round's download: the teacher signal on the queries, and optionally the released
+    global student's weights (keys prefixed ``student.``) for clients to start from."""
+    arrays = {
+        protocol.SIGNAL: Array(np.ascontiguousarray(signal, dtype=np.float32)),
+        protocol.QUERIES: Array(np.ascontiguousarray(queries, dtype=np.int64)),
+    }
+    for name, tensor in (student or {}).items():
+        arrays[protocol.STUDENT_PREFIX + name] = Array(np.ascontiguousarray(tensor.detach().cpu().numpy()))
+    return ArrayRecord(arrays)
 
 
 def normalize_rows(matrix: np.ndarray) -> np.ndarray:

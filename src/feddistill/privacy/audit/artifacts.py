@@ -101,7 +101,9 @@ def _load_model_file(path: Path, what: str, image_size: int, num_classes: int) -
     return arch, blob["state_dict"]
 
 
-def _privacy_claims(results: dict[str, Any], path: Path) -> dict[str, dict[str, Any] | None]:
+def _privacy_claims(results: dict[str, Any], path: Path, warnings: list[str]) -> dict[str, dict[str, Any] | None]:
+    """The run's claims, ``None`` per unit it does not claim.  A claim whose epsilon is
+    null (e.g. record-level DP on, but no device trained) claims nothing."""
     privacy = results.get("privacy")
     if privacy is None:
         return {"record_level": None, "client_level": None}
@@ -115,6 +117,10 @@ def _privacy_claims(results: dict[str, Any], path: Path) -> dict[str, dict[str, 
             continue
         if not isinstance(claim, dict):
             raise AuditInputError(f"{path}: 'privacy.{unit}' must be an object or null")
+        if claim.get("epsilon", 0) is None:
+            warnings.append(f"privacy.{unit} has no epsilon (nothing was accounted): treated as no claim")
+            out[unit] = None
+            continue
         for key in ("epsilon", "delta"):
             v = claim.get(key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
@@ -222,7 +228,8 @@ def load_run(run_dir: str | Path) -> RunArtifacts:
             f"{results_path}: reference_digest differs from the data rebuilt from its config "
             "(the data set changed since the run); membership ground truth would be wrong"
         )
-    privacy = _privacy_claims(results, results_path)
+    warnings: list[str] = []
+    privacy = _privacy_claims(results, results_path, warnings)
 
     size, classes = fleet.image_size, fleet.num_classes
     student_path = run_dir / "global_student.pt"
@@ -235,7 +242,6 @@ def load_run(run_dir: str | Path) -> RunArtifacts:
         raise AuditInputError(
             f"{audit_dir}: missing: the run kept no audit artefacts (uploads, local students, canaries); {KEEP_HINT}"
         )
-    warnings: list[str] = []
     uploads = _load_uploads(audit_dir / "uploads", len(fleet.splits.reference), classes, warnings)
     for pid in uploads:
         if pid >= cfg.fleet.num_clients:

@@ -74,6 +74,8 @@ def _claim_text(c: dict[str, Any] | None) -> str:
         return "none (the run claims no DP for this target)"
     txt = (f"ε = {_f(c['epsilon'])} at δ = {c['delta']:.3g} ({c['unit']}-level, {c['mechanism']}, "
            f"accountant {c['accountant']}, {c['neighbouring']})")
+    if c.get("epsilon_is"):
+        txt += f"; ε is {c['epsilon_is']}"
     if c.get("derivation") and c["derivation"] != "as claimed":
         txt += f"; per record: {c['derivation']}"
     return txt
@@ -142,6 +144,28 @@ def _target_section(name: str, t: dict[str, Any], plot: str | None) -> list[str]
     return lines
 
 
+def _best_auc(t: dict[str, Any] | None) -> str:
+    if not t or t.get("skipped"):
+        return "–"
+    a = t["best_auc_attack"]
+    return f"{_f(t['attacks'][a]['summary']['auc'])} ({a})"
+
+
+def _client_summary(audit: dict[str, Any]) -> list[str]:
+    """One row per audited client: its two targets and what its uploads betray of its labels."""
+    targets, labels = audit["targets"], audit["label_inference"]["clients"]
+    if not audit["target_clients"]:
+        return []
+    lines = ["## Per client", "", "| client | uploads: best AUC | local student: best AUC | label TV (uniform guess) |",
+             "| --- | --- | --- | --- |"]
+    for pid in audit["target_clients"]:
+        li = labels.get(str(pid))
+        tv = f"{_f(li['tv'])} ({_f(li['tv_uniform_guess'])})" if li else "–"
+        lines.append(f"| {pid} | {_best_auc(targets.get(f'uploads_client{pid}'))} | "
+                     f"{_best_auc(targets.get(f'local_client{pid}'))} | {tv} |")
+    return lines + [""]
+
+
 def write_report(path: Path, audit: dict[str, Any]) -> None:
     v = audit["verdict"]
     lines = [
@@ -165,8 +189,8 @@ def write_report(path: Path, audit: dict[str, Any]) -> None:
                 lines.append(f"| {unit} | {_f(c['epsilon'])} | {c['delta']:.3g} | {c.get('mechanism', '–')} | "
                              f"{c.get('accountant', '–')} | {c.get('neighbouring', 'add/remove (assumed)')} |")
         lines.append("")
-        for kind, c in audit["claims_per_target"].items():
-            lines.append(f"- applies to one record of the `{kind}` target: {_claim_text(c)}")
+        for name, c in audit["claims_per_target"].items():
+            lines.append(f"- applies to one record of `{name}`: {_claim_text(c)}")
         lines.append("")
 
     conf = audit["confidence"]
@@ -188,6 +212,7 @@ def write_report(path: Path, audit: dict[str, Any]) -> None:
                      f"{b['delta']:.3g} | {_f(b['claimed_epsilon'])} | {res} |")
     lines.append("")
 
+    lines += _client_summary(audit)
     lines += ["## Membership inference per target", ""]
     for name, t in audit["targets"].items():
         lines += _target_section(name, t, audit.get("plots", {}).get(name))

@@ -47,7 +47,7 @@ from .attacks import loss_scores
 from .label_inference import estimate_label_histogram, kl_divergence, tv_distance
 from .metrics import empirical_epsilon, roc, slices, summarize_attack
 from .one_run import audit_canaries
-from .policy import AuditPolicy, evaluate_policy, load_policy
+from .policy import evaluate_policy, load_policy
 from .report import sanitize, write_json, write_report, write_roc_plots
 from .targets import (
     ATTACKS,
@@ -61,6 +61,7 @@ from .targets import (
     mean_per_query,
     mimic_from_answers,
     probs_of,
+    replay_answers,
     split_test,
 )
 
@@ -122,6 +123,7 @@ def _record_equivalent(claim: dict[str, Any], unit: str) -> dict[str, Any]:
         "accountant": claim.get("accountant", "unspecified"),
         "neighbouring": claim.get("neighbouring", "add/remove"),
         "source": f"privacy.{unit}",
+        "epsilon_is": claim.get("epsilon_is"),
         "derivation": "as claimed",
     }
     if unit == "client_level" and out["neighbouring"] != "replace-one":
@@ -139,18 +141,39 @@ def _noise_is_local(claim: dict[str, Any]) -> bool:
     return where in {"local", "device", "client", "reply"}
 
 
-def claims_for_targets(privacy: dict[str, dict[str, Any] | None]) -> dict[str, dict[str, Any] | None]:
+def _device_claim(rec: dict[str, Any], client: int) -> dict[str, Any]:
+    """Each device accounts its own DP-SGD: use client ``client``'s epsilon where the run
+    reports it (``record_level.devices[pid]["record-epsilon"]``); the top-level epsilon is
+    the largest over devices, which would be lenient for one client."""
+    dev = (rec.get("devices") or {}).get(str(client))
+    eps = dev.get("record-epsilon") if isinstance(dev, dict) else None
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        return rec
+    return {**rec, "epsilon": float(eps), "epsilon_is": f"client {client}'s own device accountant"}
+
+
+def claims_for_targets(
+    privacy: dict[str, dict[str, Any] | None], client: int | None = None, local_noise: bool | None = None
+) -> dict[str, dict[str, Any] | None]:
     """The smallest claimed epsilon that protects one record of each target kind.
 
     * ``local`` (b): only record-level DP (DP-SGD) protects a client's own student.
     * ``uploads`` (a): record-level DP (uploads are post-processing), and client-level DP
-      when its noise is added on the device (``placement = "local"``); noise added to the
-      *sum* at the server does not protect what the server received.
+      when its noise is added on the device (``local_noise``; by default read from the
+      claim's ``placement``); noise added to the *sum* at the server does not protect what
+      the server received.
     * ``global`` (c): record-level DP and client-level DP wherever its noise is added (the
       global student is post-processing of the noisy aggregate).
+
+    ``client``: the record's owner, whose own device epsilon applies (None: a record of
+    any client, so the largest device epsilon).
     """
     rec = privacy.get("record_level")
     cli = privacy.get("client_level")
+    if rec and client is not None:
+        rec = _device_claim(rec, client)
+    if local_noise is None:
+        local_noise = bool(cli) and _noise_is_local(cli)
     r = _record_equivalent(rec, "record_level") if rec else None
     c = _record_equivalent(cli, "client_level") if cli else None
 
@@ -160,9 +183,35 @@ def claims_for_targets(privacy: dict[str, dict[str, Any] | None]) -> dict[str, d
 
     return {
         "local": r,
-        "uploads": smallest(r, c if (cli and _noise_is_local(cli)) else None),
+        "uploads": smallest(r, c if local_noise else None),
         "global": smallest(r, c),
     }
+
+
+@dataclass(frozen=True)
+class _UploadPlan:
+    """How the run bounded and noised answers (``feddistill.privacy.plan``), so reference
+    models' answers can be replayed through the same mechanism before mimicry."""
+
+    mode: str = "off"  # "off" | "local" | "central" | "gnmax" | "confident-gnmax"
+    bound: str = "probs"
+    clip_norm: float = 1.0
+    noise_std: float = 0.0  # per entry, added on the device in "local" mode
+
+    @classmethod
+    def of(cls, cfg: Any) -> _UploadPlan:
+        try:
+            from feddistill.privacy.plan import upload_privacy
+
+            p = upload_privacy(cfg)
+            return cls(p.mode, p.bound, float(p.clip_norm), float(p.noise_std))
+        except Exception:  # an older run config without a privacy section: plain probabilities
+            priv = getattr(cfg, "privacy", None)
+            return cls(bound=str(getattr(priv, "bound", "probs")))
+
+    @property
+    def noise_on_device(self) -> bool:
+        return self.mode == "local" and self.noise_std > 0
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -236,7 +285,7 @@ class _Context:
     rng: np.random.Generator
     ev_idx: np.ndarray  # test-split positions of non-member candidates
     pop_idx: np.ndarray  # test-split positions of population data
-    answer_kind: str
+    plan: _UploadPlan
 
     @property
     def fleet(self):
@@ -315,15 +364,16 @@ def _mimic_recipe(ctx: _Context) -> TrainRecipe:
     return TrainRecipe(epochs=ctx.options.mimic_epochs, batch_size=d.batch_size, lr=d.lr, momentum=d.momentum)
 
 
-def _upload_queries(ctx: _Context, pid: int) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct queries the client answered and its mean answer on each (as probabilities)."""
+def _upload_queries(ctx: _Context, pid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct queries the client answered, its mean answer on each (as probabilities)
+    and how often it answered each."""
     q, a = ctx.art.uploads[pid].stacked()
-    uq, mean = mean_per_query(q, a)
-    soft = answers_to_probs(mean, ctx.answer_kind)
+    uq, mean, counts = mean_per_query(q, a)
+    soft = answers_to_probs(mean, ctx.plan.bound)
     if uq.size > ctx.options.max_queries:
         keep = np.sort(ctx.rng.choice(uq.size, ctx.options.max_queries, replace=False))
-        uq, soft = uq[keep], soft[keep]
-    return uq, soft
+        uq, soft, counts = uq[keep], soft[keep], counts[keep]
+    return uq, soft, counts
 
 
 def _audit_client(ctx: _Context, pid: int, recipe_seed: int) -> dict[str, Any]:
@@ -337,7 +387,9 @@ def _audit_client(ctx: _Context, pid: int, recipe_seed: int) -> dict[str, Any]:
     pop_x, pop_y = _population(ctx)
     taken = len(ctx.art.uploads[pid].rounds) if pid in ctx.art.uploads else cfg.rounds
     recipe = _client_recipe(ctx, taken)
-    n_train = len(data) + (int(ctx.art.canaries.included.sum()) if ctx.art.canaries is not None and ctx.art.canaries.client == pid else 0)
+    n_train = len(data)
+    if ctx.art.canaries is not None and ctx.art.canaries.client == pid:
+        n_train += int(ctx.art.canaries.included.sum())  # the target also trained on its included canaries
     refs, mask = _reference_models(ctx, arch, points, (pop_x, pop_y), recipe, recipe_seed, n_train)
     n, z, c = len(points), pop_y.size, fleet.num_classes
     mask_x, mask_z = mask[:, :n], mask[:, n:]
@@ -349,7 +401,7 @@ def _audit_client(ctx: _Context, pid: int, recipe_seed: int) -> dict[str, Any]:
     out["local"] = (tx, tz, rx, rz)
 
     if pid in ctx.art.uploads:
-        uq, soft = _upload_queries(ctx, pid)
+        uq, soft, counts = _upload_queries(ctx, pid)
         qx = fleet.splits.reference.x[uq]
         mrec = _mimic_recipe(ctx)
         mimic = mimic_from_answers(arch, fleet.image_size, c, qx, soft, mrec, seed=recipe_seed + 1)
@@ -357,8 +409,10 @@ def _audit_client(ctx: _Context, pid: int, recipe_seed: int) -> dict[str, Any]:
         tx, tz = _probs_pair(mimic, points, pop_x)
         pairs = []
         for k, r in enumerate(refs):
-            mk = mimic_from_answers(arch, fleet.image_size, c, qx, probs_of(r, qx).astype(np.float32), mrec,
-                                    seed=recipe_seed + 104_729 * (k + 1))
+            noise = ctx.plan.noise_std if ctx.plan.noise_on_device else 0.0
+            answers = replay_answers(r, qx, counts, bound=ctx.plan.bound, clip_norm=ctx.plan.clip_norm,
+                                     noise_std=noise, rng=ctx.rng)
+            mk = mimic_from_answers(arch, fleet.image_size, c, qx, answers, mrec, seed=recipe_seed + 104_729 * (k + 1))
             pairs.append(_probs_pair(mk, points, pop_x))
         rx, rz = _stack(pairs, n, z, c)
         out["uploads"] = (tx, tz, rx, rz)
@@ -411,8 +465,8 @@ def _label_inference(ctx: _Context) -> dict[str, Any]:
     clients: dict[str, Any] = {}
     for pid, up in ctx.art.uploads.items():
         _, answers = up.stacked()
-        if ctx.answer_kind == "clipped_logits":
-            answers = answers_to_probs(answers, ctx.answer_kind)
+        if ctx.plan.bound == "clipped_logits":
+            answers = answers_to_probs(answers, ctx.plan.bound)
         est = estimate_label_histogram(answers)
         y = fleet.private_data(pid).y
         if y.size == 0:
@@ -527,17 +581,18 @@ def _run_audit(
 
     rng = np.random.default_rng([options.seed, 0xA0D17])
     ev_idx, pop_idx = split_test(art.fleet.splits.test.y, options.seed)
-    privacy_cfg = getattr(art.cfg, "privacy", None)
-    answer_kind = str(getattr(privacy_cfg, "bound", "probs"))
-    ctx = _Context(art, options, rng, ev_idx, pop_idx, answer_kind)
-    claims = claims_for_targets(art.privacy)
+    plan = _UploadPlan.of(art.cfg)
+    ctx = _Context(art, options, rng, ev_idx, pop_idx, plan)
+    local_noise = plan.mode == "local" if plan.mode != "off" else None
     clients = _select_clients(art, options.target_clients)
     warnings = list(art.warnings)
-    if art.privacy.get("client_level") and not _noise_is_local(art.privacy["client_level"]):
+    cli_claim = art.privacy.get("client_level")
+    if cli_claim and not (local_noise or _noise_is_local(cli_claim)):
         warnings.append(
-            "the client-level claim does not say its noise is added on the device (placement = 'local'); "
-            "it is not applied to the uploads target"
+            "the client-level noise is not added on the device (the run's privacy.client-level is "
+            f"{plan.mode!r}): the server saw un-noised replies, so that claim does not cover the uploads target"
         )
+    claims_by_target: dict[str, dict[str, Any] | None] = {}
 
     n_bounds = 2 * len(clients) + 1 + (3 if art.canaries is not None else 0)
     alpha_each = options.alpha / n_bounds
@@ -547,8 +602,10 @@ def _run_audit(
     bounds: list[dict[str, Any]] = []
     mimics: dict[int, Any] = {}
 
-    def add_target(name: str, kind: str, desc: str, probs: tuple, info: dict[str, Any], extra: dict[str, Any]) -> None:
-        claim = claims[kind]
+    def add_target(name: str, kind: str, desc: str, probs: tuple, info: dict[str, Any], extra: dict[str, Any],
+                   owner: int | None) -> None:
+        claim = claims_for_targets(art.privacy, owner, local_noise)[kind]
+        claims_by_target[name] = claim
         delta = claim["delta"] if claim else options.default_delta
         points: TargetPoints = info["points"]
         mx, mz = info["mask"]
@@ -581,8 +638,10 @@ def _run_audit(
                 f"(a) client {pid}'s uploads: mimic distilled from its answers on {info['n_queries']} reference-set "
                 f"queries over rounds {info['rounds']}; reference models mimicked the same way (distillation-based LiRA)",
                 info["uploads"], info, {**common, "mimic_recipe": asdict(_mimic_recipe(ctx)), "rounds": info["rounds"]},
+                owner=pid,
             )
-        add_target(f"local_client{pid}", "local", f"(b) client {pid}'s final local student", info["local"], info, common)
+        add_target(f"local_client{pid}", "local", f"(b) client {pid}'s final local student", info["local"], info, common,
+                   owner=pid)
         timings[f"client{pid}"] = time.monotonic() - t0
 
     t0 = time.monotonic()
@@ -594,7 +653,8 @@ def _run_audit(
                    f"(c) the released global student; members: private data of the {len(art.participants)} clients that uploaded",
                    ginfo["global"], ginfo,
                    {"architecture": art.global_student[0], "reference_recipe": asdict(ginfo["recipe"]),
-                    "reference_distillation": asdict(ginfo["server_recipe"]), "reference_models": options.reference_models})
+                    "reference_distillation": asdict(ginfo["server_recipe"]), "reference_models": options.reference_models},
+                   owner=None)
     timings["global"] = time.monotonic() - t0
 
     canary = None
@@ -604,7 +664,7 @@ def _run_audit(
         models = {"local": ctx.model(*art.client_students[cpid])}
         if cpid in art.uploads:
             if cpid not in mimics:
-                uq, soft = _upload_queries(ctx, cpid)
+                uq, soft, _ = _upload_queries(ctx, cpid)
                 mimics[cpid] = mimic_from_answers(art.client_students[cpid][0], art.fleet.image_size,
                                                   art.fleet.num_classes, art.fleet.splits.reference.x[uq], soft,
                                                   _mimic_recipe(ctx), seed=options.seed * 1_000_003 + 17)
@@ -612,7 +672,7 @@ def _run_audit(
         else:
             warnings.append(f"the canary client {cpid} uploaded nothing: no canary audit of its uploads")
         models["global"] = ctx.model(*art.global_student)
-        canary = _canary_rows(ctx, models, claims, alpha_each)
+        canary = _canary_rows(ctx, models, claims_for_targets(art.privacy, cpid, local_noise), alpha_each)
         for kind, res in canary["results"].items():
             bounds.append(_bound_entry(f"canaries vs {kind} (client {cpid}, one-run audit)", res["epsilon_lower_bound"],
                                        res["max_cap"], res["claimed"], res["delta"]))
@@ -630,7 +690,8 @@ def _run_audit(
         "options": asdict(options),
         "policy": policy.to_dict(),
         "privacy_claims": art.privacy,
-        "claims_per_target": claims,
+        "claims_per_target": claims_by_target,
+        "upload_mechanism": asdict(plan),
         "is_dp": art.is_dp,
         "target_clients": clients,
         "participants": art.participants,

@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from feddistill.models import build_model
-from feddistill.training import predict_probs, train_distill, train_supervised
+from feddistill.privacy.mechanisms import bound_answers
+from feddistill.training import predict_logits, predict_probs, train_distill, train_supervised
 
 from .attacks import logit_scaled_confidence, loss_scores, lira_offline, lira_online, rmia_scores, true_class_probability
 
@@ -52,6 +53,8 @@ __all__ = [
     "balanced_in_mask",
     "answers_to_probs",
     "mimic_from_answers",
+    "replay_answers",
+    "mean_per_query",
     "fit_reference",
     "probs_of",
     "attack_scores",
@@ -146,18 +149,18 @@ def answers_to_probs(answers: np.ndarray, kind: str = "probs") -> np.ndarray:
     return np.where(s > 0, a / np.where(s > 0, s, 1.0), uniform).astype(np.float32)
 
 
-def mean_per_query(queries: np.ndarray, answers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def mean_per_query(queries: np.ndarray, answers: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Average the answers given to the same query over rounds.
 
     With temperature-1 distillation the loss is linear in the soft label, so training on
     the per-query mean is the same objective as training on every round's copy (up to
     batching); averaging first also averages out independent DP noise before it is
-    clipped into a probability vector."""
+    clipped into a probability vector.  Returns ``(queries, mean answers, counts)``."""
     uq, inv = np.unique(queries, return_inverse=True)
     sums = np.zeros((uq.size, answers.shape[1]))
     np.add.at(sums, inv, answers)
-    counts = np.bincount(inv, minlength=uq.size)[:, None]
-    return uq, (sums / counts).astype(np.float32)
+    counts = np.bincount(inv, minlength=uq.size)
+    return uq, (sums / counts[:, None]).astype(np.float32), counts
 
 
 def _t(a: np.ndarray) -> torch.Tensor:
@@ -181,6 +184,19 @@ def mimic_from_answers(arch: str, image_size: int, num_classes: int, query_x: np
     train_distill(model, _t(query_x), _t(soft.astype(np.float32)), temperature=temperature, epochs=recipe.epochs,
                   batch_size=recipe.batch_size, lr=recipe.lr, momentum=recipe.momentum, seed=seed)
     return model
+
+
+def replay_answers(model: torch.nn.Module, query_x: np.ndarray, counts: np.ndarray, *, bound: str,
+                   clip_norm: float, noise_std: float, rng: np.random.Generator) -> np.ndarray:
+    """What a client with ``model`` would have uploaded, averaged like the real uploads:
+    its outputs bounded as the run bounds answers (``mechanisms.bound_answers``), plus the
+    on-device Gaussian noise (std ``noise_std`` per entry, 0 when none) averaged over the
+    ``counts[q]`` times query ``q`` was answered, as probabilities."""
+    logits = predict_logits(model, _t(query_x)).numpy().astype(np.float64)
+    answers = bound_answers(logits, bound, clip_norm=clip_norm).astype(np.float64)
+    if noise_std > 0:
+        answers = answers + rng.normal(size=answers.shape) * (noise_std / np.sqrt(counts))[:, None]
+    return answers_to_probs(answers, bound)
 
 
 def probs_of(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
