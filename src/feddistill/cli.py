@@ -81,6 +81,13 @@ def simulate(
         results = run(cfg, verbose=verbose, baselines=not no_baselines, resume=resume is not None)
     except (DataError, CheckpointError) as exc:
         _fail(str(exc))
+    if results["method"] != "feddistill":
+        console.print(f"{results['method']}: final test accuracy {results['final']['student_accuracy']:.3f}")
+        if results.get("privacy", {}).get("client_level"):
+            p = results["privacy"]["client_level"]
+            console.print(f"client-level epsilon = {p['epsilon']:.3f} at delta = {p['delta']:g} ({p['accountant']})")
+        console.print(f"results: {Path(cfg.output_dir) / 'results.json'}")
+        return
     plot_accuracy(results, Path(cfg.output_dir) / "accuracy.png")
     print_summary(results, console)
     console.print(f"\nresults: {Path(cfg.output_dir) / 'results.json'}  plot: {Path(cfg.output_dir) / 'accuracy.png'}")

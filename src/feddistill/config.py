@@ -81,6 +81,8 @@ class BaselinesConfig:
     max_local_clients: int = 20  # local-only baseline evaluates at most this many clients
     local_epochs: int = 20  # epochs for local-only and centralized training
     fedavg_local_epochs: int = 1
+    dp_fedavg: bool = False  # also run Flower's DP-FedAvg at privacy.target-epsilon (client level)
+    dp_fedavg_clip: float = 0.5  # DP-FedAvg's clipping norm of client updates
     fedavg_init: str = "public"  # "public" (pretrained on the labelled public set) | "scratch"
 
 
@@ -132,7 +134,7 @@ class AuditConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    method: str = "feddistill"  # "feddistill" | "fedavg" (Flower's FedAvg baseline on the same fleet)
+    method: str = "feddistill"  # "feddistill" | "fedavg" | "dp-fedavg" (Flower's peers on the same fleet)
     seed: int = 0
     rounds: int = 10
     output_dir: str = "runs/latest"
@@ -177,7 +179,7 @@ class RunConfig:
 # ---- parsing and validation ----
 
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "method": ("feddistill", "fedavg"),
+    "method": ("feddistill", "fedavg", "dp-fedavg"),
     "data.dataset": ("digits", "fashion-mnist"),
     "fleet.partition": ("iid", "dirichlet", "shards"),
     "fleet.sampling": ("poisson", "fixed"),
@@ -219,6 +221,7 @@ _RANGES: dict[str, tuple[float, bool, float | None]] = {
     "baselines.max_local_clients": (1, True, None),
     "baselines.local_epochs": (1, True, None),
     "baselines.fedavg_local_epochs": (1, True, None),
+    "baselines.dp_fedavg_clip": (0, False, None),
     "simulation.cpus_per_client": (0, False, None),
     "audit.canaries": (0, True, None),
     "scenario.hostile_fraction": (0, True, 1.0),
@@ -342,6 +345,8 @@ def _check_privacy(cfg: RunConfig, source: str) -> None:
         raise ConfigError(
             f"{source}: confident-gnmax needs 'privacy.gnmax-threshold' > 0 and 'privacy.threshold-noise-multiplier' > 0"
         )
+    if (cfg.method == "dp-fedavg" or cfg.baselines.dp_fedavg) and p.noise_multiplier == 0 and p.target_epsilon == 0:
+        raise ConfigError(f"{source}: DP-FedAvg needs 'privacy.noise-multiplier' > 0 or 'privacy.target-epsilon' > 0")
     if p.record_level and p.record_noise_multiplier == 0 and p.record_target_epsilon == 0:
         raise ConfigError(
             f"{source}: 'privacy.record-level' = true needs 'privacy.record-noise-multiplier' > 0 "

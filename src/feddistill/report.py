@@ -62,7 +62,16 @@ def print_summary(results: dict[str, Any], console: Console) -> None:
     if "fedavg" in base:
         fa = base["fedavg"]
         table.add_row(f"Flower FedAvg ({fa['init']} init)", _pct(fa["accuracy"]), _bytes(fa["bytes_per_client_round"]))
+    if "dp_fedavg" in base:
+        dp = base["dp_fedavg"]
+        table.add_row(f"Flower DP-FedAvg (client-level eps={dp['privacy']['epsilon']:.2f})", _pct(dp["accuracy"]),
+                      _bytes(dp["bytes_per_client_round"]))
     console.print(table)
+    for key, label in (("client_level", "client-level"), ("record_level", "record-level")):
+        p = (results.get("privacy") or {}).get(key)
+        if p and p.get("epsilon") is not None:
+            console.print(f"privacy ({label}): epsilon = {p['epsilon']:.3f} at delta = {p['delta']:g}, unit: {p['unit']}, "
+                          f"accountant: {p['accountant']}, mechanism: {p['mechanism']}")
     if "fedavg" in base and final["bytes_per_client_round"]:
         ratio = base["fedavg"]["bytes_per_client_round"] / final["bytes_per_client_round"]
         console.print(f"upload per client-round: {ratio:.1f}x less than FedAvg")

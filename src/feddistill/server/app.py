@@ -411,7 +411,7 @@ def save_student(model, path: Path, cfg: RunConfig) -> None:
 
 
 def run_server(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
-    if cfg.method == "fedavg":
+    if cfg.method in ("fedavg", "dp-fedavg"):
         from feddistill.server.fedavg import run_fedavg
 
         return run_fedavg(grid, cfg)

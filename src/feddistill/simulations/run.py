@@ -64,6 +64,8 @@ def simulate(cfg: RunConfig, *, verbose: bool = False, baselines: bool = True, r
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = simulate_flower(cfg, verbose=verbose, resume=resume)
+    if cfg.method != "feddistill":  # a peer run on its own (fedavg, dp-fedavg): no baselines of its own
+        return results
     base: dict[str, Any] = {
         "public_teacher": results["public_teacher"],
         "public_only_student": results["public_only_student"],
@@ -85,6 +87,16 @@ def simulate(cfg: RunConfig, *, verbose: bool = False, baselines: bool = True, r
                 "accuracy": fed["final"]["student_accuracy"],
                 "bytes_per_client_round": fed["final"]["bytes_per_client_round"],
                 "rounds": fed["rounds"],
+            }
+        if cfg.baselines.dp_fedavg:
+            log.info("baseline: Flower DP-FedAvg at the same client-level target")
+            dp_cfg = dataclasses.replace(cfg, method="dp-fedavg", output_dir=str(out / "dp-fedavg"))
+            dp = simulate_flower(dp_cfg, verbose=verbose)
+            base["dp_fedavg"] = {
+                "accuracy": dp["final"]["student_accuracy"],
+                "bytes_per_client_round": dp["final"]["bytes_per_client_round"],
+                "privacy": dp["privacy"]["client_level"],
+                "rounds": dp["rounds"],
             }
     results["baselines"] = base
     write_json(out / "results.json", results)

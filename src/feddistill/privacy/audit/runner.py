@@ -226,6 +226,11 @@ def _fit_split(member: np.ndarray, fraction: float, rng: np.random.Generator) ->
     return fit
 
 
+def _finite(scores: np.ndarray) -> np.ndarray:
+    """Scores as finite floats (a NaN, e.g. from a degenerate reference fit, counts as least member-like)."""
+    return np.nan_to_num(np.asarray(scores, dtype=float), nan=-1e300, posinf=1e300, neginf=-1e300)
+
+
 def _evaluate(
     scores: dict[str, np.ndarray],
     skipped: dict[str, str],
@@ -242,7 +247,7 @@ def _evaluate(
     for name in ATTACKS:
         if name not in scores:
             continue
-        s = np.nan_to_num(scores[name], nan=-np.inf, posinf=1e300, neginf=-1e300)
+        s = _finite(scores[name])
         summary = summarize_attack(s, m)
         eps = empirical_epsilon(s[fit], m[fit], s[~fit], m[~fit], delta, alpha_each)
         fpr, tpr, _ = roc(s, m)
@@ -250,7 +255,7 @@ def _evaluate(
         attacks[name] = {"summary": summary, "empirical_epsilon": eps}
     # the headline attack is chosen on the fit split only, so its evaluation bound stays valid
     best = max(attacks, key=lambda a: (attacks[a]["empirical_epsilon"]["epsilon_lower_bound_fit"], -ATTACKS.index(a)))
-    best_scores = np.nan_to_num(scores[best], nan=-np.inf, posinf=1e300, neginf=-1e300)
+    best_scores = _finite(scores[best])
     out = {
         "n_members": int(m.sum()),
         "n_nonmembers": int((~m).sum()),
@@ -614,7 +619,7 @@ def _run_audit(
         res.update({"kind": kind, "description": desc, "claimed": claim, "delta": delta, **extra})
         res["violation"] = bool(claim is not None and res["epsilon_lower_bound"] > claim["epsilon"])
         if kind == "global":
-            best = np.nan_to_num(scores[res["best_attack"]], nan=-np.inf, posinf=1e300, neginf=-1e300)
+            best = _finite(scores[res["best_attack"]])
             res["per_client"] = _per_client(best, points)
         targets[name] = res
         curves[name] = cv

@@ -26,10 +26,13 @@ offline LiRA / RMIA can use the ``K - K // 2`` OUT models of each point.
 The auditor cannot replay the client's digest step (the teacher signal of each round is
 not stored), so the client recipe is approximated by cross-entropy training with the
 client's architecture, batch size, learning rate and momentum for
-``revisit_epochs x rounds the client took part in`` epochs.  For the uploads target each
-reference model is then mimicked exactly as the real uploads are (distillation on the
-same reference-set queries), and for the global student it is distilled into the server
-architecture on the reference set, so IN/OUT distributions match what the attack sees.
+``revisit_epochs x rounds the client took part in`` epochs, on about as many points as
+the target trained on.  For the uploads target each reference model's answers on the
+client's queries are replayed through the run's upload mechanism (same bound, same
+on-device noise, averaged over as many answers as the client gave) and mimicked exactly
+as the real uploads are; for the global student each is distilled into the server
+architecture on the reference set.  So IN/OUT distributions match what the attack sees.
+Record-level DP-SGD is not replayed in the reference models (they train without it).
 """
 
 from __future__ import annotations
