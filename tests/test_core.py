@@ -197,3 +197,37 @@ def test_missing_and_malformed_config_files(tmp_path):
     bad.write_text("rounds = = 3")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+# ---- DP aggregation ----
+
+class _Passthrough(MeanAnswers):
+    def aggregate_answers(self, answers, weights):
+        return answers[0]
+
+
+def test_central_gaussian_noises_the_sum_and_divides_by_the_expected_count():
+    from feddistill.strategies import CentralGaussianAnswers
+
+    dp = CentralGaussianAnswers(_Passthrough(sampling_rate=0.5), noise_std=3.0, expected_clients=4.0,
+                                rng=np.random.default_rng(0))
+    answers = np.ones((4, 200, 50)) / 50  # 4 clients, sum = 4/50 per entry
+    out = dp.aggregate_answers(answers, np.ones(4))
+    assert out.mean() == pytest.approx(4 / 50 / 4, abs=0.01)
+    assert out.std() == pytest.approx(3.0 / 4, rel=0.05)  # noise_std / expected clients
+
+
+def test_gnmax_releases_the_consensus_and_confident_gnmax_abstains_without_one():
+    from feddistill.strategies import GNMaxVotes
+
+    votes = np.zeros((30, 6, 4))
+    votes[:, :3, 2] = 1  # queries 0-2: all 30 clients vote class 2
+    votes[:, 3:, :] = np.eye(4)[np.arange(30) % 4][:, None, :]  # queries 3-5: votes split evenly
+    plain = GNMaxVotes(sampling_rate=1.0, sigma=1.0, noise_rng=np.random.default_rng(0))
+    out = plain.aggregate_answers(votes, np.ones(30))
+    assert (out[:3].argmax(1) == 2).all() and np.allclose(out.sum(1), 1)
+    confident = GNMaxVotes(sampling_rate=1.0, sigma=1.0, noise_rng=np.random.default_rng(0), threshold=20,
+                           sigma_threshold=1.0)
+    out = confident.aggregate_answers(votes, np.ones(30))
+    assert (out[:3].argmax(1) == 2).all()
+    assert np.isnan(out[3:]).all()  # max count ~8 < 20: not answered, not used
