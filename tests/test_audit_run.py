@@ -206,7 +206,8 @@ def test_claimed_epsilon_below_canary_bound_is_a_dp_violation(leaky_run, tmp_pat
         "client_level": None,
     })
     lenient = _policy(tmp_path, "max_auc = 1.0\n")  # fail_on_dp_violation stays on by default
-    audit, code = run_audit(run, out_dir=tmp_path / "out", policy_path=lenient, options=CHEAP)
+    audit, code = run_audit(run, out_dir=tmp_path / "out", policy_path=lenient,
+                            options=AuditOptions(reference_models=0, target_clients=1, max_points=100))
     assert code == 1
     sources = [v["source"] for v in audit["dp_violations"]]
     assert any(s.startswith("canaries vs local") for s in sources), sources
@@ -302,3 +303,36 @@ def test_members_and_non_members_are_matched_per_class():
     np.testing.assert_array_equal(np.bincount(member_y[m], minlength=3), np.bincount(non_y[n], minlength=3))
     m, n = matched_members(member_y, non_y, 3, 10, rng)
     assert m.size == n.size <= 10
+
+
+def test_record_claim_uses_the_clients_own_device_epsilon():
+    rec = {"epsilon": 8.0, "delta": 1e-5, "unit": "record", "mechanism": "DP-SGD", "accountant": "pld",
+           "devices": {"0": {"record-epsilon": 2.5}, "1": {"record-epsilon": 8.0}}}
+    privacy = {"record_level": rec, "client_level": None}
+    assert claims_for_targets(privacy, client=0)["local"]["epsilon"] == 2.5
+    assert claims_for_targets(privacy, client=7)["local"]["epsilon"] == 8.0  # no device entry: the worst case
+    assert claims_for_targets(privacy)["global"]["epsilon"] == 8.0  # a record of any client
+
+
+def test_reference_answers_replay_the_runs_upload_mechanism():
+    from feddistill.privacy.audit.runner import _UploadPlan
+    from feddistill.privacy.audit.targets import probs_of, replay_answers
+
+    cfg = parse_config({"privacy": {"client-level": "local", "noise-multiplier": 0.5}})
+    plan = _UploadPlan.of(cfg)
+    assert plan.mode == "local" and plan.noise_on_device
+    assert plan.noise_std == pytest.approx(0.5 * np.sqrt(cfg.distill.query_size))
+    assert _UploadPlan.of(parse_config({})).noise_on_device is False
+    fleet = load_fleet(cfg.data, cfg.fleet, cfg.seed)
+    model = build_model("mlp", fleet.image_size, fleet.num_classes, seed=0)
+    qx = fleet.splits.reference.x[:64]
+    counts = np.full(64, 4)
+    rng = np.random.default_rng(0)
+    clean = replay_answers(model, qx, counts, bound="probs", clip_norm=1.0, noise_std=0.0, rng=rng)
+    np.testing.assert_allclose(clean, probs_of(model, qx), atol=1e-5)
+    votes = replay_answers(model, qx, counts, bound="votes", clip_norm=1.0, noise_std=0.0, rng=rng)
+    np.testing.assert_array_equal(votes.argmax(1), clean.argmax(1))
+    assert set(np.unique(votes)) <= {0.0, 1.0}
+    noisy = replay_answers(model, qx, counts, bound="probs", clip_norm=1.0, noise_std=plan.noise_std, rng=rng)
+    assert (noisy >= 0).all() and np.allclose(noisy.sum(1), 1.0, atol=1e-5)
+    assert np.abs(noisy - clean).mean() > 0.05

@@ -107,8 +107,10 @@ def test_trimmed_mean_trims_floor_beta_k_per_side_and_falls_back_to_the_median()
     few = values[[0, 1, 4]]  # K = 3: floor(0.2 * 3) = 0, nothing to trim -> median
     np.testing.assert_allclose(TrimmedMeanAnswers(**raw, beta=0.2).aggregate_answers(few, np.ones(3)), 1.0)
     np.testing.assert_allclose(MedianAnswers(**raw).aggregate_answers(values, np.ones(5)), 2.0)
+    even = np.concatenate([values, values[:1] + 7.0])  # K = 6, beta = 0.5: nothing left to average -> median
+    np.testing.assert_allclose(TrimmedMeanAnswers(**raw, beta=0.5).aggregate_answers(even, np.ones(6)), 2.5)
     with pytest.raises(ValueError):
-        TrimmedMeanAnswers(sampling_rate=1.0, beta=0.5)
+        TrimmedMeanAnswers(sampling_rate=1.0, beta=0.6)
 
 
 @pytest.mark.parametrize("make", [MedianAnswers, TrimmedMeanAnswers, OutlierFilteredMean])
@@ -131,7 +133,8 @@ def test_attacks_produce_what_they_claim(dtype):
     flipped = corrupt_answers(honest, "label-flip", rng, num_classes=C)
     assert flipped.shape == honest.shape and flipped.dtype == dtype
     np.testing.assert_array_equal(flipped.argmax(1), (honest.argmax(1) + 1) % C)  # a lie on every query
-    np.testing.assert_allclose(flipped.sum(1, dtype=np.float64), honest.sum(1, dtype=np.float64), rtol=1e-9)  # ... that is still a valid probability row
+    # ... that is still a valid probability row
+    np.testing.assert_allclose(flipped.sum(1, dtype=np.float64), honest.sum(1, dtype=np.float64), rtol=1e-9)
     rand = corrupt_answers(honest, "random", rng, num_classes=C)
     assert rand.shape == honest.shape and rand.dtype == dtype and (rand >= 0).all()
     np.testing.assert_allclose(rand.sum(1), 1.0, atol=1e-2)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -56,7 +57,9 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    aggregator: str = "mean"  # "mean" (FedMD) | "era" (DS-FL)
+    aggregator: str = "mean"  # "mean" (FedMD) | "era" (DS-FL) | "median" | "trimmed-mean" | "outlier-filtered"
+    trim_beta: float = 0.2  # trimmed-mean: fraction trimmed from each end of every coordinate
+    keep_fraction: float = 0.7  # outlier-filtered: share of the round's clients kept
     era_temperature: float = 0.1
     temperature: float = 3.0  # KD temperature T
     query_size: int = 450  # |Q|: reference examples queried per round
@@ -183,7 +186,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("digits", "fashion-mnist"),
     "fleet.partition": ("iid", "dirichlet", "shards"),
     "fleet.sampling": ("poisson", "fixed"),
-    "distill.aggregator": ("mean", "era"),
+    "distill.aggregator": ("mean", "era", "median", "trimmed-mean", "outlier-filtered"),
     "distill.answer_dtype": ("float32", "float16"),
     "distill.client_start": ("global", "own"),
     "baselines.fedavg_init": ("public", "scratch"),
@@ -208,6 +211,8 @@ _RANGES: dict[str, tuple[float, bool, float | None]] = {
     "teacher.lr": (0, False, None),
     "teacher.batch_size": (1, True, None),
     "distill.era_temperature": (0, False, None),
+    "distill.trim_beta": (0, True, 0.5),
+    "distill.keep_fraction": (0, False, 1.0),
     "distill.temperature": (0, False, None),
     "distill.query_size": (1, True, None),
     "distill.digest_epochs": (0, True, None),
@@ -257,7 +262,13 @@ def _coerce(value: Any, typ: type, where: str) -> Any:
             return value
     elif typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:
+                raise ConfigError(f"{where}: {value!r} is out of range") from None
+            if not math.isfinite(number):
+                raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+            return number
     elif typ is str:
         if isinstance(value, str):
             return value
@@ -269,6 +280,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str, source: str) -> Any:
     known = {f.name: f for f in fields(cls)}
     kwargs: dict[str, Any] = {}
     for raw_key, value in values.items():
+        if not isinstance(raw_key, str):
+            raise ConfigError(f"{source}: keys must be strings, got {raw_key!r}")
         key = _norm(raw_key)
         dotted = f"{prefix}{key}"
         if key not in known:

@@ -26,6 +26,7 @@ ROUND = "round"
 DIGEST = "reference-digest"
 NUM_EXAMPLES = "num-examples"
 PARTITION = "partition-id"  # the node's partition id (simulation) or node-config id (device)
+DEVICE = "device"  # identify reply: 1 when the node is a device reading its own data dir (node config data-dir)
 
 # Error code of a client's refusal (digest mismatch, over its own budget, bad signature...)
 REFUSED = 1

@@ -19,11 +19,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 
 from feddistill import protocol
+from feddistill.client.device import client_data, device_id, is_device
 from feddistill.client.state import load_state, save_state, state_dir
 from feddistill.config import RunConfig, parse_config
 from feddistill.models import build_model
 from feddistill.simulations.attacks import corrupt_answers, hostile_clients
-from feddistill.simulations.fleet import Fleet, as_tensors, fleet_canaries, load_fleet, private_tensors, training_data
+from feddistill.simulations.fleet import load_fleet, private_tensors
 from feddistill.privacy.accounting import GaussianEvent
 from feddistill.privacy.dpsgd import dp_train, dpsgd_schedule
 from feddistill.privacy.ledger import PrivacyLedger
@@ -36,8 +37,9 @@ torch.set_num_threads(1)
 
 
 
-def _student(cfg: RunConfig, fleet: Fleet, partition_id: int, saved: dict | None, arch: str) -> torch.nn.Module:
-    model = build_model(arch, fleet.image_size, fleet.num_classes, seed=cfg.seed * 100_003 + partition_id)
+def _student(cfg: RunConfig, image_size: int, num_classes: int, partition_id: int, saved: dict | None,
+             arch: str) -> torch.nn.Module:
+    model = build_model(arch, image_size, num_classes, seed=cfg.seed * 100_003 + partition_id)
     if saved is not None:
         model.load_state_dict(saved)
     return model
@@ -45,9 +47,10 @@ def _student(cfg: RunConfig, fleet: Fleet, partition_id: int, saved: dict | None
 
 def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
     config = msg.content.config_records[protocol.CONFIG_RECORD]
-    partition_id = int(context.node_config["partition-id"])
-    fleet = load_fleet(cfg.data, cfg.fleet, cfg.seed)
-    if config[protocol.DIGEST] != fleet.splits.reference_digest:
+    # a device reads its own data dir (node config `data-dir`), a simulated client its partition
+    data = client_data(cfg, context)
+    partition_id = data.partition_id
+    if config[protocol.DIGEST] != data.reference_digest:
         return Message(Error(protocol.REFUSED, "reference-set digest mismatch: refusing to answer"), reply_to=msg)
 
     rnd = int(config[protocol.ROUND])
@@ -56,9 +59,9 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
     teacher = msg.content.array_records[protocol.TEACHER_RECORD]
     queries = teacher[protocol.QUERIES].numpy()
     signal = torch.from_numpy(teacher[protocol.SIGNAL].numpy().astype(np.float32))
-    ref_x, _ = as_tensors(fleet.splits.reference)
-    query_x = ref_x[torch.from_numpy(queries)]
-    private_x, private_y = training_data(fleet, partition_id, fleet_canaries(cfg))
+    num_classes, image_size = signal.shape[1], int(data.reference_x.shape[-1])
+    query_x = data.reference_x[torch.from_numpy(queries)]
+    private_x, private_y = data.private_x, data.private_y
     seed = cfg.seed * 1_000_003 + rnd * 10_007 + partition_id
 
     store = state_dir(cfg, context)
@@ -70,7 +73,7 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
         # refines it on its private data instead of relearning what the fleet already knows
         start = {k[len(protocol.STUDENT_PREFIX):]: torch.from_numpy(teacher[k].numpy().copy())
                  for k in teacher.keys() if k.startswith(protocol.STUDENT_PREFIX)}
-    student = _student(cfg, fleet, partition_id, start, arch)
+    student = _student(cfg, image_size, num_classes, partition_id, start, arch)
     common = dict(batch_size=int(config["batch-size"]), lr=float(config["lr"]), momentum=float(config["momentum"]))
     temperature = float(config["temperature"])
     metrics: dict[str, float] = {protocol.NUM_EXAMPLES: len(private_y)}
@@ -110,7 +113,7 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
     answers = answers.astype(str(config["answer-dtype"]))
     if partition_id in hostile_clients(cfg.fleet.num_clients, cfg.scenario.hostile_fraction, cfg.seed):
         answers = corrupt_answers(answers, cfg.scenario.attack, np.random.default_rng(seed + 3),
-                                  num_classes=fleet.num_classes)
+                                  num_classes=num_classes)
     save_state(store, partition_id, rnd, student.state_dict(), None if ledger is None else ledger.to_json())
     if cfg.audit.keep_artifacts:  # simulation only: the auditor's target (b), the local student
         save_local_student(student, cfg, partition_id)
@@ -124,7 +127,7 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
                 protocol.ANSWERS_RECORD: ArrayRecord({protocol.ANSWERS: Array(np.ascontiguousarray(answers))}),
                 protocol.METRICS_RECORD: MetricRecord(metrics),
                 protocol.REPLY_META: ConfigRecord(
-                    {protocol.ROUND: rnd, protocol.DIGEST: fleet.splits.reference_digest, protocol.PARTITION: partition_id}
+                    {protocol.ROUND: rnd, protocol.DIGEST: data.reference_digest, protocol.PARTITION: partition_id}
                 ),
             }
         ),
@@ -196,7 +199,8 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
 
     @client_app.query("identify")
     def identify(msg: Message, context: Context) -> Message:
-        meta = ConfigRecord({protocol.PARTITION: int(context.node_config["partition-id"])})
+        # partition-id (simulation) or device-id; DEVICE: 1 when the node reads its own data dir
+        meta = ConfigRecord({protocol.PARTITION: device_id(context), protocol.DEVICE: int(is_device(context))})
         return Message(RecordDict({protocol.REPLY_META: meta}), reply_to=msg)
 
     @client_app.train()

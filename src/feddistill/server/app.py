@@ -155,7 +155,8 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
     nodes = wait_for_nodes(grid, cfg.fleet.num_clients, cfg.simulation.node_wait_timeout)
     # Node ids are new in every run; partition ids are not. Sampling in partition order makes a
     # seeded run (and a resumed one) pick the same clients.
-    node_partition = identify_nodes(grid, nodes, cfg.simulation.round_timeout)
+    devices_seen: set[int] = set()
+    node_partition = identify_nodes(grid, nodes, cfg.simulation.round_timeout, devices=devices_seen)
     strategy.node_order = sorted(nodes, key=lambda n: node_partition[n])
     low, high = plan.value_range()
     stop_reason = None
@@ -276,7 +277,8 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
         },
         "stop_reason": stop_reason,
         "privacy": privacy_report(cfg, plan, ledger, devices),
-        "label_histograms": fleet.label_histograms().tolist(),
+        # simulation only: real devices' private labels are theirs alone (nobody knows the split)
+        "label_histograms": None if devices_seen else fleet.label_histograms().tolist(),
     }
     write_json(out / "results.json", results)
     save_student(student, out / "global_student.pt", cfg)
@@ -291,7 +293,9 @@ def build_strategy(cfg: RunConfig, plan: UploadPrivacy, noise: np.random.Generat
     if plan.mode == "confident-gnmax":
         return GNMaxVotes(**common, sigma=plan.noise_std, noise_rng=noise, threshold=cfg.privacy.gnmax_threshold,
                           sigma_threshold=plan.threshold_std)
-    inner = make_strategy(cfg.distill.aggregator, era_temperature=cfg.distill.era_temperature, **common)
+    inner = make_strategy(cfg.distill.aggregator, era_temperature=cfg.distill.era_temperature,
+                          trim_beta=cfg.distill.trim_beta, keep_fraction=cfg.distill.keep_fraction,
+                          probabilities=cfg.privacy.bound != "clipped_logits", **common)
     if plan.mode == "central":
         expected = cfg.fleet.fraction * cfg.fleet.num_clients
         return CentralGaussianAnswers(inner, noise_std=plan.noise_std, expected_clients=expected, rng=noise)
@@ -304,14 +308,18 @@ def client_ledger(plan: UploadPrivacy) -> PrivacyLedger | None:
     return PrivacyLedger(unit="client", delta=plan.delta, target_epsilon=plan.target_epsilon, mechanism=plan.mechanism)
 
 
-def identify_nodes(grid: Grid, nodes: list[int], timeout: float) -> dict[int, int]:
-    """Ask every node for its partition id (a `query.identify` message)."""
+def identify_nodes(grid: Grid, nodes: list[int], timeout: float, devices: set[int] | None = None) -> dict[int, int]:
+    """Ask every node for its partition id (a `query.identify` message). Nodes that say they are
+    devices (reading their own data dir) are added to `devices` when given."""
     messages = [Message(RecordDict(), dst_node_id=n, message_type=protocol.IDENTIFY) for n in nodes]
     mapping = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
         if reply.has_error():
             raise RuntimeError(f"node {reply.metadata.src_node_id} did not identify itself: {reply.error.reason}")
-        mapping[reply.metadata.src_node_id] = int(reply.content.config_records[protocol.REPLY_META][protocol.PARTITION])
+        meta = reply.content.config_records[protocol.REPLY_META]
+        mapping[reply.metadata.src_node_id] = int(meta[protocol.PARTITION])
+        if devices is not None and int(meta.get(protocol.DEVICE, 0)):
+            devices.add(reply.metadata.src_node_id)
     missing = set(nodes) - set(mapping)
     if missing:
         raise RuntimeError(f"{len(missing)} nodes did not identify themselves within {timeout:.0f} s")

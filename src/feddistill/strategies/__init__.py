@@ -5,6 +5,9 @@ from feddistill.strategies.dp import CentralGaussianAnswers
 from feddistill.strategies.era import EntropyReducedMean, entropy_reduction
 from feddistill.strategies.gnmax import GNMaxVotes
 from feddistill.strategies.mean import MeanAnswers
+from feddistill.strategies.median import MedianAnswers
+from feddistill.strategies.outlier import OutlierFilteredMean
+from feddistill.strategies.trimmed_mean import TrimmedMeanAnswers
 from feddistill.strategies.validation import ReplyCheck, check_reply
 
 __all__ = [
@@ -13,6 +16,9 @@ __all__ = [
     "GNMaxVotes",
     "EntropyReducedMean",
     "MeanAnswers",
+    "MedianAnswers",
+    "OutlierFilteredMean",
+    "TrimmedMeanAnswers",
     "ReplyCheck",
     "RoundReplies",
     "check_reply",
@@ -23,11 +29,18 @@ __all__ = [
 ]
 
 
-def make_strategy(aggregator: str, *, sampling_rate: float, sampling: str, seed: int, era_temperature: float = 0.1):
+def make_strategy(aggregator: str, *, sampling_rate: float, sampling: str, seed: int, era_temperature: float = 0.1,
+                  trim_beta: float = 0.2, keep_fraction: float = 0.7, probabilities: bool = True):
     """Build the configured aggregator."""
     common = dict(sampling_rate=sampling_rate, sampling=sampling, seed=seed)
     if aggregator == "mean":
         return MeanAnswers(**common)
     if aggregator == "era":
         return EntropyReducedMean(**common, temperature=era_temperature)
-    raise ValueError(f"unknown aggregator {aggregator!r} (known: mean, era)")
+    if aggregator == "median":
+        return MedianAnswers(**common, probabilities=probabilities)
+    if aggregator == "trimmed-mean":
+        return TrimmedMeanAnswers(**common, beta=trim_beta, probabilities=probabilities)
+    if aggregator == "outlier-filtered":
+        return OutlierFilteredMean(**common, keep_fraction=keep_fraction, probabilities=probabilities)
+    raise ValueError(f"unknown aggregator {aggregator!r} (known: mean, era, median, trimmed-mean, outlier-filtered)")

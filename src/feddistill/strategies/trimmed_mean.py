@@ -18,7 +18,8 @@ from feddistill.strategies.median import coordinate_median
 
 def coordinate_trimmed_mean(answers: np.ndarray, beta: float) -> np.ndarray:
     """(K, Q, C) -> (Q, C). Falls back to the median when ``floor(beta K)`` is 0 (too few
-    clients to trim anything: a plain mean would let one hostile client through)."""
+    clients to trim anything: a plain mean would let one hostile client through) or when
+    nothing would be left (beta = 0.5, K even)."""
     k = len(answers)
     trim = math.floor(beta * k + 1e-9)  # the epsilon keeps 0.29 * 100 (28.999...) from flooring to 28
     if (beta > 0 and trim == 0) or k - 2 * trim < 1:
@@ -33,8 +34,8 @@ class TrimmedMeanAnswers(AnswerStrategy):
     Parameters
     ----------
     beta : float
-        Fraction trimmed from EACH end of every coordinate, in [0, 0.5); 0 gives the
-        plain mean. Set it at or above the expected fraction of hostile clients.
+        Fraction trimmed from EACH end of every coordinate, in [0, 0.5]; 0 gives the
+        plain mean, 0.5 the median. Set it at or above the expected fraction of hostile clients.
     probabilities : bool
         The answers are probability-like: renormalise every output row with
         :func:`normalize_rows`. ``False`` (clipped logits) returns the raw values.
@@ -44,8 +45,8 @@ class TrimmedMeanAnswers(AnswerStrategy):
 
     def __init__(self, *args, beta: float = 0.2, probabilities: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if not 0.0 <= beta < 0.5:
-            raise ValueError(f"beta must be in [0, 0.5), got {beta}")
+        if not 0.0 <= beta <= 0.5:
+            raise ValueError(f"beta must be in [0, 0.5], got {beta}")
         self.beta = beta
         self.probabilities = probabilities
 

@@ -43,7 +43,8 @@ def check_reply(msg: Message, check: ReplyCheck) -> tuple[np.ndarray | None, str
     meta = content.config_records.get(protocol.REPLY_META)
     if meta is None:
         return None, "missing reply meta record"
-    if meta.get(protocol.ROUND) != check.round:
+    reply_round = meta.get(protocol.ROUND)
+    if type(reply_round) is not int or reply_round != check.round:
         return None, f"wrong round: {meta.get(protocol.ROUND)!r} (expected {check.round})"
     if meta.get(protocol.DIGEST) != check.digest:
         return None, "wrong reference-set digest"
@@ -66,6 +67,6 @@ def check_reply(msg: Message, check: ReplyCheck) -> tuple[np.ndarray | None, str
     answers = answers.astype(np.float32)
     if not np.isfinite(answers).all():
         return None, "non-finite values (NaN or Inf)"
-    if answers.min() < check.low - check.tolerance or answers.max() > check.high + check.tolerance:
+    if answers.size and (answers.min() < check.low - check.tolerance or answers.max() > check.high + check.tolerance):
         return None, f"values outside [{check.low}, {check.high}]"
     return answers, None

@@ -206,8 +206,12 @@ def write_report(path: Path, audit: dict[str, Any]) -> None:
     for b in audit["epsilon_lower_bounds"]:
         if b["claimed_epsilon"] is None:
             res = "no claim"
+        elif b["violation"]:
+            res = "**DP VIOLATION**"
+        elif b["max_certifiable_epsilon"] is not None and b["claimed_epsilon"] >= b["max_certifiable_epsilon"]:
+            res = "ok (but the claim is above what this sample can certify: a violation could not show)"
         else:
-            res = "**DP VIOLATION**" if b["violation"] else "ok"
+            res = "ok"
         lines.append(f"| {b['source']} | {_f(b['epsilon_lower_bound'])} | {_f(b['max_certifiable_epsilon'])} | "
                      f"{b['delta']:.3g} | {_f(b['claimed_epsilon'])} | {res} |")
     lines.append("")
