@@ -3,4 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/feddistill simulate --config configs/digits.toml --out runs/quickstart "$@"
+.venv/bin/feddistill simulate --config configs/digits.toml --out runs/quickstart "$@"
+# ... then the privacy officer's view of the same run: membership inference on what left the
+# devices, the local students and the released student, and a canary audit of the DP claim.
+exec .venv/bin/feddistill audit runs/quickstart --policy configs/audit-policy.toml

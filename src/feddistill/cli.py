@@ -93,6 +93,24 @@ def simulate(
     console.print(f"\nresults: {Path(cfg.output_dir) / 'results.json'}  plot: {Path(cfg.output_dir) / 'accuracy.png'}")
 
 
+@cli.command()
+def audit(
+    run_dir: Path = typer.Argument(..., help="A finished run's folder (simulate with --set audit.keep-artifacts=true)."),
+    policy: Optional[Path] = typer.Option(None, "--policy", "-p", help="TOML policy: max_auc, max_tpr_at_0_1pct_fpr, max_tpr_at_1pct_fpr, max_empirical_epsilon, fail_on_dp_violation (default true), min_label_tv."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder (default RUN_DIR/audit-report)."),
+    reference_models: int = typer.Option(4, "--reference-models", help="Reference (shadow) models per target for LiRA/RMIA."),
+    target_clients: int = typer.Option(2, "--target-clients", help="Clients audited as targets (a) uploads and (b) local student; the canary client first."),
+) -> None:
+    """Membership-inference and DP-claim audit of a finished run: audit.json, report.md, roc_*.png.
+
+    Exit code 0: policy passed; 1: policy failed (a DP violation always fails); 2: unreadable run or policy."""
+    _setup_logging(False)
+    from feddistill.privacy.audit.runner import main as audit_main
+
+    raise typer.Exit(audit_main(str(run_dir), None if policy is None else str(policy),
+                                None if out is None else str(out), reference_models, target_clients))
+
+
 def _parse_override(text: str) -> tuple[str, object]:
     import tomllib
 
