@@ -25,6 +25,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from feddistill import protocol
+from feddistill.atomic import atomic_path
 from feddistill.config import RunConfig, parse_config
 from feddistill.models import build_model, count_parameters
 from feddistill.simulations.fleet import as_tensors, load_fleet
@@ -83,10 +84,8 @@ def round_config(cfg: RunConfig, digest: str) -> ConfigRecord:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomic write: a reader never sees a half-written file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2))
 
 
 def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
@@ -384,13 +383,11 @@ def privacy_report(cfg: RunConfig, plan: UploadPrivacy, ledger: PrivacyLedger | 
 
 def save_uploads(path: Path, queries: np.ndarray, collected) -> None:
     """The uploads as the server received them (after validation), for the auditor."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"queries": queries}
     for pid, answers in zip(collected.senders, collected.answers):
         arrays[f"client{pid}"] = answers
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez_compressed(tmp, **arrays)
 
 
 def save_audit_setup(audit_dir: Path, cfg: RunConfig) -> None:
@@ -399,9 +396,8 @@ def save_audit_setup(audit_dir: Path, cfg: RunConfig) -> None:
     audit_dir.mkdir(parents=True, exist_ok=True)
     canaries = fleet_canaries(cfg)
     if canaries is not None:
-        tmp = audit_dir / "canaries.tmp.npz"
-        np.savez_compressed(tmp, x=canaries.x, y=canaries.y, included=canaries.included, client=canaries.client)
-        os.replace(tmp, audit_dir / "canaries.npz")
+        with atomic_path(audit_dir / "canaries.npz") as tmp:
+            np.savez_compressed(tmp, x=canaries.x, y=canaries.y, included=canaries.included, client=canaries.client)
 
 
 def torch_tensor(a: np.ndarray):
@@ -413,9 +409,8 @@ def torch_tensor(a: np.ndarray):
 def save_student(model, path: Path, cfg: RunConfig) -> None:
     import torch
 
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": cfg.distill.server_student, "state_dict": model.state_dict()}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"model": cfg.distill.server_student, "state_dict": model.state_dict()}, tmp)
 
 
 def run_server(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[str, Any]:

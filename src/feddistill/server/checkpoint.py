@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from feddistill.atomic import atomic_path
+
 CHECKPOINT = "checkpoint.pt"
 JOURNAL = "ledger-journal.jsonl"
 
@@ -47,10 +49,8 @@ class ServerState:
 
 
 def save_checkpoint(out: Path, config_digest: str, state: ServerState) -> None:
-    path = out / CHECKPOINT
-    tmp = path.with_suffix(".tmp")
-    torch.save({"version": 1, "config_digest": config_digest, "state": state.__dict__}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(out / CHECKPOINT) as tmp:
+        torch.save({"version": 1, "config_digest": config_digest, "state": state.__dict__}, tmp)
 
 
 def load_checkpoint(out: Path, config_digest: str) -> ServerState:

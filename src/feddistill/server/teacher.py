@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from feddistill.atomic import atomic_path
 from feddistill.config import TeacherConfig
 from feddistill.data import Splits
 from feddistill.models import build_model
@@ -61,10 +62,8 @@ def public_teacher(cfg: TeacherConfig, splits: Splits, seed: int) -> PublicTeach
     if not path.is_file():
         x, y = as_tensors(splits.public_labelled)
         train_supervised(model, x, y, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(model.state_dict(), tmp)
     ref_x, _ = as_tensors(splits.reference)
     test_x, _ = as_tensors(splits.test)
     return PublicTeacher(
