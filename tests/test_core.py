@@ -231,3 +231,15 @@ def test_gnmax_releases_the_consensus_and_confident_gnmax_abstains_without_one()
     out = confident.aggregate_answers(votes, np.ones(30))
     assert (out[:3].argmax(1) == 2).all()
     assert np.isnan(out[3:]).all()  # max count ~8 < 20: not answered, not used
+
+
+def test_uint8_answers_round_trip_within_half_a_step():
+    from feddistill.encoding import decode_answers, encode_answers
+
+    probs = _answers(1, q=50, c=10)[0]
+    encoded = encode_answers(probs, "uint8")
+    assert encoded.dtype == np.uint8 and encoded.nbytes == probs.size
+    np.testing.assert_allclose(decode_answers(encoded), probs, atol=0.5 / 255 + 1e-7)
+    assert check_reply(_reply(encoded), ReplyCheck(round=3, digest="abc", num_queries=50, num_classes=10))[1] is None
+    with pytest.raises(ConfigError, match="uint8"):
+        parse_config({"distill": {"answer-dtype": "uint8"}, "privacy": {"client-level": "local", "noise-multiplier": 1.0}})

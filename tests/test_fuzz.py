@@ -37,7 +37,7 @@ def _task_identity():
 
 # ---- reply validation ----
 
-ACCEPTED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+ACCEPTED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.uint8))
 EXTRAS = ("none", "extra key", "extra record", "renamed key", "no answers record")
 
 
@@ -95,7 +95,7 @@ FAULTS = ("wrong round", "str round", "half round", "missing round", "wrong dige
           "missing digest", "missing meta", "refused", "dropped", "error", "undecodable", "small max-bytes",
           *EXTRAS[1:])
 ERROR_CODES = (("refused", protocol.REFUSED), ("dropped", protocol.DROPPED), ("error", 99))
-WRONG_DTYPES = (np.float64, np.int32, np.int64, np.uint8, np.bool_)
+WRONG_DTYPES = (np.float64, np.int32, np.int64, np.bool_)
 
 
 @st.composite
@@ -106,7 +106,7 @@ def reply_cases(draw) -> tuple[ReplyCheck, ReplyCase]:
     q, c = check.num_queries, check.num_classes
     shape = draw(st.one_of(st.just((q, c)), st.sampled_from([(q + 1, c), (q, c + 1), (q, c - 1), (q * c,), (c, q),
                                                              (1, q, c), ()])))
-    dtype = draw(st.one_of(st.sampled_from([np.float32, np.float16]), st.sampled_from(WRONG_DTYPES)))
+    dtype = draw(st.one_of(st.sampled_from([np.float32, np.float16, np.uint8]), st.sampled_from(WRONG_DTYPES)))
     size = int(np.prod(shape))
     matrix = draw(st.sampled_from(["in range", "within tolerance", "one bad entry", "anything"]))
     kinds = {"in range": st.just("in"), "within tolerance": st.sampled_from(VALID_KINDS),
@@ -167,6 +167,11 @@ def _message(case: ReplyCase) -> Message:
     return Message(RecordDict(records), reply_to=_request())
 
 
+def _as_probabilities(array: np.ndarray) -> np.ndarray:
+    """uint8 answers are quantized probabilities: k means k / 255."""
+    return array.astype(np.float64) / 255 if array.dtype == np.uint8 else array.astype(np.float64)
+
+
 def _truly_valid(check: ReplyCheck, case: ReplyCase) -> bool:
     """The validity rule, written from the protocol, not from validation.py."""
     if case.error is not None or case.meta is None or case.extra != "none" or case.array is None:
@@ -179,7 +184,7 @@ def _truly_valid(check: ReplyCheck, case: ReplyCase) -> bool:
         return False
     if len(_encoded(case).data) > check.max_bytes:
         return False
-    values = array.astype(np.float64)
+    values = _as_probabilities(array)
     if not np.isfinite(values).all():
         return False
     return bool(values.min() >= check.low - check.tolerance and values.max() <= check.high + check.tolerance)
@@ -189,7 +194,7 @@ def _on_the_edge(check: ReplyCheck, case: ReplyCase) -> bool:
     """A value within float32 rounding of low - tol or high + tol: float32 and float64 may disagree."""
     if case.array is None or case.array.dtype not in ACCEPTED_DTYPES or case.array.size == 0:
         return False
-    values = case.array.astype(np.float64)
+    values = _as_probabilities(case.array)
     edges = np.array([check.low - check.tolerance, check.high + check.tolerance])
     return bool(np.isclose(values[..., None], edges, rtol=1e-6, atol=0).any())
 
@@ -205,7 +210,7 @@ def test_check_reply_never_raises_and_accepts_iff_valid(generated):
     assert (reason is None) == expected, (reason, case)
     if expected:
         assert answers.dtype == np.float32 and answers.shape == (check.num_queries, check.num_classes)
-        np.testing.assert_array_equal(answers, case.array.astype(np.float32))
+        np.testing.assert_allclose(answers, _as_probabilities(case.array), rtol=1e-6)
     else:
         assert answers is None and isinstance(reason, str) and reason
 
@@ -245,7 +250,7 @@ KEY_CHOICES: dict[str, tuple[str, ...]] = {
     "fleet.students": (*MODEL_NAMES, ",".join(MODEL_NAMES[:2]), " mlp , mlp "),
     "teacher.model": MODEL_NAMES,
     "distill.aggregator": ("mean", "era", "median", "trimmed-mean", "outlier-filtered"),
-    "distill.answer_dtype": ("float32", "float16"),
+    "distill.answer_dtype": ("float32", "float16", "uint8"),
     "distill.client_start": ("global", "own"),
     "distill.server_student": MODEL_NAMES,
     "baselines.fedavg_init": ("public", "scratch"),

@@ -70,7 +70,7 @@ class DistillConfig:
     batch_size: int = 32
     lr: float = 0.05
     momentum: float = 0.9
-    answer_dtype: str = "float16"  # precision of uploaded answers: "float32" | "float16"
+    answer_dtype: str = "float16"  # precision of uploaded answers: "float32" | "float16" | "uint8"
     server_student: str = "mlp"  # architecture of the released global student
     server_epochs: int = 5  # server distillation epochs per round (on the reference set)
     server_lr: float = 0.05
@@ -187,7 +187,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "fleet.partition": ("iid", "dirichlet", "shards"),
     "fleet.sampling": ("poisson", "fixed"),
     "distill.aggregator": ("mean", "era", "median", "trimmed-mean", "outlier-filtered"),
-    "distill.answer_dtype": ("float32", "float16"),
+    "distill.answer_dtype": ("float32", "float16", "uint8"),
     "distill.client_start": ("global", "own"),
     "baselines.fedavg_init": ("public", "scratch"),
     "privacy.client_level": ("off", "local", "central", "gnmax", "confident-gnmax"),
@@ -352,6 +352,9 @@ def _check_privacy(cfg: RunConfig, source: str) -> None:
                 f"{source}: client-level DP needs 'fleet.sampling' = 'poisson': the subsampled-Gaussian "
                 "accountant assumes each client is sampled independently"
             )
+    if cfg.distill.answer_dtype == "uint8" and (p.client_level == "local" or p.bound == "clipped_logits"):
+        raise ConfigError(f"{source}: 'distill.answer-dtype' = 'uint8' quantizes values in [0, 1]: it cannot carry "
+                          "locally noised answers or clipped logits; use float16")
     if p.client_level in ("gnmax", "confident-gnmax") and p.bound != "votes":
         raise ConfigError(f"{source}: 'privacy.client-level' = {p.client_level!r} needs 'privacy.bound' = 'votes'")
     if p.client_level == "confident-gnmax" and (p.gnmax_threshold == 0 or p.threshold_noise_multiplier == 0):

@@ -13,8 +13,9 @@ import numpy as np
 from flwr.app import Message
 
 from feddistill import protocol
+from feddistill.encoding import decode_answers
 
-ANSWER_DTYPES = (np.float32, np.float16)
+ANSWER_DTYPES = (np.float32, np.float16, np.uint8)
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,10 @@ def check_reply(msg: Message, check: ReplyCheck) -> tuple[np.ndarray | None, str
     except Exception as exc:  # malformed bytes
         return None, f"undecodable answers: {exc}"
     if answers.dtype not in ANSWER_DTYPES:
-        return None, f"wrong dtype {answers.dtype} (expected float32 or float16)"
+        return None, f"wrong dtype {answers.dtype} (expected float32, float16 or uint8)"
     if answers.shape != (check.num_queries, check.num_classes):
         return None, f"wrong shape {answers.shape} (expected {(check.num_queries, check.num_classes)})"
-    answers = answers.astype(np.float32)
+    answers = decode_answers(answers)
     if not np.isfinite(answers).all():
         return None, "non-finite values (NaN or Inf)"
     if answers.size and (answers.min() < check.low - check.tolerance or answers.max() > check.high + check.tolerance):
