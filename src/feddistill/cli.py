@@ -111,6 +111,35 @@ def audit(
                                 None if out is None else str(out), reference_models, target_clients))
 
 
+@cli.command()
+def certs(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the CA, server certificate, signing and SuperNode keys."),
+    host: list[str] = typer.Option(["localhost", "127.0.0.1"], "--host", help="Server host name or IP (repeatable)."),
+    supernodes: int = typer.Option(3, "--supernodes", help="SuperNode authentication key pairs to create."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing files."),
+) -> None:
+    """Create TLS certificates, the release-signing key and SuperNode auth keys (private keys 0600)."""
+    from feddistill.deploy.certs import generate_credentials
+
+    try:
+        paths = generate_credentials(out, hosts=list(host), num_supernodes=supernodes, force=force)
+    except FileExistsError as exc:
+        _fail(str(exc))
+    for path in paths.all_files:
+        console.print(str(path))
+
+
+@cli.command(name="deploy-local", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def deploy_local(ctx: typer.Context) -> None:
+    """A secure deployment on this machine: TLS SuperLink, authenticated SuperNodes, `flwr run`.
+
+    Arguments: OUT [--supernodes N] [--rounds R] [--config F] [--set K=V] [--timeout S]."""
+    _setup_logging(False)
+    from feddistill.deploy.local import main as deploy_main
+
+    raise typer.Exit(deploy_main(list(ctx.args)))
+
+
 def _parse_override(text: str) -> tuple[str, object]:
     import tomllib
 

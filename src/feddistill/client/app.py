@@ -22,6 +22,7 @@ from feddistill import protocol
 from feddistill.client.device import client_data, device_id, is_device
 from feddistill.client.state import load_state, save_state, state_dir
 from feddistill.config import RunConfig, parse_config
+from feddistill.encoding import encode_answers
 from feddistill.models import build_model
 from feddistill.simulations.attacks import corrupt_answers, hostile_clients
 from feddistill.simulations.fleet import load_fleet, private_tensors
@@ -110,7 +111,7 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
             temperature=temperature, epochs=int(config["revisit-epochs"]), seed=seed + 1, **common,
         )
     answers = answer_matrix(predict_logits(student, query_x).numpy(), upload_privacy(cfg), seed + 2)
-    answers = answers.astype(str(config["answer-dtype"]))
+    answers = encode_answers(answers, str(config["answer-dtype"]))
     if partition_id in hostile_clients(cfg.fleet.num_clients, cfg.scenario.hostile_fraction, cfg.seed):
         answers = corrupt_answers(answers, cfg.scenario.attack, np.random.default_rng(seed + 3),
                                   num_classes=num_classes)

@@ -22,6 +22,7 @@ Without ``data-dir`` (simulation) the data come from the simulated fleet
 from __future__ import annotations
 
 import os
+import sys
 import zipfile
 from functools import lru_cache
 from pathlib import Path
@@ -171,3 +172,42 @@ def client_data(cfg: RunConfig, context: Context) -> ClientData:
     ref_x, _ = as_tensors(fleet.splits.reference)
     private_x, private_y = training_data(fleet, partition_id, fleet_canaries(cfg))
     return ClientData(ref_x, fleet.splits.reference_digest, private_x, private_y, partition_id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: split the configured data set's private pool into N device data dirs (a demo
+    fleet for a real deployment: on real devices each owner writes its own private.npz)."""
+    import argparse
+    import tomllib
+
+    from feddistill.config import ConfigError, load_config
+    from feddistill.simulations.fleet import load_fleet
+
+    parser = argparse.ArgumentParser(prog="python -m feddistill.client.device", description=main.__doc__)
+    parser.add_argument("out_dir", type=Path, help="writes OUT_DIR/device-<i>/{private,reference}.npz")
+    parser.add_argument("--devices", type=int, required=True)
+    parser.add_argument("--config", type=Path, default=None, help="TOML run config (data set, split sizes, seed)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="KEY=VALUE, e.g. data.dataset=digits")
+    args = parser.parse_args(argv)
+    overrides: dict = {}
+    for text in args.overrides:
+        key, _, raw = text.partition("=")
+        try:
+            overrides[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            overrides[key.strip()] = raw
+    overrides["fleet.num_clients"] = args.devices
+    try:
+        cfg = load_config(args.config, overrides)
+        fleet = load_fleet(cfg.data, cfg.fleet, cfg.seed)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for i in range(args.devices):
+        path = write_device_data(args.out_dir / f"device-{i}", fleet.private_data(i), fleet.splits.reference)
+        print(f"{path}: {len(fleet.parts[i])} private examples, reference digest {fleet.splits.reference_digest[:16]}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""Deployment helpers: TLS/auth credentials and signed releases.
+"""Deployment helpers: TLS/auth credentials, signed releases, a local secure deployment.
 
 See :mod:`feddistill.deploy.certs` for the Flower 1.41 deployment facts
 (CLI flags, key formats, SuperNode registration procedure).
@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "CredentialPaths": "certs",
+    "DeploymentError": "local",
+    "LocalDeployment": "local",
+    "deploy_local": "local",
     "generate_credentials": "certs",
     "supernode_public_keys": "certs",
     "KeyLoadError": "signing",
@@ -30,6 +33,7 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .certs import CredentialPaths, generate_credentials, supernode_public_keys
+    from .local import DeploymentError, LocalDeployment, deploy_local
     from .signing import (
         KeyLoadError,
         ReleaseRejected,

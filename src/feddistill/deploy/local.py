@@ -113,26 +113,39 @@ class _Proc:
             return ""
 
 
-def stop_process(proc: subprocess.Popen, grace_s: float = 10.0) -> int | None:
-    """SIGTERM the process's group (it was started in its own session), then SIGKILL."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-    # the leader may be gone while Flower's children (SuperExec, app processes) are not
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, sig)  # the group of a process we started with start_new_session=True
     except (ProcessLookupError, PermissionError):
         pass
-    try:
-        return proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        return None
+
+
+def stop_processes(procs: Sequence[subprocess.Popen], grace_s: float = 10.0) -> list[int | None]:
+    """SIGTERM each process's group (each was started in its own session), wait up to
+    `grace_s`, then SIGKILL the groups: the leader may be gone while Flower's children
+    (SuperExec, ServerApp/ClientApp processes) are not. Returns the exit codes."""
+    for proc in procs:
+        if proc.poll() is None:
+            _signal_group(proc, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    codes: list[int | None] = []
+    for proc in procs:
+        _signal_group(proc, signal.SIGKILL)
+        try:
+            codes.append(proc.wait(timeout=grace_s))
+        except subprocess.TimeoutExpired:
+            codes.append(None)
+    return codes
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float = 10.0) -> int | None:
+    """:func:`stop_processes` for one process."""
+    return stop_processes([proc], grace_s)[0]
 
 
 class LocalDeployment:
@@ -196,18 +209,25 @@ class LocalDeployment:
                                      cwd=self.out, env=env, start_new_session=True)
         return _Proc(name, popen, log)
 
-    def _run(self, name: str, cmd: list[str], timeout_s: float) -> subprocess.CompletedProcess:
-        self.logs.mkdir(parents=True, exist_ok=True)
-        proc = self._spawn(name, cmd, self.env(), append=False)
-        self._others.append(proc)
+    def _run_all(self, jobs: Mapping[str, list[str]], timeout_s: float) -> dict[str, subprocess.CompletedProcess]:
+        """Run short commands concurrently; their output is in their logs."""
+        procs = {name: self._spawn(name, cmd, self.env(), append=False) for name, cmd in jobs.items()}
+        self._others.extend(procs.values())
+        deadline = time.monotonic() + timeout_s
         try:
-            rc = proc.popen.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            stop_process(proc.popen)
-            raise DeploymentError(f"`{' '.join(cmd[:3])} ...` did not finish in {timeout_s:.0f} s; see {proc.log}")
+            done = {}
+            for name, proc in procs.items():
+                try:
+                    rc = proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    raise DeploymentError(f"`{' '.join(jobs[name][:3])} ...` did not finish in {timeout_s:.0f} s; "
+                                          f"see {proc.log}") from None
+                done[name] = subprocess.CompletedProcess(jobs[name], rc, proc.tail(20_000), "")
+            return done
         finally:
-            self._others.remove(proc)
-        return subprocess.CompletedProcess(cmd, rc, proc.tail(20_000), "")
+            stop_processes([p.popen for p in procs.values()], grace_s=5.0)
+            for proc in procs.values():
+                self._others.remove(proc)
 
     # ---- steps
     def prepare(self) -> None:
@@ -281,22 +301,27 @@ class LocalDeployment:
         raise DeploymentError(f"flower-superlink not healthy after {self.startup_timeout_s:.0f} s; see "
                               f"{self.superlink.log}")
 
-    def register(self, i: int, public_key: Path | None = None) -> int:
-        """``flwr supernode register`` SuperNode i's public key; returns the node id."""
+    def register(self, indices: Sequence[int] | None = None) -> dict[int, int]:
+        """``flwr supernode register <supernode-i.pub> <connection>`` for each SuperNode (all by
+        default, concurrently); returns their node ids."""
         assert self.creds is not None
-        key = public_key or self.creds.supernode_public_keys[i]
-        cmd = [str(_VENV_BIN / "flwr"), "supernode", "register", str(key), CONNECTION, "--format", "json"]
-        done = self._run(f"register-{i}", cmd, timeout_s=self.startup_timeout_s)
-        out = done.stdout
-        try:
-            result = json.loads(out[out.index("{", out.index("\n") + 1):])  # skip the echoed command line
-        except ValueError:
-            result = {}
-        if done.returncode != 0 or not result.get("success"):
-            raise DeploymentError(f"registering {key} failed (exit {done.returncode}); see {self.logs / f'register-{i}.log'}"
-                                  f":\n{out[-2000:]}")
-        self.node_ids[i] = int(result["node-id"])
-        return self.node_ids[i]
+        indices = range(self.num_supernodes) if indices is None else indices
+        jobs = {f"register-{i}": [str(_VENV_BIN / "flwr"), "supernode", "register",
+                                  str(self.creds.supernode_public_keys[i]), CONNECTION, "--format", "json"]
+                for i in indices}
+        done = self._run_all(jobs, timeout_s=self.startup_timeout_s)
+        for i in indices:
+            out = done[f"register-{i}"].stdout
+            try:
+                result = json.loads(out[out.index("{", out.index("\n") + 1):])  # skip the echoed command line
+            except ValueError:
+                result = {}
+            if done[f"register-{i}"].returncode != 0 or not result.get("success"):
+                raise DeploymentError(f"registering {self.creds.supernode_public_keys[i]} failed (exit "
+                                      f"{done[f'register-{i}'].returncode}); see {self.logs / f'register-{i}.log'}:\n"
+                                      f"{out[-2000:]}")
+            self.node_ids[i] = int(result["node-id"])
+        return {i: self.node_ids[i] for i in indices}
 
     def start_supernode(self, i: int, private_key: Path | None = None, name: str | None = None) -> _Proc:
         assert self.creds is not None
@@ -323,12 +348,13 @@ class LocalDeployment:
         proc = self.supernodes.pop(i)
         return stop_process(proc.popen)
 
-    def start(self) -> LocalDeployment:
-        """Prepare, start the SuperLink, register every key and start every SuperNode."""
+    def start(self, *, register: bool = True) -> LocalDeployment:
+        """Prepare, start the SuperLink, register every key (skip it when the SuperLink's
+        database already holds them) and start every SuperNode."""
         self.prepare()
         self.start_superlink()
-        for i in range(self.num_supernodes):
-            self.register(i)
+        if register:
+            self.register()
         for i in range(self.num_supernodes):
             self.start_supernode(i)
         return self
@@ -391,9 +417,8 @@ class LocalDeployment:
 
     def stop(self) -> dict[str, int | None]:
         """Stop every process this deployment started (SuperNodes first)."""
-        codes: dict[str, int | None] = {}
-        for proc in [*self._others, *self.supernodes.values()]:
-            codes[proc.name] = stop_process(proc.popen)
+        procs = [*self._others, *self.supernodes.values()]
+        codes = dict(zip([p.name for p in procs], stop_processes([p.popen for p in procs])))
         self._others.clear()
         self.supernodes.clear()
         if self.superlink is not None:
