@@ -26,9 +26,6 @@ from feddistill.encoding import encode_answers
 from feddistill.models import build_model
 from feddistill.simulations.attacks import corrupt_answers, hostile_clients
 from feddistill.simulations.fleet import load_fleet, private_tensors
-from feddistill.privacy.accounting import GaussianEvent
-from feddistill.privacy.dpsgd import dp_train, dpsgd_schedule
-from feddistill.privacy.ledger import PrivacyLedger
 from feddistill.privacy.mechanisms import add_gaussian_noise, bound_answers, noise_rng
 from feddistill.privacy.plan import UploadPrivacy, record_mechanism, record_noise_multiplier, upload_privacy
 from feddistill.training import predict_logits, train_distill, train_revisit, train_supervised
@@ -82,6 +79,10 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
     # Record-level DP: the device checks its OWN budget before touching private data.
     ledger, event = None, None
     if cfg.privacy.record_level:
+        # imported here: Opacus and dp-accounting cost seconds in every fresh ClientApp process
+        from feddistill.privacy.accounting import GaussianEvent
+        from feddistill.privacy.dpsgd import dp_train, dpsgd_schedule
+
         ledger = _record_ledger(kept.ledger_json, cfg)
         batch = min(int(config["batch-size"]), len(private_y))
         rate, steps = dpsgd_schedule(len(private_y), batch, int(config["revisit-epochs"]))
@@ -146,7 +147,9 @@ def answer_matrix(logits: np.ndarray, plan: UploadPrivacy, seed: int) -> np.ndar
     return answers
 
 
-def _record_ledger(saved: str | None, cfg: RunConfig) -> PrivacyLedger:
+def _record_ledger(saved: str | None, cfg: RunConfig) -> "PrivacyLedger":
+    from feddistill.privacy.ledger import PrivacyLedger
+
     if saved is not None:
         ledger = PrivacyLedger.from_json(saved)
         # the history is the device's; the budget is whatever the device's config says now

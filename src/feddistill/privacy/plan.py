@@ -28,9 +28,13 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
+from typing import TYPE_CHECKING
+
 from feddistill.config import RunConfig
-from feddistill.privacy.accounting import GaussianEvent, noise_multiplier_for_epsilon
 from feddistill.privacy.mechanisms import reply_sensitivity, row_norm_bound
+
+if TYPE_CHECKING:  # dp-accounting is imported only when an epsilon is computed
+    from feddistill.privacy.accounting import GaussianEvent
 
 ACCOUNTANT = "pld (dp-accounting), rdp cross-check"
 
@@ -85,6 +89,8 @@ class UploadPrivacy:
 
     def event(self) -> GaussianEvent:
         """What one round (central, GNMax) or one participation (local) costs."""
+        from feddistill.privacy.accounting import GaussianEvent
+
         return GaussianEvent(self.accounted_noise_multiplier, self.sampling_rate, 1)
 
     def value_range(self) -> tuple[float, float]:
@@ -130,6 +136,8 @@ def upload_privacy(cfg: RunConfig) -> UploadPrivacy:
 
 @lru_cache(maxsize=256)
 def _calibrate(target: float, delta: float, rate: float, steps: int) -> float:
+    from feddistill.privacy.accounting import noise_multiplier_for_epsilon
+
     return noise_multiplier_for_epsilon(target, delta, rate, steps)
 
 
