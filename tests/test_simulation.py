@@ -79,9 +79,15 @@ def test_client_refuses_a_wrong_reference_digest(task_identity, tmp_path):
 
 
 def test_cli_simulation_on_flower_engine_completes_and_student_learns(tmp_path):
-    """5 clients, 2 rounds, digits, through Flower's simulation engine (Ray), with all baselines."""
+    """5 clients, 2 rounds, digits, through Flower's simulation engine (Ray), with all baselines,
+    every download signed by the server and verified by the clients."""
+    from feddistill.deploy.certs import generate_credentials
+
+    generate_credentials(tmp_path / "certs", num_supernodes=1)  # every download signed and verified
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "feddistill.cli", "simulate", "--out", str(out)]
+    args = [sys.executable, "-m", "feddistill.cli", "simulate", "--out", str(out),
+            "--set", f'security.signing-key="{tmp_path / "certs" / "release-signing.key"}"',
+            "--set", f'security.release-public-key="{tmp_path / "certs" / "release-signing.pub"}"']
     for key, value in SMALL.items():
         args += ["--set", f"{key}={value}"]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=os.environ.copy())

@@ -120,6 +120,12 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    signing_key: str = ""  # server: Ed25519 private key that signs every download ("" = unsigned)
+    release_public_key: str = ""  # client: pinned server key; a device's node config `release-public-key` wins
+
+
+@dataclass(frozen=True)
 class ScenarioConfig:
     """Faults injected into a simulated fleet (never used on real devices)."""
 
@@ -150,6 +156,7 @@ class RunConfig:
     audit: AuditConfig = field(default_factory=AuditConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     @property
     def student_names(self) -> list[str]:

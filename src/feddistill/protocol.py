@@ -25,6 +25,8 @@ REPLY_META = "meta"  # ConfigRecord: round id and reference-set digest echoed ba
 ROUND = "round"
 DIGEST = "reference-digest"
 NUM_EXAMPLES = "num-examples"
+SIGNATURE = "release-signature"  # Ed25519 signature of the round's download (feddistill.releases)
+RELEASE_ID = "release-id"
 PARTITION = "partition-id"  # the node's partition id (simulation) or node-config id (device)
 DEVICE = "device"  # identify reply: 1 when the node is a device reading its own data dir (node config data-dir)
 

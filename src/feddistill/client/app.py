@@ -13,6 +13,8 @@ learning from the consensus; it is kept with the device's privacy ledger in
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -29,6 +31,8 @@ from feddistill.simulations.fleet import load_fleet, private_tensors
 from feddistill.privacy.mechanisms import add_gaussian_noise, bound_answers, noise_rng
 from feddistill.privacy.plan import UploadPrivacy, record_mechanism, record_noise_multiplier, upload_privacy
 from feddistill.training import predict_logits, train_distill, train_revisit, train_supervised
+
+log = logging.getLogger("feddistill")
 
 # Each simulated client runs in a 1-CPU worker: more torch threads only oversubscribe the cores.
 torch.set_num_threads(1)
@@ -55,6 +59,17 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
     if cfg.scenario.dropout and np.random.default_rng([cfg.seed, rnd, partition_id, 0xD0]).random() < cfg.scenario.dropout:
         return Message(Error(protocol.DROPPED, "dropped out (simulated)"), reply_to=msg)
     teacher = msg.content.array_records[protocol.TEACHER_RECORD]
+    pinned = str(context.node_config.get("release-public-key", "") or cfg.security.release_public_key)
+    if pinned:  # a device that pins the server's key accepts only signed, fresh downloads
+        from feddistill.deploy.signing import ReleaseRejected
+        from feddistill.releases import verify_download
+
+        try:
+            verify_download(config, teacher, key_path=pinned, rnd=rnd, run_id=msg.metadata.run_id,
+                            state=state_dir(cfg, context))
+        except ReleaseRejected as exc:
+            log.warning("round %d: release rejected: %s", rnd, exc)
+            return Message(Error(protocol.REFUSED, f"release rejected: {exc}"), reply_to=msg)
     queries = teacher[protocol.QUERIES].numpy()
     signal = torch.from_numpy(teacher[protocol.SIGNAL].numpy().astype(np.float32))
     num_classes, image_size = signal.shape[1], int(data.reference_x.shape[-1])

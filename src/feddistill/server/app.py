@@ -40,6 +40,7 @@ from feddistill.strategies import (
     make_strategy,
     teacher_arrays,
 )
+from feddistill.releases import sign_download
 from feddistill.server.checkpoint import (
     CHECKPOINT,
     ServerState,
@@ -169,14 +170,11 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
             log.warning("stopping before round %d: %s", rnd, stop_reason)
             break
         queries = np.sort(query_rng.choice(len(signal), size=d.query_size, replace=False))
-        messages = list(
-            strategy.configure_train(
-                rnd,
-                teacher_arrays(signal[queries], queries, student.state_dict() if d.client_start == "global" else None),
-                round_config(cfg, splits.reference_digest),
-                grid,
-            )
-        )
+        download = teacher_arrays(signal[queries], queries, student.state_dict() if d.client_start == "global" else None)
+        config = round_config(cfg, splits.reference_digest)
+        if cfg.security.signing_key:
+            sign_download(config, download, key_path=cfg.security.signing_key, rnd=rnd, run_id=grid.run.run_id)
+        messages = list(strategy.configure_train(rnd, download, config, grid))
         over_budget = 0
         if ledger is not None:  # charge the round when it is sent: a client that drops still counts
             if plan.mode == "local":
