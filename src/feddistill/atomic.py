@@ -4,19 +4,47 @@ reader (or a resumed run after a kill) never sees half a file."""
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temp path (same folder, same suffix); on success it replaces `path`."""
+def atomic_path(path: str | os.PathLike[str], *, mode: int | None = None, durable: bool = False) -> Iterator[Path]:
+    """Yield a temp path (same folder, same suffix); on success it replaces `path`.
+
+    mode: create the temp file with exactly these permissions before anything is written
+    (0o600 for private keys: never readable by others, not even briefly).
+    durable: fsync the file and its folder, so the new version survives a power cut.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.{secrets.token_hex(6)}.tmp{path.suffix}")
     try:
+        if mode is not None:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            os.fchmod(fd, mode)  # the umask must not loosen or tighten it
+            os.close(fd)
         yield tmp
+        if durable:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
+        if durable:
+            _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:  # persists the rename itself; not possible on every platform
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -101,7 +101,6 @@ import datetime as _dt
 import ipaddress
 import os
 import re
-import secrets
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -111,6 +110,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from feddistill.atomic import atomic_path
 
 __all__ = [
     "CA_CERT",
@@ -255,27 +256,10 @@ def _san_entries(hosts: Sequence[str]) -> list[x509.GeneralName]:
 
 
 def _write_atomic(path: Path, data: bytes, *, private: bool) -> None:
-    """Write ``data`` to ``path`` via a temp file + rename.
-
-    Private files are created with ``os.open(..., 0o600)`` (and fchmod'ed to
-    exactly 0600) so they are never readable by others, not even briefly.
-    """
-    mode = 0o600 if private else 0o644
-    tmp_name = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write ``data`` to ``path`` via a temp file + rename; private files are created 0600
+    before any byte is written, so they are never readable by others, not even briefly."""
+    with atomic_path(path, mode=0o600 if private else 0o644, durable=True) as tmp:
+        tmp.write_bytes(data)
 
 
 def _write_new(path: Path, data: bytes, *, private: bool) -> None:

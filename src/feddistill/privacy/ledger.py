@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from feddistill.atomic import atomic_path
 
 from .accounting import ACCOUNTANTS, GaussianEvent, check_neighbouring, epsilon
 from .mechanisms import NEIGHBOURING
@@ -250,35 +251,9 @@ class PrivacyLedger:
         return cls.from_dict(json.loads(s))
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write atomically: a temporary file in the same directory, fsync, then ``os.replace``.
-
-        A crash leaves either the old ledger or the new one, never a torn file.
-        """
-        path = Path(path)
-        data = self.to_json().encode("utf-8")
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        try:  # persist the rename itself (best effort; not possible on every platform)
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(dir_fd)
-        except OSError:
-            pass
-        finally:
-            os.close(dir_fd)
+        """Write atomically and durably: a crash leaves the old ledger or the new one, never a torn file."""
+        with atomic_path(path, durable=True) as tmp:
+            tmp.write_text(self.to_json(), encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> PrivacyLedger:
