@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from flwr.app import Array, Context, RecordDict
 
@@ -24,7 +23,7 @@ def task_identity():
 
 @pytest.fixture()
 def setup(tmp_path):
-    creds = generate_credentials(tmp_path / "certs", num_supernodes=1)
+    generate_credentials(tmp_path / "certs", num_supernodes=1)
     cfg = load_config(None, {**SMALL, "output_dir": str(tmp_path / "run"), "distill.digest_epochs": 0,
                              "distill.revisit_epochs": 0,
                              "security.release_public_key": str(tmp_path / "certs" / "release-signing.pub")})
