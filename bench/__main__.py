@@ -2,8 +2,15 @@
 figures) and PNG plots under bench/results/SUITE/. Not part of the test run.
 
 Suites:
-  core   Fashion-MNIST, 100 clients, Dirichlet 0.5: feddistill vs Flower FedAvg on the same
-         fleet and rounds, local-only, centralized, public teacher; accuracy and upload bytes.
+  core     Fashion-MNIST, 100 clients, Dirichlet 0.5: feddistill vs Flower FedAvg on the same
+           fleet and rounds, local-only, centralized, public teacher; accuracy and upload bytes.
+  privacy  the same fleet: accuracy vs epsilon for record-level DP (DP-SGD on devices) and
+           client-level DP (GNMax votes), and Flower's DP-FedAvg at the same client-level epsilon.
+  faults   the same fleet with 20 % hostile clients (each attack) under a robust aggregator and
+           under the plain mean, and with 30 % dropouts per round.
+
+Suites made of several runs keep each run's folder under runs/; a run whose results.json
+exists is not repeated (rerun with --keep to continue an interrupted suite).
 """
 
 from __future__ import annotations
@@ -64,7 +71,166 @@ def core(out: Path, overrides: dict) -> dict:
     return summary
 
 
-SUITES = {"core": core}
+def run_variant(out: Path, name: str, overrides: dict) -> dict:
+    """One simulated run of the Fashion fleet with ``overrides``; reused if already finished."""
+    from feddistill.config import load_config
+    from feddistill.simulations.run import simulate
+
+    run_dir = out / "runs" / name
+    done = run_dir / "results.json"
+    if done.exists():
+        logging.info("%s: reusing %s", name, done)
+        return json.loads(done.read_text())
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # an interrupted run: start it again
+    cfg = load_config(Path("configs/fashion.toml"), {**overrides, "output_dir": str(run_dir)})
+    logging.info("%s: starting", name)
+    t0 = time.monotonic()
+    results = simulate(cfg, baselines=False)
+    results["seconds"] = time.monotonic() - t0
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    logging.info("%s: accuracy %.4f in %.0f s", name, results["final"]["student_accuracy"], results["seconds"])
+    return results
+
+
+NO_BASELINES = {"baselines.local_only": False, "baselines.centralized": False, "baselines.fedavg": False}
+EPSILONS = (1.0, 2.0, 4.0, 8.0)
+
+
+def _row(results: dict) -> dict:
+    final = results["final"]
+    privacy = results.get("privacy") or {}
+    return {
+        "accuracy": final["student_accuracy"],
+        "bytes_per_client_round": final.get("bytes_per_client_round"),
+        "rounds_run": len(results["rounds"]),
+        "seconds": results.get("seconds"),
+        "client_level": privacy.get("client_level"),
+        "record_level": privacy.get("record_level"),
+        "public_only_student_accuracy": (results.get("public_only_student") or {}).get("test_accuracy"),
+    }
+
+
+def privacy(out: Path, overrides: dict) -> dict:
+    """Accuracy vs epsilon on the core fleet; DP-FedAvg at the same client-level epsilon, same run."""
+    base = {**NO_BASELINES, **overrides}
+    record_eps = (1.0, 2.0, 3.0, 4.0, 8.0)  # 3: the Tramer & Boneh centralized DP-SGD reference point
+    # Client-level: GNMax votes on few queries per round. The L2 sensitivity of a reply is
+    # sqrt(|Q|), so the noise std per vote count grows with the number of queries per round.
+    client = {"privacy.client_level": "gnmax", "privacy.bound": "votes", "privacy.delta": 1e-5,
+              "distill.query_size": int(base.pop("client_query_size", 10))}
+    rows: dict[str, dict] = {"non-private": _row(run_variant(out, "non-private", base))}
+    rows["fedavg"] = _row(run_variant(out, "fedavg", {**base, "method": "fedavg"}))
+    for eps in EPSILONS:
+        rows[f"client-eps{eps:g}"] = _row(run_variant(out, f"client-eps{eps:g}", {**base, **client, "privacy.target_epsilon": eps}))
+        rows[f"dp-fedavg-eps{eps:g}"] = _row(run_variant(
+            out, f"dp-fedavg-eps{eps:g}", {**base, "method": "dp-fedavg", "privacy.target_epsilon": eps, "privacy.delta": 1e-5}))
+    for eps in record_eps:
+        rows[f"record-eps{eps:g}"] = _row(run_variant(out, f"record-eps{eps:g}", {
+            **base, "privacy.record_level": True, "privacy.record_target_epsilon": eps, "privacy.record_delta": 1e-5}))
+    summary = {
+        "suite": "privacy",
+        "command": "python -m bench privacy" + "".join(f" --set {k}={v}" for k, v in overrides.items()),
+        "environment": environment(),
+        "rounds": rows["non-private"]["rounds_run"],
+        "runs": rows,
+        "gap_points_client_eps4_vs_dp_fedavg": 100 * (rows["client-eps4"]["accuracy"] - rows["dp-fedavg-eps4"]["accuracy"]),
+        "record_eps3_accuracy": rows["record-eps3"]["accuracy"],
+    }
+    plot_frontier(rows, record_eps, out / "frontier.png")
+    (out / "privacy.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def plot_frontier(rows: dict, record_eps: tuple, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(record_eps, [rows[f"record-eps{e:g}"]["accuracy"] for e in record_eps], "o-",
+            label="feddistill, record-level DP-SGD on devices (unit: record)")
+    ax.plot(EPSILONS, [rows[f"client-eps{e:g}"]["accuracy"] for e in EPSILONS], "s-",
+            label="feddistill, client-level GNMax votes (unit: client)")
+    ax.plot(EPSILONS, [rows[f"dp-fedavg-eps{e:g}"]["accuracy"] for e in EPSILONS], "^-",
+            label="Flower DP-FedAvg (unit: client)")
+    ax.axhline(rows["non-private"]["accuracy"], color="black", linestyle="--", label="feddistill, non-private")
+    ax.axhline(rows["fedavg"]["accuracy"], color="tab:red", linestyle="--", label="Flower FedAvg, non-private")
+    public_only = rows["non-private"]["public_only_student_accuracy"]
+    if public_only is not None:
+        ax.axhline(public_only, color="gray", linestyle=":", label="student from the public teacher alone")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({*record_eps, *EPSILONS}), [f"{e:g}" for e in sorted({*record_eps, *EPSILONS})])
+    ax.set_xlabel("epsilon (delta = 1e-5; PLD accountant)")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("Fashion-MNIST, 100 clients, Dirichlet 0.5: accuracy vs epsilon")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def faults(out: Path, overrides: dict) -> dict:
+    """20 % hostile clients per attack (robust aggregator; plain mean for contrast); 30 % dropouts."""
+    base = {**NO_BASELINES, **overrides}
+    robust = base.pop("robust_aggregator", "outlier-filtered")
+    rows = {"clean-mean": _row(run_variant(out, "clean-mean", base)),
+            f"clean-{robust}": _row(run_variant(out, f"clean-{robust}", {**base, "distill.aggregator": robust}))}
+    rows["dropout30-mean"] = _row(run_variant(out, "dropout30-mean", {**base, "scenario.dropout": 0.3}))
+    for attack in ("label-flip", "random", "scaled", "nan", "wrong-shape"):
+        hostile = {**base, "scenario.hostile_fraction": 0.2, "scenario.attack": attack}
+        rows[f"{attack}-{robust}"] = _row(run_variant(out, f"{attack}-{robust}", {**hostile, "distill.aggregator": robust}))
+        rows[f"{attack}-mean"] = _row(run_variant(out, f"{attack}-mean", hostile))
+    for name, results_dir in ((n, out / "runs" / n) for n in rows):
+        rounds = json.loads((results_dir / "results.json").read_text())["rounds"]
+        rows[name]["dropped_replies"] = sum(sum((r.get("dropped") or {}).values()) if isinstance(r.get("dropped"), dict)
+                                            else int(r.get("dropped") or 0) for r in rounds)
+    clean = rows[f"clean-{robust}"]["accuracy"]
+    summary = {
+        "suite": "faults",
+        "command": "python -m bench faults" + "".join(f" --set {k}={v}" for k, v in overrides.items()),
+        "environment": environment(),
+        "robust_aggregator": robust,
+        "rounds": rows["clean-mean"]["rounds_run"],
+        "runs": rows,
+        "robust_gap_points_vs_clean": {a: 100 * (clean - rows[f"{a}-{robust}"]["accuracy"])
+                                       for a in ("label-flip", "random", "scaled", "nan", "wrong-shape")},
+        "mean_gap_points_vs_clean": {a: 100 * (rows["clean-mean"]["accuracy"] - rows[f"{a}-mean"]["accuracy"])
+                                     for a in ("label-flip", "random", "scaled", "nan", "wrong-shape")},
+        "dropout30_cost_points": 100 * (rows["clean-mean"]["accuracy"] - rows["dropout30-mean"]["accuracy"]),
+    }
+    plot_faults(rows, robust, out / "faults.png")
+    (out / "faults.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def plot_faults(rows: dict, robust: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    attacks = ["clean", "label-flip", "random", "scaled", "nan", "wrong-shape"]
+    x = np.arange(len(attacks))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.bar(x - 0.2, [rows[f"{a}-mean"]["accuracy"] for a in attacks], 0.4, label="plain mean")
+    ax.bar(x + 0.2, [rows[f"{a}-{robust}"]["accuracy"] for a in attacks], 0.4, label=robust)
+    ax.axhline(rows["dropout30-mean"]["accuracy"], color="gray", linestyle=":", label="30 % dropouts (mean)")
+    ax.set_xticks(x, attacks)
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("Fashion-MNIST, 100 clients: 20 % hostile clients per attack")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+SUITES = {"core": core, "privacy": privacy, "faults": faults}
 
 
 def main() -> None:
@@ -72,6 +238,7 @@ def main() -> None:
     parser.add_argument("suite", choices=sorted(SUITES))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--set", action="append", default=[], help="config override KEY=VALUE (TOML value)")
+    parser.add_argument("--keep", action="store_true", help="keep finished runs of an interrupted suite")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from flwr.supercore.logger import FLOWER_LOGGER
@@ -82,9 +249,9 @@ def main() -> None:
 
     overrides = dict(_parse_override(s) for s in args.set)
     out = args.out or Path("bench/results") / args.suite
-    if out.exists():
+    if out.exists() and not args.keep:
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     print(json.dumps(SUITES[args.suite](out, overrides), indent=2))
 
 

@@ -243,3 +243,25 @@ def test_uint8_answers_round_trip_within_half_a_step():
     assert check_reply(_reply(encoded), ReplyCheck(round=3, digest="abc", num_queries=50, num_classes=10))[1] is None
     with pytest.raises(ConfigError, match="uint8"):
         parse_config({"distill": {"answer-dtype": "uint8"}, "privacy": {"client-level": "local", "noise-multiplier": 1.0}})
+
+
+def test_vote_answers_are_one_byte_per_query_and_decode_to_one_hot_rows():
+    from feddistill.encoding import encode_answers
+
+    probs = _answers(1, q=50, c=10)[0]
+    votes = encode_answers(probs, "vote")
+    assert votes.dtype == np.uint8 and votes.shape == (50,) and votes.nbytes == 50
+    check = ReplyCheck(round=3, digest="abc", num_queries=50, num_classes=10, votes=True)
+    decoded, reason = check_reply(_reply(votes), check)
+    assert reason is None
+    np.testing.assert_array_equal(decoded, np.eye(10, dtype=np.float32)[probs.argmax(1)])
+    bad = votes.copy()
+    bad[7] = 10  # no class 10
+    assert "vote for class 10" in check_reply(_reply(bad), check)[1]
+    assert "wrong shape" in check_reply(_reply(votes[:-1]), check)[1]
+    assert "wrong dtype" in check_reply(_reply(votes.astype(np.int32)), check)[1]
+    assert "wrong dtype" in check_reply(_reply(probs.astype(np.float16)), check)[1]  # a matrix when votes are due
+    assert "wrong shape" in check_reply(_reply(votes), ReplyCheck(round=3, digest="abc", num_queries=50,
+                                                                   num_classes=10))[1]  # votes when a matrix is due
+    with pytest.raises(ConfigError, match="vote"):
+        parse_config({"distill": {"answer-dtype": "vote"}, "privacy": {"client-level": "local", "noise-multiplier": 1.0}})

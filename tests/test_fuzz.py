@@ -250,7 +250,7 @@ KEY_CHOICES: dict[str, tuple[str, ...]] = {
     "fleet.students": (*MODEL_NAMES, ",".join(MODEL_NAMES[:2]), " mlp , mlp "),
     "teacher.model": MODEL_NAMES,
     "distill.aggregator": ("mean", "era", "median", "trimmed-mean", "outlier-filtered"),
-    "distill.answer_dtype": ("float32", "float16", "uint8"),
+    "distill.answer_dtype": ("float32", "float16", "uint8", "vote"),
     "distill.client_start": ("global", "own"),
     "distill.server_student": MODEL_NAMES,
     "baselines.fedavg_init": ("public", "scratch"),

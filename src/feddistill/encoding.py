@@ -1,21 +1,27 @@
-"""How answers travel: float32, float16, or uint8-quantized probabilities.
+"""How answers travel: float32, float16, uint8-quantized probabilities, or one vote per query.
 
 uint8 maps a probability p in [0, 1] to round(255 p): 4x smaller than float32 with an
 error of at most 1/510 per entry (Sattler et al. 2020, "Communication-Efficient
-Federated Distillation", quantize the soft labels). Only for bounded, noise-free
-answers (probabilities or votes); the config refuses it with local noise.
+Federated Distillation", quantize the soft labels). ``vote`` sends only the client's
+top class per query as one byte (the one-hot votes of PATE and of DS-FL's hard labels):
+|Q| bytes instead of 4 |Q| C, decoded to one-hot rows on the server. Both are for
+bounded, noise-free answers only; the config refuses them with local noise.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-ANSWER_DTYPES = ("float32", "float16", "uint8")
+ANSWER_DTYPES = ("float32", "float16", "uint8", "vote")
 
 
 def encode_answers(answers: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "uint8":
         return np.rint(np.clip(answers, 0.0, 1.0) * 255).astype(np.uint8)
+    if dtype == "vote":
+        if answers.shape[1] > 256:
+            raise ValueError(f"vote answers carry a class index in one byte: at most 256 classes, got {answers.shape[1]}")
+        return np.ascontiguousarray(answers.argmax(axis=1).astype(np.uint8))
     return np.ascontiguousarray(answers.astype(dtype))
 
 
@@ -23,3 +29,8 @@ def decode_answers(answers: np.ndarray) -> np.ndarray:
     if answers.dtype == np.uint8:
         return answers.astype(np.float32) / 255.0
     return answers.astype(np.float32)
+
+
+def decode_votes(votes: np.ndarray, num_classes: int) -> np.ndarray:
+    """One-hot rows from class indices (validated by the caller to lie in [0, num_classes))."""
+    return np.eye(num_classes, dtype=np.float32)[votes.astype(np.int64)]

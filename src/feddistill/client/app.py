@@ -127,8 +127,14 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
             temperature=temperature, epochs=int(config["revisit-epochs"]), seed=seed + 1, **common,
         )
     answers = answer_matrix(predict_logits(student, query_x).numpy(), upload_privacy(cfg), seed + 2)
-    answers = encode_answers(answers, str(config["answer-dtype"]))
-    if partition_id in hostile_clients(cfg.fleet.num_clients, cfg.scenario.hostile_fraction, cfg.seed):
+    encoding = str(config["answer-dtype"])
+    hostile = partition_id in hostile_clients(cfg.fleet.num_clients, cfg.scenario.hostile_fraction, cfg.seed)
+    # A hostile client corrupts what it sends; with one-byte votes it can only lie about the class,
+    # so it corrupts the matrix first and the vote carries the lie.
+    if hostile and encoding == "vote":
+        answers = corrupt_answers(answers, cfg.scenario.attack, np.random.default_rng(seed + 3), num_classes=num_classes)
+    answers = encode_answers(answers, encoding)
+    if hostile and encoding != "vote":
         answers = corrupt_answers(answers, cfg.scenario.attack, np.random.default_rng(seed + 3),
                                   num_classes=num_classes)
     save_state(store, partition_id, rnd, student.state_dict(), None if ledger is None else ledger.to_json())

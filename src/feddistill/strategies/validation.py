@@ -13,7 +13,7 @@ import numpy as np
 from flwr.app import Message
 
 from feddistill import protocol
-from feddistill.encoding import decode_answers
+from feddistill.encoding import decode_answers, decode_votes
 
 ANSWER_DTYPES = (np.float32, np.float16, np.uint8)
 
@@ -30,6 +30,7 @@ class ReplyCheck:
     high: float = 1.0
     tolerance: float = 1e-3  # fp16 rounding
     max_bytes: int = 64 * 1024 * 1024
+    votes: bool = False  # answer-dtype "vote": a (|Q|,) uint8 vector of class indices, not a matrix
 
 
 def check_reply(msg: Message, check: ReplyCheck) -> tuple[np.ndarray | None, str | None]:
@@ -61,6 +62,8 @@ def check_reply(msg: Message, check: ReplyCheck) -> tuple[np.ndarray | None, str
         answers = array.numpy()
     except Exception as exc:  # malformed bytes
         return None, f"undecodable answers: {exc}"
+    if check.votes:
+        return _check_votes(answers, check)
     if answers.dtype not in ANSWER_DTYPES:
         return None, f"wrong dtype {answers.dtype} (expected float32, float16 or uint8)"
     if answers.shape != (check.num_queries, check.num_classes):
@@ -71,3 +74,13 @@ def check_reply(msg: Message, check: ReplyCheck) -> tuple[np.ndarray | None, str
     if answers.size and (answers.min() < check.low - check.tolerance or answers.max() > check.high + check.tolerance):
         return None, f"values outside [{check.low}, {check.high}]"
     return answers, None
+
+
+def _check_votes(votes: np.ndarray, check: ReplyCheck) -> tuple[np.ndarray | None, str | None]:
+    if votes.dtype != np.uint8:
+        return None, f"wrong dtype {votes.dtype} (expected uint8 votes)"
+    if votes.shape != (check.num_queries,):
+        return None, f"wrong shape {votes.shape} (expected {(check.num_queries,)} votes)"
+    if votes.size and int(votes.max()) >= check.num_classes:
+        return None, f"vote for class {int(votes.max())} (classes are 0..{check.num_classes - 1})"
+    return decode_votes(votes, check.num_classes), None
