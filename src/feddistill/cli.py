@@ -140,6 +140,81 @@ def deploy_local(ctx: typer.Context) -> None:
     raise typer.Exit(deploy_main(list(ctx.args)))
 
 
+@cli.command()
+def releases(
+    run_dir: Path = typer.Argument(..., help="A finished (or running) feddistill run's folder."),
+) -> None:
+    """List a run's release candidates: id, parent, status, validation metrics, epsilon and the gate's reason."""
+    from rich import box
+    from rich.table import Table
+
+    from feddistill.server.gate import PROMOTED, ReleaseError, load_index
+
+    try:
+        history = load_index(run_dir)
+    except ReleaseError as exc:
+        _fail(str(exc))
+    table = Table(title=f"Releases of {run_dir} (* = released now: {history.current})", box=box.SIMPLE_HEAD,
+                  pad_edge=False, padding=(0, 0, 0, 1))
+    for col in ("id", "rnd", "parent", "status", "val acc", "val ECE", "agree", "test acc", "T", "eps"):
+        table.add_column(col, justify="left" if col in ("id", "parent", "status") else "right", no_wrap=True)
+
+    def num(x: object, fmt: str = "{:.3f}") -> str:
+        return "-" if x is None or x != x else fmt.format(x)
+
+    for r in history.releases:
+        mark = "*" if r.id == history.current else ""
+        style = "green" if r.status == PROMOTED else "yellow"
+        table.add_row(r.id + mark, str(r.round), r.parent or "-", f"[{style}]{r.status}[/]", num(r.validation.get("accuracy")),
+                      num(r.validation.get("ece")), num(r.validation.get("agreement")), num(r.test.get("accuracy")),
+                      num((r.calibration or {}).get("temperature"), "{:.2f}"), num(r.client_epsilon))
+    console.print(table)
+    console.print("val = held-out labelled public data; T = calibration temperature; eps = client-level epsilon "
+                  "when the candidate was made (delta, accountant: results.json); the gate's reasons:")
+    for r in history.releases:
+        console.print(f"  {r.id}: {r.reason}", soft_wrap=True, markup=False)
+
+
+@cli.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A finished feddistill run's folder."),
+    release: str = typer.Option(..., "--release", "-r", help="Release id (see `feddistill releases RUN_DIR`), e.g. r0003."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Export folder (default RUN_DIR/exports/ID)."),
+    latency_runs: int = typer.Option(200, "--latency-runs", min=1, help="Timed batch-1 forward passes per form."),
+) -> None:
+    """Export a released student for devices: TorchScript fp32 and int8 (dynamic quantization) + export.json."""
+    from feddistill.data import DataError
+    from feddistill.export import META_FILE, export_release
+    from feddistill.server.gate import ReleaseError
+
+    try:
+        meta = export_release(run_dir, release, out, latency_runs=latency_runs)
+    except (ReleaseError, ConfigError, DataError) as exc:
+        _fail(str(exc))
+    target = out if out is not None else run_dir / "exports" / release
+    for name, form in meta["forms"].items():
+        lat = form["latency"]
+        console.print(f"{name}: {target / form['file']}  {form['bytes'] / 1000:.1f} KB, test acc "
+                      f"{form['test_accuracy']:.3f} (delta vs fp32 {form['accuracy_delta_vs_fp32']:+.3f}), "
+                      f"latency p50 {lat['p50_ms']:.3f} ms / p95 {lat['p95_ms']:.3f} ms (batch 1, CPU)")
+    console.print(f"metadata: {target / META_FILE}")
+
+
+@cli.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A finished feddistill run's folder (with results.json)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file (default RUN_DIR/report.html)."),
+) -> None:
+    """A self-contained HTML run report: accuracy, epsilon, bytes, drops, releases, drift, calibration, audit."""
+    from feddistill.report import ReportError, write_html_report
+
+    try:
+        path = write_html_report(run_dir, out)
+    except ReportError as exc:
+        _fail(str(exc))
+    console.print(f"report: {path}")
+
+
 def _parse_override(text: str) -> tuple[str, object]:
     import tomllib
 

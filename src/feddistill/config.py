@@ -70,7 +70,7 @@ class DistillConfig:
     batch_size: int = 32
     lr: float = 0.05
     momentum: float = 0.9
-    answer_dtype: str = "float16"  # precision of uploaded answers: "float32" | "float16" | "uint8"
+    answer_dtype: str = "float16"  # how answers travel: "float32" | "float16" | "uint8" | "vote" (top class, 1 byte)
     server_student: str = "mlp"  # architecture of the released global student
     server_epochs: int = 5  # server distillation epochs per round (on the reference set)
     server_lr: float = 0.05
@@ -132,6 +132,32 @@ class ScenarioConfig:
     hostile_fraction: float = 0.0  # share of clients that answer with `attack`
     attack: str = "label-flip"  # "label-flip" | "random" | "scaled" | "nan" | "wrong-shape"
     dropout: float = 0.0  # probability that a sampled client drops out of a round (sends no answer)
+    # Label shift (0 = none): clients are split by label mix into population A (private labels
+    # mostly in the lower half of the classes) and B (the rest); rounds before `shift-round`
+    # sample only A, rounds from it only B (feddistill.simulations.shift).
+    shift_round: int = 0
+
+
+@dataclass(frozen=True)
+class ReleaseConfig:
+    """Versioned releases of the global student: the validation gate and its calibration."""
+
+    gate: bool = True  # promote a round's candidate only if it does not regress (else keep the last release)
+    # Share of the labelled public sample held out from the public teacher: the gate's and the
+    # temperature scaling's validation split (public data; 0 = none, then gate and calibrate must be off).
+    validation_fraction: float = 0.2
+    # Tolerances are loose by default: the digits validation split is 20 examples (1 = 0.05 accuracy).
+    accuracy_tolerance: float = 0.05  # reject if validation accuracy < the release's - this
+    ece_tolerance: float = 0.1  # reject if validation ECE > the release's + this
+    agreement_tolerance: float = 0.05  # reject if agreement with the teacher signal < the release's - this
+    calibrate: bool = True  # temperature scaling of every release, fitted on the validation split
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    # Alert when the mean KL(new || previous teacher signal) exceeds this (0 = never); measured on
+    # the rows the round changed whose previous value was already the fleet's (feddistill.server.drift).
+    kl_threshold: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -157,6 +183,8 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    release: ReleaseConfig = field(default_factory=ReleaseConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
 
     @property
     def student_names(self) -> list[str]:
@@ -194,7 +222,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "fleet.partition": ("iid", "dirichlet", "shards"),
     "fleet.sampling": ("poisson", "fixed"),
     "distill.aggregator": ("mean", "era", "median", "trimmed-mean", "outlier-filtered"),
-    "distill.answer_dtype": ("float32", "float16", "uint8"),
+    "distill.answer_dtype": ("float32", "float16", "uint8", "vote"),
     "distill.client_start": ("global", "own"),
     "baselines.fedavg_init": ("public", "scratch"),
     "privacy.client_level": ("off", "local", "central", "gnmax", "confident-gnmax"),
@@ -252,6 +280,12 @@ _RANGES: dict[str, tuple[float, bool, float | None]] = {
     "audit.canary_client": (0, True, None),
     "simulation.round_timeout": (0, False, None),
     "simulation.node_wait_timeout": (0, False, None),
+    "scenario.shift_round": (0, True, None),
+    "release.validation_fraction": (0, True, 0.9),
+    "release.accuracy_tolerance": (0, True, 1.0),
+    "release.ece_tolerance": (0, True, 1.0),
+    "release.agreement_tolerance": (0, True, 1.0),
+    "drift.kl_threshold": (0, True, None),
 }
 
 
@@ -338,12 +372,36 @@ def _check(cfg: RunConfig, source: str) -> None:
             f"'data.reference-size' ({cfg.data.reference_size})"
         )
     _check_privacy(cfg, source)
+    _check_release(cfg, source)
+    if cfg.scenario.shift_round > cfg.rounds:
+        raise ConfigError(f"{source}: 'scenario.shift-round' ({cfg.scenario.shift_round}) must be <= 'rounds' ({cfg.rounds})")
     if cfg.audit.canary_client >= cfg.fleet.num_clients:
         raise ConfigError(
             f"{source}: 'audit.canary-client' ({cfg.audit.canary_client}) must be < 'fleet.num-clients' ({cfg.fleet.num_clients})"
         )
     if cfg.data.dataset == "digits" and cfg.data.test_size < 1:
         raise ConfigError(f"{source}: 'data.test-size' must be >= 1 for digits (it has no test split of its own)")
+
+
+def validation_size(cfg: RunConfig) -> int:
+    """Examples of the labelled public sample held out as the release validation split."""
+    return int(round(cfg.release.validation_fraction * cfg.data.public_labelled_size))
+
+
+def _check_release(cfg: RunConfig, source: str) -> None:
+    r = cfg.release
+    if r.validation_fraction == 0:
+        if r.gate or r.calibrate:
+            raise ConfigError(f"{source}: 'release.gate' and 'release.calibrate' need a validation split: "
+                              "'release.validation-fraction' must be > 0 (or turn both off)")
+        return
+    n = validation_size(cfg)
+    if not 1 <= n < cfg.data.public_labelled_size:
+        raise ConfigError(
+            f"{source}: 'release.validation-fraction' = {r.validation_fraction} holds out {n} of the "
+            f"{cfg.data.public_labelled_size} labelled public examples ('data.public-labelled-size'); "
+            "it must hold out at least 1 and leave at least 1 for the public teacher"
+        )
 
 
 def _check_privacy(cfg: RunConfig, source: str) -> None:
@@ -359,9 +417,9 @@ def _check_privacy(cfg: RunConfig, source: str) -> None:
                 f"{source}: client-level DP needs 'fleet.sampling' = 'poisson': the subsampled-Gaussian "
                 "accountant assumes each client is sampled independently"
             )
-    if cfg.distill.answer_dtype == "uint8" and (p.client_level == "local" or p.bound == "clipped_logits"):
-        raise ConfigError(f"{source}: 'distill.answer-dtype' = 'uint8' quantizes values in [0, 1]: it cannot carry "
-                          "locally noised answers or clipped logits; use float16")
+    if cfg.distill.answer_dtype in ("uint8", "vote") and (p.client_level == "local" or p.bound == "clipped_logits"):
+        raise ConfigError(f"{source}: 'distill.answer-dtype' = {cfg.distill.answer_dtype!r} carries bounded, noise-free "
+                          "answers only: it cannot carry locally noised answers or clipped logits; use float16")
     if p.client_level in ("gnmax", "confident-gnmax") and p.bound != "votes":
         raise ConfigError(f"{source}: 'privacy.client-level' = {p.client_level!r} needs 'privacy.bound' = 'votes'")
     if p.client_level == "confident-gnmax" and (p.gnmax_threshold == 0 or p.threshold_noise_multiplier == 0):

@@ -8,11 +8,14 @@
    signal for those queries;
 4. the server distils the global student from the teacher signal on the
    reference set (FedDF: Lin et al. 2020, "Ensemble Distillation for Robust
-   Model Fusion in Federated Learning") and evaluates it on the test split.
+   Model Fusion in Federated Learning") and evaluates it on the test split;
+   the gate (``feddistill.server.gate``) releases it or keeps the last release,
+   and the drift of the teacher signal is measured (``feddistill.server.drift``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -25,7 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from feddistill import protocol
 from feddistill.atomic import atomic_path
-from feddistill.config import RunConfig, parse_config
+from feddistill.config import RunConfig, parse_config, validation_size
 from feddistill.models import build_model, count_parameters
 from feddistill.simulations.fleet import as_tensors, load_fleet
 from feddistill.privacy.ledger import PrivacyLedger
@@ -40,6 +43,8 @@ from feddistill.strategies import (
     teacher_arrays,
 )
 from feddistill.releases import sign_download
+from feddistill.server.drift import drift_alert, per_class_accuracy, signal_kl
+from feddistill.server.gate import Releaser, ReleaseHistory
 from feddistill.server.checkpoint import (
     CHECKPOINT,
     ServerState,
@@ -48,7 +53,7 @@ from feddistill.server.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from feddistill.training import Evaluation, evaluate_model, predict_probs, train_distill
+from feddistill.training import Evaluation, evaluate_probs, predict_probs, train_distill
 
 log = logging.getLogger("feddistill")
 
@@ -103,12 +108,17 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
 
     if cfg.audit.keep_artifacts:
         save_audit_setup(out / "audit", cfg)
-    teacher = public_teacher(cfg.teacher, splits, cfg.seed)
+    teacher_splits, validation = split_validation(splits, validation_size(cfg) if cfg.release.validation_fraction else 0,
+                                                  cfg.seed)
+    teacher = public_teacher(cfg.teacher, teacher_splits, cfg.seed)
     log.info("public teacher (%s): test accuracy %.3f", cfg.teacher.model, teacher.test.accuracy)
     signal = teacher.reference_probs.copy()
 
     # Round 0: the global student distilled from the public teacher alone.
-    student = build_model(cfg.distill.server_student, fleet.image_size, num_classes, seed=cfg.seed)
+    def build_student():
+        return build_model(cfg.distill.server_student, fleet.image_size, num_classes, seed=cfg.seed)
+
+    student = build_student()
     d = cfg.distill
 
     def distil_student(round_seed: int) -> None:
@@ -133,6 +143,10 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
     query_rng = np.random.default_rng(cfg.seed + 1)
     rounds: list[dict[str, Any]] = []
     start = 1
+    fleet_answered = np.zeros(len(signal), dtype=bool)  # rows the fleet has answered at least once
+    val_x, _ = as_tensors(validation)
+    releaser = Releaser(out, cfg, reference_digest=splits.reference_digest, model_name=d.server_student,
+                        validation=(val_x, validation.y), reference_x=ref_x, test=(test_x, splits.test.y))
     if resume:
         state = load_checkpoint(out, cfg.digest())
         signal, rounds, devices, participations = state.signal, state.rounds, state.devices, state.participations
@@ -142,6 +156,11 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
             gen.bit_generator.state = state.rng[name]
         if ledger is not None and state.ledger_json is not None:
             ledger = PrivacyLedger.from_json(state.ledger_json)
+        if "releases" in state.extra:
+            releaser.history = ReleaseHistory.from_dict(state.extra["releases"])
+            releaser.released_state = state.extra["released_state"]
+            releaser.released_temperature = state.extra["released_temperature"]
+            fleet_answered = np.asarray(state.extra["fleet_answered"], dtype=bool)
         if ledger is not None and plan.mode == "local":
             for rnd in journaled_rounds_after(out, state.round):  # answers that may have reached us
                 ledger.record(plan.event(), rnd, sensitivity=plan.sensitivity)
@@ -149,14 +168,19 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
         log.info("resumed from %s after round %d", out / CHECKPOINT, state.round)
     else:
         distil_student(cfg.seed)
-        public_only = evaluate_model(student, test_x, splits.test.y)
+        public_only = evaluate_probs(predict_probs(student, test_x).numpy(), splits.test.y)
         log.info("round 0 (public teacher only): student accuracy %.3f", public_only.accuracy)
+        releaser.consider(0, student, signal, test_metrics=public_only.to_dict(),
+                          client_epsilon=None if ledger is None else ledger.epsilon(), record_epsilon=None,
+                          build=build_student)
     nodes = wait_for_nodes(grid, cfg.fleet.num_clients, cfg.simulation.node_wait_timeout)
     # Node ids are new in every run; partition ids are not. Sampling in partition order makes a
     # seeded run (and a resumed one) pick the same clients.
     devices_seen: set[int] = set()
     node_partition = identify_nodes(grid, nodes, cfg.simulation.round_timeout, devices=devices_seen)
     strategy.node_order = sorted(nodes, key=lambda n: node_partition[n])
+    all_nodes = list(strategy.node_order)
+    populations = shift_scenario(cfg, fleet, devices_seen)
     low, high = plan.value_range()
     stop_reason = None
     for rnd in range(start, cfg.rounds + 1):
@@ -168,6 +192,11 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
             )
             log.warning("stopping before round %d: %s", rnd, stop_reason)
             break
+        if populations is not None:
+            from feddistill.simulations.shift import eligible_partitions
+
+            eligible = set(eligible_partitions(rnd, cfg.scenario.shift_round, populations))
+            strategy.node_order = [n for n in all_nodes if node_partition[n] in eligible]
         queries = np.sort(query_rng.choice(len(signal), size=d.query_size, replace=False))
         download = teacher_arrays(signal[queries], queries, student.state_dict() if d.client_start == "global" else None)
         config = round_config(cfg, splits.reference_digest)
@@ -182,7 +211,8 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
             else:
                 ledger.record(plan.event(), rnd, sensitivity=plan.sensitivity)
         replies = grid.send_and_receive(messages, timeout=cfg.simulation.round_timeout) if messages else []
-        check = ReplyCheck(rnd, splits.reference_digest, d.query_size, num_classes, low=low, high=high)
+        check = ReplyCheck(rnd, splits.reference_digest, d.query_size, num_classes, low=low, high=high,
+                           votes=d.answer_dtype == "vote")
         new_signal, collected = strategy.aggregate_round(replies, check)
         if cfg.audit.keep_artifacts:
             save_uploads(out / "audit" / "uploads" / f"round{rnd:04d}.npz", queries, collected)
@@ -191,17 +221,34 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
                 devices[pid] = {k: v for k, v in metrics.items() if k.startswith("record-")}
         teacher_accuracy = None
         answered_queries = 0
+        previous_signal = signal.copy()
+        fleet_before = fleet_answered.copy()
         if new_signal is not None:
             answered = np.isfinite(new_signal).all(axis=1)  # Confident-GNMax leaves some unanswered
             answered_queries = int(answered.sum())
             signal[queries[answered]] = new_signal[answered]
+            fleet_answered[queries[answered]] = True
             if answered.any():
                 teacher_accuracy = float(
                     (new_signal[answered].argmax(1) == splits.reference.y[queries[answered]]).mean()
                 )
         distil_student(cfg.seed + rnd)
-        ev = evaluate_model(student, test_x, splits.test.y)
+        test_probs = predict_probs(student, test_x).numpy()
+        ev = evaluate_probs(test_probs, splits.test.y)
         agreement = float((predict_probs(student, ref_x).numpy().argmax(1) == signal.argmax(1)).mean())
+        # drift: only rows whose previous value was already the fleet's (a row's first answer
+        # replaces the public teacher's opinion: a change by design, not drift)
+        compared = fleet_before & fleet_answered & np.any(signal != previous_signal, axis=1)
+        drift_kl = signal_kl(signal[compared], previous_signal[compared]) if compared.any() else None
+        alert = drift_alert(drift_kl, cfg.drift.kl_threshold)
+        if alert:
+            log.warning("round %d: %s", rnd, alert)
+        record_epsilon = max((m["record-epsilon"] for m in devices.values()), default=None)
+        release = releaser.consider(rnd, student, signal, test_metrics=ev.to_dict(),
+                                    client_epsilon=None if ledger is None else ledger.epsilon(),
+                                    record_epsilon=record_epsilon, build=build_student)
+        if not release["promoted"]:
+            log.warning("round %d: candidate %s not released: %s", rnd, release["candidate"], release["reason"])
         record = {
             "round": rnd,
             "clients": len(messages),
@@ -214,10 +261,17 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
             "student_nll": ev.nll,
             "student_ece": ev.ece,
             "agreement": agreement,
+            "per_class_accuracy": per_class_accuracy(test_probs, splits.test.y, num_classes),
+            "drift_kl": drift_kl,
+            "drift_alert": alert,
+            "release": release,
+            "released_accuracy": releaser.history.current_release.test["accuracy"],
             "bytes_uploaded": collected.bytes_uploaded,
             "client_epsilon": None if ledger is None else ledger.epsilon(),
             "seconds": time.monotonic() - t0,
         }
+        if populations is not None:
+            record["population"] = "A" if rnd < cfg.scenario.shift_round else "B"
         rounds.append(record)
         log.info(
             "round %d/%d: %d clients, %d answers, teacher signal acc %s, student acc %.3f, %d bytes up%s, %.1f s",
@@ -245,6 +299,7 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
                 devices=devices,
                 rounds=rounds,
                 public_only=public_only.__dict__,
+                extra={**releaser.checkpoint_state(), "fleet_answered": fleet_answered.copy()},
             ),
         )
 
@@ -266,19 +321,69 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
             "student_nll": rounds[-1]["student_nll"],
             "student_ece": rounds[-1]["student_ece"],
             "agreement": rounds[-1]["agreement"],
+            "released_id": releaser.history.current,
+            "released_accuracy": releaser.history.current_release.test["accuracy"],
             "bytes_uploaded_total": sum(r["bytes_uploaded"] for r in rounds),
             "bytes_per_client_round": (
                 sum(r["bytes_uploaded"] for r in answered) / max(1, sum(r["replies"] for r in answered))
             ),
         },
         "stop_reason": stop_reason,
+        "validation": {"split": "held-out part of the labelled public sample (never private, never test)",
+                       "size": len(validation)},
+        "releases": releaser.history.to_dict(),
+        "calibration": releaser.history.current_release.calibration,
+        "drift": {"kl_threshold": cfg.drift.kl_threshold,
+                  "alerts": [{"round": r["round"], "alert": r["drift_alert"]} for r in rounds if r["drift_alert"]]},
         "privacy": privacy_report(cfg, plan, ledger, devices),
         # simulation only: real devices' private labels are theirs alone (nobody knows the split)
         "label_histograms": None if devices_seen else fleet.label_histograms().tolist(),
     }
     write_json(out / "results.json", results)
-    save_student(student, out / "global_student.pt", cfg)
+    # what devices deploy: the last promoted release (with its calibration temperature)
+    save_student(releaser.released_model(build_student), out / "global_student.pt", cfg,
+                 release=releaser.history.current, temperature=releaser.released_temperature)
+    if results["calibration"] is not None:
+        save_reliability(results["calibration"], out / "reliability.png", releaser.history.current)
     return results
+
+
+def split_validation(splits, size: int, seed: int):
+    """Hold `size` examples of the labelled public sample out of the public teacher's training:
+    the release gate's and the temperature scaling's validation split. These labels are public
+    (the server owns them) and held out from everything that trains, so the gate measures what
+    the student learnt rather than what the teacher memorised; private data and the test split
+    are never used for release decisions."""
+    labelled = splits.public_labelled
+    if size == 0:
+        return splits, labelled.subset(np.zeros(0, dtype=np.int64))
+    picked = np.random.default_rng([seed, 0x7A11D]).permutation(len(labelled))
+    val_idx, teacher_idx = np.sort(picked[:size]), np.sort(picked[size:])
+    return dataclasses.replace(splits, public_labelled=labelled.subset(teacher_idx)), labelled.subset(val_idx)
+
+
+def shift_scenario(cfg: RunConfig, fleet, devices_seen: set[int]):
+    """The label-shift scenario's two client populations (None when off)."""
+    if not cfg.scenario.shift_round:
+        return None
+    if devices_seen:
+        raise RuntimeError("scenario.shift-round is a simulation scenario: real devices' label mixes are unknown")
+    from feddistill.simulations.shift import check_populations, shift_populations
+
+    populations = shift_populations(fleet.label_histograms())
+    check_populations(populations)
+    log.info("label-shift scenario: rounds < %d sample %d clients (labels mostly in the lower classes), "
+             "later rounds the other %d", cfg.scenario.shift_round, len(populations[0]), len(populations[1]))
+    return populations
+
+
+def save_reliability(calibration: dict[str, Any], path: Path, rid: str | None) -> None:
+    from feddistill.calibration import plot_reliability
+
+    rel = calibration["reliability_test"]
+    t = calibration["temperature"]
+    plot_reliability({"before (T = 1)": rel["before"], f"after (T = {t:.2f})": rel["after"]}, path,
+                     title=f"release {rid}: reliability on the test split (T fitted on public validation)")
 
 
 def build_strategy(cfg: RunConfig, plan: UploadPrivacy, noise: np.random.Generator) -> AnswerStrategy:
@@ -403,11 +508,14 @@ def torch_tensor(a: np.ndarray):
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
 
-def save_student(model, path: Path, cfg: RunConfig) -> None:
+def save_student(model, path: Path, cfg: RunConfig, release: str | None = None, temperature: float = 1.0) -> None:
     import torch
 
+    blob = {"model": cfg.distill.server_student, "state_dict": model.state_dict(), "temperature": float(temperature)}
+    if release is not None:
+        blob["release"] = release
     with atomic_path(path) as tmp:
-        torch.save({"model": cfg.distill.server_student, "state_dict": model.state_dict()}, tmp)
+        torch.save(blob, tmp)
 
 
 def run_server(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
