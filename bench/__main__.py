@@ -8,6 +8,10 @@ Suites:
            client-level DP (GNMax votes), and Flower's DP-FedAvg at the same client-level epsilon.
   faults   the same fleet with 20 % hostile clients (each attack) under a robust aggregator and
            under the plain mean, and with 30 % dropouts per round.
+  comms    upload bytes and accuracy for answers in float32, float16, uint8 and one-byte votes.
+  scale    time per round and peak RSS (whole process tree) for 10, 100 and 1000 clients, and the
+           orchestration overhead: the same 100-client run on Flower's simulation engine vs
+           in-process (bench/inprocess.py), measured in the same benchmark.
 
 Suites made of several runs keep each run's folder under runs/; a run whose results.json
 exists is not repeated (rerun with --keep to continue an interrupted suite).
@@ -230,7 +234,115 @@ def plot_faults(rows: dict, robust: str, path: Path) -> None:
     plt.close(fig)
 
 
-SUITES = {"core": core, "privacy": privacy, "faults": faults}
+def comms(out: Path, overrides: dict) -> dict:
+    """Bytes up per client-round vs accuracy for each answer encoding, against FedAvg's model bytes."""
+    base = {**NO_BASELINES, **overrides}
+    rows = {dtype: _row(run_variant(out, dtype, {**base, "distill.answer_dtype": dtype}))
+            for dtype in ("float16", "vote", "uint8", "float32")}
+    fedavg = _row(run_variant(out, "fedavg", {**base, "method": "fedavg"}))
+    for row in rows.values():
+        row["fedavg_bytes_over_these"] = fedavg["bytes_per_client_round"] / row["bytes_per_client_round"]
+        row["accuracy_cost_points_vs_float32"] = 100 * (rows["float32"]["accuracy"] - row["accuracy"])
+    summary = {
+        "suite": "comms",
+        "command": "python -m bench comms" + "".join(f" --set {k}={v}" for k, v in overrides.items()),
+        "environment": environment(),
+        "rounds": fedavg["rounds_run"],
+        "fedavg": fedavg,
+        "encodings": rows,
+    }
+    (out / "comms.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+# The 1000-client fleet: 50 private images per client; lighter rounds than the core fleet
+# (500 queries, 2 digest epochs, 1 revisit epoch) so that 100 clients per round fit 2 cores.
+SCALE = {**NO_BASELINES, "rounds": 10, "distill.query_size": 500, "distill.digest_epochs": 2,
+         "distill.revisit_epochs": 1}
+
+
+def _timed_run(out: Path, name: str, overrides: dict, in_process: bool) -> dict:
+    from bench.inprocess import InProcessGrid, TreeRSS
+    from feddistill.client.app import make_client_app
+    from feddistill.config import load_config
+    from feddistill.server.app import run_distillation
+    from feddistill.simulations.run import simulate_flower
+
+    run_dir = out / "runs" / name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    cfg = load_config(Path("configs/fashion.toml"), {**overrides, "output_dir": str(run_dir)})
+    logging.info("%s: starting (%s)", name, "in-process" if in_process else "Flower simulation")
+    with TreeRSS() as rss:
+        t0 = time.monotonic()
+        if in_process:
+            results = run_distillation(InProcessGrid(make_client_app(cfg), cfg.fleet.num_clients), cfg)
+        else:
+            results = simulate_flower(cfg)
+        seconds = time.monotonic() - t0
+    per_round = [r["seconds"] for r in results["rounds"]]
+    row = {
+        "clients": cfg.fleet.num_clients,
+        "rounds": len(per_round),
+        "engine": "in-process loop" if in_process else "Flower simulation (Ray)",
+        "wall_seconds": seconds,
+        "round_seconds_mean": sum(per_round) / len(per_round),
+        "round_seconds": per_round,
+        "peak_rss_gib": rss.peak_bytes / 2**30,
+        "accuracy": results["final"]["student_accuracy"],
+    }
+    logging.info("%s: %.0f s, %.1f s/round, peak RSS %.2f GiB", name, seconds, row["round_seconds_mean"],
+                 row["peak_rss_gib"])
+    return row
+
+
+def scale(out: Path, overrides: dict) -> dict:
+    base = {**SCALE, **overrides}
+    sizes = [int(n) for n in str(base.pop("sizes", "10,100,1000")).split(",")]
+    if 100 not in sizes:
+        raise SystemExit("scale: the overhead ratio is measured at 100 clients; include 100 in --set sizes")
+    rows = {}
+    for n in sizes:
+        rows[f"flower-{n}"] = _timed_run(out, f"flower-{n}", {**base, "fleet.num_clients": n}, in_process=False)
+    rows["inprocess-100"] = _timed_run(out, "inprocess-100", {**base, "fleet.num_clients": 100}, in_process=True)
+    flower, bare = rows["flower-100"], rows["inprocess-100"]
+    summary = {
+        "suite": "scale",
+        "command": "python -m bench scale" + "".join(f" --set {k}={v}" for k, v in overrides.items()),
+        "environment": environment(),
+        "config": {k: v for k, v in base.items() if not k.startswith("baselines")},
+        "runs": rows,
+        "overhead_ratio_per_round": flower["round_seconds_mean"] / bare["round_seconds_mean"],
+        "overhead_ratio_wall": flower["wall_seconds"] / bare["wall_seconds"],
+    }
+    plot_scale(rows, sizes, out / "scale.png")
+    (out / "scale.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def plot_scale(rows: dict, sizes: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.8))
+    a.plot(sizes, [rows[f"flower-{n}"]["round_seconds_mean"] for n in sizes], "o-", label="Flower simulation")
+    a.plot([100], [rows["inprocess-100"]["round_seconds_mean"]], "s", label="in-process loop")
+    b.plot(sizes, [rows[f"flower-{n}"]["peak_rss_gib"] for n in sizes], "o-")
+    for ax, label in ((a, "seconds per round"), (b, "peak RSS, process tree (GiB)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("clients (10 % per round)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    a.legend(fontsize=8)
+    fig.suptitle("Fashion-MNIST simulation on 2 cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+SUITES = {"core": core, "privacy": privacy, "faults": faults, "comms": comms, "scale": scale}
 
 
 def main() -> None:
