@@ -97,6 +97,8 @@ def run_variant(out: Path, name: str, overrides: dict) -> dict:
     return results
 
 
+ATTACKS = ("label-flip", "random", "scaled", "nan", "wrong-shape")
+FINITE_ATTACKS = ("label-flip", "random")  # valid-looking answers; scaled/NaN/wrong shapes fail validation
 NO_BASELINES = {"baselines.local_only": False, "baselines.centralized": False, "baselines.fedavg": False}
 EPSILONS = (1.0, 2.0, 4.0, 8.0)
 
@@ -184,10 +186,11 @@ def faults(out: Path, overrides: dict) -> dict:
     rows = {"clean-mean": _row(run_variant(out, "clean-mean", base)),
             f"clean-{robust}": _row(run_variant(out, f"clean-{robust}", {**base, "distill.aggregator": robust}))}
     rows["dropout30-mean"] = _row(run_variant(out, "dropout30-mean", {**base, "scenario.dropout": 0.3}))
-    for attack in ("label-flip", "random", "scaled", "nan", "wrong-shape"):
+    for attack in ATTACKS:
         hostile = {**base, "scenario.hostile_fraction": 0.2, "scenario.attack": attack}
         rows[f"{attack}-{robust}"] = _row(run_variant(out, f"{attack}-{robust}", {**hostile, "distill.aggregator": robust}))
-        rows[f"{attack}-mean"] = _row(run_variant(out, f"{attack}-mean", hostile))
+        if attack in FINITE_ATTACKS:  # the others never reach an aggregator: validation drops them
+            rows[f"{attack}-mean"] = _row(run_variant(out, f"{attack}-mean", hostile))
     for name, results_dir in ((n, out / "runs" / n) for n in rows):
         rounds = json.loads((results_dir / "results.json").read_text())["rounds"]
         rows[name]["dropped_replies"] = sum(sum((r.get("dropped") or {}).values()) if isinstance(r.get("dropped"), dict)
@@ -200,10 +203,9 @@ def faults(out: Path, overrides: dict) -> dict:
         "robust_aggregator": robust,
         "rounds": rows["clean-mean"]["rounds_run"],
         "runs": rows,
-        "robust_gap_points_vs_clean": {a: 100 * (clean - rows[f"{a}-{robust}"]["accuracy"])
-                                       for a in ("label-flip", "random", "scaled", "nan", "wrong-shape")},
+        "robust_gap_points_vs_clean": {a: 100 * (clean - rows[f"{a}-{robust}"]["accuracy"]) for a in ATTACKS},
         "mean_gap_points_vs_clean": {a: 100 * (rows["clean-mean"]["accuracy"] - rows[f"{a}-mean"]["accuracy"])
-                                     for a in ("label-flip", "random", "scaled", "nan", "wrong-shape")},
+                                     for a in FINITE_ATTACKS},
         "dropout30_cost_points": 100 * (rows["clean-mean"]["accuracy"] - rows["dropout30-mean"]["accuracy"]),
     }
     plot_faults(rows, robust, out / "faults.png")
@@ -218,10 +220,11 @@ def plot_faults(rows: dict, robust: str, path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    attacks = ["clean", "label-flip", "random", "scaled", "nan", "wrong-shape"]
+    attacks = ["clean", *ATTACKS]
     x = np.arange(len(attacks))
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.bar(x - 0.2, [rows[f"{a}-mean"]["accuracy"] for a in attacks], 0.4, label="plain mean")
+    ax.bar(x - 0.2, [rows.get(f"{a}-mean", {}).get("accuracy", 0.0) for a in attacks], 0.4,
+           label="plain mean (only where an attack reaches the aggregator)")
     ax.bar(x + 0.2, [rows[f"{a}-{robust}"]["accuracy"] for a in attacks], 0.4, label=robust)
     ax.axhline(rows["dropout30-mean"]["accuracy"], color="gray", linestyle=":", label="30 % dropouts (mean)")
     ax.set_xticks(x, attacks)
