@@ -4,6 +4,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/feddistill simulate --config configs/digits.toml --out runs/quickstart "$@"
+.venv/bin/feddistill releases runs/quickstart
 # ... then the privacy officer's view of the same run: membership inference on what left the
 # devices, the local students and the released student, and a canary audit of the DP claim.
-exec .venv/bin/feddistill audit runs/quickstart --policy configs/audit-policy.toml
+status=0
+.venv/bin/feddistill audit runs/quickstart --policy configs/audit-policy.toml || status=$?
+# ... and one self-contained HTML page of the whole run (it links the audit report)
+.venv/bin/feddistill report runs/quickstart
+exit "$status"

@@ -157,7 +157,7 @@ class ReleaseConfig:
 class DriftConfig:
     # Alert when the mean KL(new || previous teacher signal) exceeds this (0 = never); measured on
     # the rows the round changed whose previous value was already the fleet's (feddistill.server.drift).
-    kl_threshold: float = 0.05
+    kl_threshold: float = 0.2
 
 
 @dataclass(frozen=True)

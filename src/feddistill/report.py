@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +117,319 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ---- the self-contained HTML run report (`feddistill report RUN_DIR`) ----
+
+class ReportError(RuntimeError):
+    """The run folder has no readable results.json."""
+
+
+REPORT_SECTIONS = ("summary", "accuracy", "privacy", "communication", "faults", "releases", "drift", "calibration",
+                   "export", "audit")
+
+
+def _figure_data_uri(fig) -> str:
+    import base64
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _accuracy_figure(results: dict[str, Any]) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    rounds = results["rounds"]
+    xs = [r["round"] for r in rounds]
+    ax.plot([0, *xs], [results["public_only_student"]["test_accuracy"]] + [r["student_accuracy"] for r in rounds],
+            "o-", label="candidate global student (test)")
+    if all("released_accuracy" in r for r in rounds):
+        ax.step(xs, [r["released_accuracy"] for r in rounds], where="post", color="black", linewidth=2, alpha=0.6,
+                label="released student (test)")
+    teacher = [(r["round"], r["teacher_accuracy"]) for r in rounds if r["teacher_accuracy"] is not None]
+    if teacher:
+        ax.plot(*zip(*teacher), "s--", alpha=0.7, label="teacher signal (queried reference rows)")
+    base = results.get("baselines", {})
+    for key, label in (("fedavg", "Flower FedAvg"), ("dp_fedavg", "Flower DP-FedAvg")):
+        if key in base and base[key].get("rounds"):
+            ax.plot([r["round"] for r in base[key]["rounds"]], [r["student_accuracy"] for r in base[key]["rounds"]],
+                    "^-", alpha=0.8, label=f"{label} (test)")
+    lines = [("public teacher only", results["public_teacher"]["test_accuracy"], "gray")]
+    if "local_only" in base:
+        lines.append(("local-only (mean)", base["local_only"]["accuracy_mean"], "red"))
+    if "centralized" in base:
+        lines.append(("centralized", base["centralized"]["accuracy"], "green"))
+    for label, value, color in lines:
+        ax.axhline(value, color=color, linestyle=":", label=label)
+    ax.set(xlabel="round", ylabel="accuracy", ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return _figure_data_uri(fig)
+
+
+def _series_figure(xs, series: dict[str, list], ylabel: str, *, kind: str = "line", threshold: float | None = None,
+                   marks: list[int] | None = None) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    bottom = [0.0] * len(xs)
+    for label, ys in series.items():
+        if kind == "bar":
+            ax.bar(xs, ys, bottom=bottom, label=label)
+            bottom = [b + y for b, y in zip(bottom, ys)]
+        else:
+            pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=label)
+    if threshold:
+        ax.axhline(threshold, color="red", linestyle="--", label=f"alert threshold {threshold:g}")
+    for x in marks or []:
+        ax.axvline(x, color="orange", alpha=0.5)
+    ax.set(xlabel="round", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize=7)
+    return _figure_data_uri(fig)
+
+
+def _per_class_figure(rounds: list[dict[str, Any]]) -> str | None:
+    rows = [r.get("per_class_accuracy") for r in rounds]
+    if not rows or any(r is None for r in rows):
+        return None
+    import numpy as np
+
+    plt = _plt()
+    data = np.array([[np.nan if a is None else a for a in r] for r in rows], dtype=float).T
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    im = ax.imshow(data, aspect="auto", vmin=0, vmax=1, cmap="viridis",
+                   extent=(rounds[0]["round"] - 0.5, rounds[-1]["round"] + 0.5, data.shape[0] - 0.5, -0.5))
+    ax.set(xlabel="round", ylabel="class", title="student per-class test accuracy")
+    fig.colorbar(im, ax=ax)
+    return _figure_data_uri(fig)
+
+
+def _reliability_figure(calibration: dict[str, Any]) -> str | None:
+    rel = calibration.get("reliability_test")
+    if not rel:
+        return None
+    import numpy as np
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
+    for ax, (label, d) in zip(axes, (("before (T = 1)", rel["before"]),
+                                     (f"after (T = {calibration['temperature']:.2f})", rel["after"]))):
+        edges = np.asarray(d["edges"])
+        acc = np.where(np.asarray(d["count"]) > 0, d["accuracy"], 0.0)
+        ax.bar(edges[:-1], acc, width=np.diff(edges), align="edge", edgecolor="black", alpha=0.7)
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=label)
+    return _figure_data_uri(fig)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    from html import escape
+
+    head = "".join(f"<th>{escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _f(x: Any, fmt: str = "{:.3f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def build_html_report(results: dict[str, Any], run_dir: Path) -> str:
+    """The report as one HTML string: every figure is an inline PNG data URI, no external asset."""
+    from html import escape
+
+    rounds = results["rounds"]
+    xs = [r["round"] for r in rounds]
+    cfg = results["config"]
+    sections: dict[str, str] = {}
+
+    final = results["final"]
+    summary_rows = [
+        ["dataset / clients", f"{cfg['data']['dataset']}, {cfg['fleet']['num_clients']} clients "
+                              f"({cfg['fleet']['partition']}), {len(rounds)} rounds"],
+        ["aggregator", cfg["distill"]["aggregator"]],
+        ["released student", f"{final.get('released_id', '-')} (test accuracy {_pct(final.get('released_accuracy'))})"],
+        ["last candidate student", f"test accuracy {_pct(final['student_accuracy'])}"],
+        ["public teacher only", _pct(results["public_teacher"]["test_accuracy"])],
+        ["config hash", results.get("config_digest", "-")],
+        ["reference-set digest", results.get("reference_digest", "-")],
+    ]
+    if results.get("stop_reason"):
+        summary_rows.append(["stopped early", results["stop_reason"]])
+    sections["summary"] = _table(["", ""], summary_rows)
+
+    base = results.get("baselines", {})
+    base_rows = [["feddistill released student", _pct(final.get("released_accuracy"))],
+                 ["feddistill last candidate", _pct(final["student_accuracy"])],
+                 ["public teacher only", _pct(results["public_teacher"]["test_accuracy"])],
+                 ["student from public teacher only (round 0)", _pct(results["public_only_student"]["test_accuracy"])]]
+    if "local_only" in base:
+        base_rows.append(["local-only (mean)", _pct(base["local_only"]["accuracy_mean"])])
+    if "centralized" in base:
+        base_rows.append(["centralized", _pct(base["centralized"]["accuracy"])])
+    for key, label in (("fedavg", "Flower FedAvg"), ("dp_fedavg", "Flower DP-FedAvg")):
+        if key in base:
+            base_rows.append([label, _pct(base[key]["accuracy"])])
+    sections["accuracy"] = (f'<img alt="accuracy per round" src="{_accuracy_figure(results)}">'
+                            + _table(["method", "test accuracy"], base_rows))
+
+    privacy = results.get("privacy") or {}
+    lines = []
+    for key, label in (("client_level", "client-level"), ("record_level", "record-level")):
+        p = privacy.get(key)
+        if p and p.get("epsilon") is not None:
+            lines.append(f"<p>{label}: &epsilon; = {p['epsilon']:.3f} at &delta; = {p['delta']:g}; unit: "
+                         f"{escape(str(p['unit']))}; mechanism: {escape(str(p['mechanism']))}; "
+                         f"accountant: {escape(str(p['accountant']))}</p>")
+    eps_series = {}
+    if any(r.get("client_epsilon") is not None for r in rounds):
+        eps_series["client-level epsilon (cumulative)"] = [r.get("client_epsilon") for r in rounds]
+    releases = (results.get("releases") or {}).get("releases", [])
+    by_round = {rel["round"]: rel for rel in releases}
+    if any(rel.get("record_epsilon") is not None for rel in releases):
+        eps_series["record-level epsilon (largest device)"] = [by_round.get(x, {}).get("record_epsilon") for x in xs]
+    if eps_series:
+        sections["privacy"] = "".join(lines) + f'<img alt="epsilon per round" src="{_series_figure(xs, eps_series, "epsilon")}">'
+    else:
+        sections["privacy"] = "<p>No differential privacy in this run (privacy.client-level = off, no record-level DP): no &epsilon; is claimed.</p>"
+
+    sections["communication"] = (
+        f'<img alt="bytes per round" src="{_series_figure(xs, {"bytes uploaded": [r["bytes_uploaded"] for r in rounds]}, "bytes", kind="bar")}">'
+        f"<p>total {_bytes(final.get('bytes_uploaded_total'))}, {_bytes(final.get('bytes_per_client_round'))} per client-round</p>")
+
+    reasons = sorted({k for r in rounds for k in r["dropped"]})
+    fault_series = {reason: [r["dropped"].get(reason, 0) for r in rounds] for reason in reasons}
+    if any(r.get("over_budget_skipped") for r in rounds):
+        fault_series["skipped: over budget"] = [r.get("over_budget_skipped", 0) for r in rounds]
+    fault_rows = [[r["round"], r["clients"], r["replies"], sum(r["dropped"].values()), r.get("over_budget_skipped", 0)]
+                  for r in rounds]
+    sections["faults"] = ((f'<img alt="drops per round" src="{_series_figure(xs, fault_series, "replies", kind="bar")}">'
+                           if fault_series else "<p>No reply was dropped and no client dropped out.</p>")
+                          + _table(["round", "clients asked", "answers kept", "dropped (incl. dropouts)",
+                                    "skipped (budget)"], fault_rows))
+
+    if releases:
+        rel_rows = [[rel["id"], rel["round"], rel.get("parent") or "-", rel["status"], _f(rel["validation"].get("accuracy")),
+                     _f(rel["validation"].get("ece")), _f(rel["validation"].get("agreement")), _f(rel["test"].get("accuracy")),
+                     _f((rel.get("calibration") or {}).get("temperature"), "{:.2f}"), _f(rel.get("client_epsilon")),
+                     rel["reason"]] for rel in releases]
+        rollbacks = [rel["id"] for rel in releases if rel["status"] != "promoted"]
+        sections["releases"] = (
+            f"<p>Released now: <b>{escape(str(results['releases'].get('current')))}</b>. "
+            f"{len(releases) - len(rollbacks)} promoted, {len(rollbacks)} rejected (rollback to the previous release)"
+            f"{': ' + escape(', '.join(rollbacks)) if rollbacks else ''}. Validation = "
+            f"{escape(str((results.get('validation') or {}).get('split', 'public validation split')))}.</p>"
+            + _table(["id", "round", "parent", "status", "val acc", "val ECE", "agreement", "test acc", "T",
+                      "client eps", "gate's reason"], rel_rows))
+    else:
+        sections["releases"] = "<p>This run has no release history.</p>"
+
+    drift = results.get("drift") or {}
+    threshold = drift.get("kl_threshold")
+    alerts = [r["round"] for r in rounds if r.get("drift_alert")]
+    drift_html = ""
+    if any("drift_kl" in r for r in rounds):
+        drift_html += (f'<img alt="drift per round" src="{_series_figure(xs, {"KL(new || previous teacher signal)": [r.get("drift_kl") for r in rounds], "teacher-student agreement": [r["agreement"] for r in rounds]}, "KL / agreement", threshold=threshold, marks=alerts)}">')
+    per_class = _per_class_figure(rounds)
+    if per_class:
+        drift_html += f'<img alt="per-class accuracy" src="{per_class}">'
+    drift_html += (_table(["round", "alert"], [[r["round"], r["drift_alert"]] for r in rounds if r.get("drift_alert")])
+                   if alerts else f"<p>No drift alert (threshold {_f(threshold, '{:g}')}).</p>")
+    sections["drift"] = drift_html
+
+    cal = results.get("calibration")
+    if cal:
+        cal_rows = [[split, _f(cal["before"][split]["ece"]), _f(cal["after"][split]["ece"]),
+                     _f(cal["before"][split]["nll"]), _f(cal["after"][split]["nll"])] for split in cal["before"]]
+        fig = _reliability_figure(cal)
+        sections["calibration"] = (
+            f"<p>Temperature scaling of release {escape(str(final.get('released_id')))}: T = {cal['temperature']:.3f}, "
+            f"fitted on the {escape(cal['fitted_on'])}.</p>"
+            + _table(["split", "ECE before", "ECE after", "NLL before", "NLL after"], cal_rows)
+            + (f'<img alt="reliability diagram" src="{fig}">' if fig else ""))
+    else:
+        sections["calibration"] = "<p>The released student was not calibrated (release.calibrate = false).</p>"
+
+    exports = sorted(Path(run_dir).glob("exports/*/export.json"))
+    if exports:
+        rows = []
+        for path in exports:
+            try:
+                meta = json.loads(path.read_text())
+                for name, form in meta["forms"].items():
+                    rows.append([meta["release"], name, f"{form['bytes'] / 1000:.1f} KB", _f(form["test_accuracy"]),
+                                 f"{form['accuracy_delta_vs_fp32']:+.3f}", _f(form["latency"]["p50_ms"]),
+                                 _f(form["latency"]["p95_ms"])])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                rows.append([path.parent.name, "unreadable export.json", "", "", "", "", ""])
+        sections["export"] = _table(["release", "form", "size", "test acc", "delta vs fp32", "p50 ms", "p95 ms"], rows)
+    else:
+        sections["export"] = "<p>No device export yet: <code>feddistill export RUN_DIR --release ID</code>.</p>"
+
+    audit_dir = Path(run_dir) / "audit-report"
+    if (audit_dir / "report.md").is_file():
+        verdict = ""
+        try:
+            audit = json.loads((audit_dir / "audit.json").read_text())
+            passed = (audit.get("verdict") or {}).get("passed")
+            verdict = "" if passed is None else (" Policy: <b>passed</b>." if passed else " Policy: <b>FAILED</b>.")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            pass
+        sections["audit"] = (f'<p>Membership-inference audit: <a href="audit-report/report.md">audit-report/report.md</a>'
+                             f' (<a href="audit-report/audit.json">audit.json</a>).{verdict}</p>')
+    else:
+        sections["audit"] = "<p>No audit has run on this folder: <code>feddistill audit RUN_DIR</code>.</p>"
+
+    titles = {"summary": "Summary", "accuracy": "Accuracy per round", "privacy": "Privacy: epsilon spent per round",
+              "communication": "Bytes uploaded", "faults": "Dropped replies and dropouts",
+              "releases": "Releases and rollbacks", "drift": "Drift", "calibration": "Calibration",
+              "export": "Device export", "audit": "Audit"}
+    body = "".join(f'<section id="{key}"><h2>{titles[key]}</h2>{sections[key]}</section>' for key in REPORT_SECTIONS)
+    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:0.5em 0;font-size:0.85em}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}img{max-width:100%}")
+    title = f"feddistill run report: {escape(str(run_dir))}"
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+            f"<style>{style}</style></head><body><h1>{title}</h1>{body}</body></html>")
+
+
+def write_html_report(run_dir: Path, out: Path | None = None) -> Path:
+    run_dir = Path(run_dir)
+    path = run_dir / "results.json"
+    if not path.is_file():
+        raise ReportError(f"{path}: not found; is {run_dir} the folder of a finished feddistill run?")
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{path}: corrupt ({exc})") from exc
+    if not isinstance(results, dict) or results.get("method") != "feddistill" or "rounds" not in results:
+        raise ReportError(f"{path}: not the results of a feddistill run (method {results.get('method')!r})"
+                          if isinstance(results, dict) else f"{path}: not a results object")
+    try:
+        html = build_html_report(results, run_dir)
+    except (KeyError, TypeError) as exc:
+        raise ReportError(f"{path}: missing or malformed field {exc} (written by an older feddistill?)") from exc
+    target = Path(out) if out is not None else run_dir / "report.html"
+    from feddistill.atomic import atomic_path
+
+    with atomic_path(target) as tmp:
+        tmp.write_text(html, encoding="utf-8")
+    return target
