@@ -323,6 +323,8 @@ def build_html_report(results: dict[str, Any], run_dir: Path) -> str:
                   for r in rounds]
     sections["faults"] = ((f'<img alt="drops per round" src="{_series_figure(xs, fault_series, "replies", kind="bar")}">'
                            if fault_series else "<p>No reply was dropped and no client dropped out.</p>")
+                          + (_table(["reason", "replies (all rounds)"], [[k, sum(v)] for k, v in fault_series.items()])
+                             if fault_series else "")
                           + _table(["round", "clients asked", "answers kept", "dropped (incl. dropouts)",
                                     "skipped (budget)"], fault_rows))
 
