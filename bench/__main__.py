@@ -11,6 +11,9 @@ Suites:
   audit    `feddistill audit` on digits runs (non-private, record-level eps 8 and 2, client-level
            GNMax eps 4): AUC, TPR at 1 % and 0.1 % FPR, empirical eps vs claimed eps per target;
            and the audit's time on the digits quick start and on a Fashion-MNIST run.
+  deploy   3 SuperNodes on loopback (TLS, node auth) vs the simulation engine on the same digits
+           run: seconds per round; the client footprint (install size, ClientApp import time,
+           peak RSS of a SuperNode with the ClientApp processes it starts).
   comms    upload bytes and accuracy for answers in float32, float16, uint8 and one-byte votes.
   scale    time per round and peak RSS (whole process tree) for 10, 100 and 1000 clients, and the
            orchestration overhead: the same 100-client run on Flower's simulation engine vs
@@ -186,7 +189,8 @@ def faults(out: Path, overrides: dict) -> dict:
     """20 % hostile clients per attack (robust aggregator; plain mean for contrast); 30 % dropouts."""
     base = {**NO_BASELINES, **overrides}
     robust = base.pop("robust_aggregator", "outlier-filtered")
-    rows = {"clean-mean": _row(run_variant(out, "clean-mean", base)),
+    # "non-private" is the privacy suite's clean run: same config, shared when --out points at the same runs
+    rows = {"clean-mean": _row(run_variant(out, "non-private", base)),
             f"clean-{robust}": _row(run_variant(out, f"clean-{robust}", {**base, "distill.aggregator": robust}))}
     rows["dropout30-mean"] = _row(run_variant(out, "dropout30-mean", {**base, "scenario.dropout": 0.3}))
     for attack in ATTACKS:
@@ -194,7 +198,7 @@ def faults(out: Path, overrides: dict) -> dict:
         rows[f"{attack}-{robust}"] = _row(run_variant(out, f"{attack}-{robust}", {**hostile, "distill.aggregator": robust}))
         if attack in FINITE_ATTACKS:  # the others never reach an aggregator: validation drops them
             rows[f"{attack}-mean"] = _row(run_variant(out, f"{attack}-mean", hostile))
-    for name, results_dir in ((n, out / "runs" / n) for n in rows):
+    for name, results_dir in ((n, out / "runs" / ("non-private" if n == "clean-mean" else n)) for n in rows):
         rounds = json.loads((results_dir / "results.json").read_text())["rounds"]
         rows[name]["dropped_replies"] = sum(sum((r.get("dropped") or {}).values()) if isinstance(r.get("dropped"), dict)
                                             else int(r.get("dropped") or 0) for r in rounds)
@@ -243,7 +247,9 @@ def plot_faults(rows: dict, robust: str, path: Path) -> None:
 def comms(out: Path, overrides: dict) -> dict:
     """Bytes up per client-round vs accuracy for each answer encoding, against FedAvg's model bytes."""
     base = {**NO_BASELINES, **overrides}
-    rows = {dtype: _row(run_variant(out, dtype, {**base, "distill.answer_dtype": dtype}))
+    # float16 is the fleet's default: the privacy suite's "non-private" run, shared like "fedavg"
+    rows = {dtype: _row(run_variant(out, "non-private" if dtype == "float16" else dtype,
+                                    {**base, "distill.answer_dtype": dtype}))
             for dtype in ("float16", "vote", "uint8", "float32")}
     fedavg = _row(run_variant(out, "fedavg", {**base, "method": "fedavg"}))
     for row in rows.values():
@@ -429,7 +435,83 @@ def audit(out: Path, overrides: dict) -> dict:
     return summary
 
 
-SUITES = {"core": core, "audit": audit, "privacy": privacy, "faults": faults, "comms": comms, "scale": scale}
+DEPLOY_RUN = {"rounds": 5, "fleet.num_clients": 3, "fleet.fraction": 1.0, "baselines.local_only": False,
+              "baselines.centralized": False, "baselines.fedavg": False, "teacher.epochs": 60,
+              "audit.keep_artifacts": False, "audit.canaries": 0}
+
+
+def _du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def deploy(out: Path, overrides: dict) -> dict:
+    import subprocess
+    import sys
+    import threading
+
+    from bench.inprocess import tree_rss
+    from feddistill.config import load_config
+    from feddistill.deploy.local import LocalDeployment
+    from feddistill.simulations.run import simulate_flower
+
+    run = {**DEPLOY_RUN, **overrides}
+    cfg = load_config(Path("configs/digits.toml"), {**run, "output_dir": str(out / "simulation")})
+    t0 = time.monotonic()
+    sim = simulate_flower(cfg)
+    sim_seconds = time.monotonic() - t0
+
+    peaks: dict[int, int] = {}
+    stop = threading.Event()
+    with LocalDeployment(out / "deployment", num_supernodes=3, config={k: v for k, v in run.items() if k != "rounds"}) as dep:
+        dep.start()
+
+        def sample() -> None:
+            while not stop.is_set():
+                for i, proc in dep.supernodes.items():
+                    peaks[i] = max(peaks.get(i, 0), tree_rss(proc.popen.pid))
+                time.sleep(0.2)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        t0 = time.monotonic()
+        deployed = dep.run(rounds=run["rounds"], output_dir=out / "deployment" / "run", timeout_s=900)
+        dep_seconds = time.monotonic() - t0
+        stop.set()
+        sampler.join()
+
+    def per_round(results: dict) -> list[float]:
+        return [r["seconds"] for r in results["rounds"]]
+
+    imports = []
+    for _ in range(3):  # a SuperNode starts a fresh ClientApp process per message: this is its import cost
+        t0 = time.monotonic()
+        subprocess.run([sys.executable, "-c", "import feddistill.client.app"], check=True)
+        imports.append(time.monotonic() - t0)
+    site = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    sizes = {d.name: _du(d) for d in site.iterdir() if d.is_dir() and not d.name.endswith((".dist-info", "__pycache__"))}
+    biggest = dict(sorted(sizes.items(), key=lambda kv: -kv[1])[:8])
+    summary = {
+        "suite": "deploy",
+        "command": "python -m bench deploy" + "".join(f" --set {k}={v}" for k, v in overrides.items()),
+        "environment": environment(),
+        "run": run,
+        "simulation": {"wall_seconds": sim_seconds, "round_seconds": per_round(sim),
+                       "round_seconds_mean": sum(per_round(sim)) / len(per_round(sim))},
+        "deployment": {"wall_seconds": dep_seconds, "round_seconds": per_round(deployed),
+                       "round_seconds_mean": sum(per_round(deployed)) / len(per_round(deployed)),
+                       "transport": "gRPC over TLS on 127.0.0.1, SuperNode authentication on"},
+        "client_footprint": {
+            "supernode_peak_rss_mib": {str(i): v / 2**20 for i, v in sorted(peaks.items())},
+            "clientapp_import_seconds": imports,
+            "venv_site_packages_mib": _du(site) / 2**20,
+            "largest_packages_mib": {k: v / 2**20 for k, v in biggest.items()},
+        },
+    }
+    (out / "deploy.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+SUITES = {"core": core, "audit": audit, "deploy": deploy, "privacy": privacy, "faults": faults, "comms": comms, "scale": scale}
 
 
 def main() -> None:

@@ -69,11 +69,12 @@ class InProcessGrid(Grid):
 
 
 class TreeRSS:
-    """Peak of the summed resident memory of this process and all its descendants (Ray's
-    raylet, GCS and workers included), sampled from /proc every ``interval`` seconds."""
+    """Peak of the summed resident memory of a process and all its descendants (for this
+    process: Ray's raylet, GCS and workers included), sampled from /proc every ``interval`` s."""
 
-    def __init__(self, interval: float = 0.5):
+    def __init__(self, interval: float = 0.5, root: int | None = None):
         self.interval = interval
+        self.root = os.getpid() if root is None else root
         self.peak_bytes = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -85,11 +86,11 @@ class TreeRSS:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak_bytes = max(self.peak_bytes, tree_rss(os.getpid()))
+        self.peak_bytes = max(self.peak_bytes, tree_rss(self.root))
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak_bytes = max(self.peak_bytes, tree_rss(os.getpid()))
+            self.peak_bytes = max(self.peak_bytes, tree_rss(self.root))
             time.sleep(self.interval)
 
 
