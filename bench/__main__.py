@@ -516,11 +516,17 @@ SUITES = {"core": core, "audit": audit, "deploy": deploy, "privacy": privacy, "f
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("suite", choices=sorted(SUITES))
+    parser.add_argument("suite", choices=sorted([*SUITES, "readme"]),
+                        help="a suite, or `readme`: rewrite the README's tables from bench/results/*/*.json")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--set", action="append", default=[], help="config override KEY=VALUE (TOML value)")
     parser.add_argument("--keep", action="store_true", help="keep finished runs of an interrupted suite")
     args = parser.parse_args()
+    if args.suite == "readme":
+        from bench.readme import update
+
+        print("README blocks written:", ", ".join(update()) or "none")
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from flwr.supercore.logger import FLOWER_LOGGER
 
