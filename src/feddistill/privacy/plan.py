@@ -20,6 +20,11 @@ Delta = B * sqrt(|Q|) (``mechanisms.reply_sensitivity``). Per mode:
   mechanisms on the same sampled votes; together they are one Gaussian mechanism with
   1/z^2 = 1/z1^2 + 1/z2^2, accounted like ``central`` — data-independent, every query
   is charged whether or not it is answered.
+
+With ``distill.secure-aggregation = "secagg+"``, ``central`` and ``gnmax`` become
+*distributed*: every client adds a share of the noise and the server, which sees only
+the sum, adds none. The accounting changes (replace-one, q = 1, δ minus the clipping
+failure probability): see ``feddistill.privacy.distributed``.
 """
 
 from __future__ import annotations
@@ -58,6 +63,17 @@ class UploadPrivacy:
     sampling_rate: float  # q per accounted event (1.0 for local: no amplification claimed)
     delta: float
     target_epsilon: float | None
+    secure_aggregation: str = "off"  # "secagg+": distributed noise (central/gnmax), see privacy.distributed
+    clip_failure: float = 0.0  # secagg+ distributed DP: P(any noised entry clipped), added to delta
+
+    @property
+    def distributed(self) -> bool:
+        """Noise shares added by the clients, summed under SecAgg+ (central/gnmax with secagg+)."""
+        return self.secure_aggregation != "off" and self.mode in ("central", "gnmax")
+
+    @property
+    def neighbouring(self) -> str:
+        return "replace-one" if self.distributed else "add/remove"
 
     @property
     def noise_std(self) -> float:
@@ -69,6 +85,10 @@ class UploadPrivacy:
 
     @property
     def mechanism(self) -> str:
+        if self.distributed:
+            what = "noisy vote counts (GNMax)" if self.mode == "gnmax" else "Gaussian on the sum of replies"
+            return (f"distributed {what} under SecAgg+: each client adds a share ({self.bound}, z={self.noise_multiplier:.4g}, "
+                    f"replace-one sensitivity {self.sensitivity:.4g}), no amplification by sampling claimed (q=1)")
         return {
             "off": f"none ({self.bound})",
             "local": f"local Gaussian on each reply ({self.bound}, z={self.noise_multiplier:.4g}, sensitivity {self.sensitivity:.4g})",
@@ -85,6 +105,9 @@ class UploadPrivacy:
     def protects_against(self) -> str:
         if self.mode == "local":
             return "everyone, the server included (each reply is noised on the device)"
+        if self.distributed:
+            return ("everyone, the (honest-but-curious) server included: it sees only the SecAgg+ sum, noised by "
+                    "the clients; assumes no surviving client colludes with the server")
         return "everyone who sees the server's outputs (teacher signals, students); the server itself is trusted"
 
     def event(self) -> GaussianEvent:
@@ -103,6 +126,10 @@ class UploadPrivacy:
 
 def upload_privacy(cfg: RunConfig) -> UploadPrivacy:
     p = cfg.privacy
+    if cfg.distill.secure_aggregation != "off" and p.client_level in ("central", "gnmax"):
+        from feddistill.privacy.distributed import secagg_privacy
+
+        return secagg_privacy(cfg)[0]
     q = cfg.distill.query_size
     sensitivity = reply_sensitivity(p.bound, q, neighbouring="add/remove", clip_norm=p.clip_norm)
     target = p.target_epsilon or None
