@@ -14,6 +14,8 @@ CONFIG_RECORD = "config"  # ConfigRecord: round config (below)
 SIGNAL = "signal"
 QUERIES = "queries"
 STUDENT_PREFIX = "student."  # optional: the global student's weights, "student.<parameter name>"
+# SecAgg+ (legacy fit layout): the FitIns config key naming the FitIns parameters, a JSON list
+SECAGG_ARRAY_NAMES = "feddistill.array-names"
 
 # Records in a distill reply: the ONLY things that leave a device
 ANSWERS_RECORD = "answers"  # ArrayRecord: ANSWERS (|Q|, C)

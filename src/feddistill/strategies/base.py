@@ -34,6 +34,11 @@ class RoundReplies:
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> count
     bytes_uploaded: int = 0
 
+    @property
+    def num_replies(self) -> int:
+        """Replies the aggregate is made of (SecAgg+: the survivors, whose answers the server never sees)."""
+        return len(self.answers)
+
 
 class AnswerStrategy(Strategy):
     """Samples clients, sends them the teacher signal, validates and aggregates answers.

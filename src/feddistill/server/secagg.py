@@ -1,0 +1,188 @@
+"""Answer collection through Flower's SecAgg+ (``distill.secure-aggregation = "secagg+"``).
+
+One round of answer collection runs through :class:`flwr.server.workflow.SecAggPlusWorkflow`
+(Bell et al. 2020, "Secure Single-Server Aggregation with (Poly)Logarithmic Overhead"),
+unchanged, in its legacy ``fit`` layout:
+
+- the server's download (teacher signal, queries, optionally the global student) travels
+  as the FitIns ``parameters`` (array names in the config key :data:`ARRAY_NAMES`), the
+  round config as the FitIns ``config``;
+- each client runs ``secaggplus_mod`` (``feddistill.client.secagg``): its answers matrix,
+  plus its noise share under distributed DP, is its FitRes ``parameters`` with weight
+  ``num_examples = 1`` (and ``max_weight = 1``), so the unmasked result is the plain mean
+  of the survivors' answers;
+- four message rounds (setup, share keys, collect masked vectors, unmask) replace the
+  one ``train.distill`` exchange; SecAgg+ recovers from clients that drop out after
+  sharing their keys, as long as every survivor keeps ``reconstruction_threshold``
+  live neighbours.
+
+What the server learns: which sampled nodes survived and the mean of their answers,
+quantized (each entry off by at most one step 2c/T). No single answer, so nothing
+per reply can be validated (shape, range, finiteness) and no robust aggregator can
+run: the config refuses aggregators other than ``mean``. The only per-client bound is
+the one honest client code applies: every entry clipped to [-c, c] before
+quantization; a client that deviates from the protocol can corrupt the sum undetected.
+Plain-text metrics are restricted to the device's record-level ledger values (no loss
+values from private data).
+
+The teacher signal is made from the mean exactly as :class:`~feddistill.strategies.MeanAnswers`
+makes it (``normalize_rows``); under ``gnmax`` it is the one-hot argmax of the noisy vote
+counts. The noise accounting is in :mod:`feddistill.privacy.distributed`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common import FitIns, FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.client_manager import ClientManager
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy as LegacyStrategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.serverapp import Grid
+
+from feddistill import protocol
+from feddistill.config import RunConfig
+from feddistill.privacy.distributed import SecAggNoise, run_secagg_noise
+from feddistill.strategies.base import RoundReplies, normalize_rows
+
+log = logging.getLogger("feddistill")
+
+ARRAY_NAMES = protocol.SECAGG_ARRAY_NAMES
+MASKED_ENTRY_BYTES = 8  # SecAgg+ masked vectors travel as int64
+
+
+@dataclass
+class SecAggReplies(RoundReplies):
+    """A SecAgg+ round: the survivors (senders) but no single answer."""
+
+    survivors: int = 0
+    aggregate: np.ndarray | None = None  # the mean the server received (before the teacher-signal rule)
+    halted: str | None = None
+
+    @property
+    def num_replies(self) -> int:
+        return self.survivors
+
+
+class _CollectSum(LegacyStrategy):
+    """The legacy strategy SecAggPlusWorkflow drives: it hands out the round's FitIns to the nodes
+    our strategy sampled and keeps the unmasked aggregate (every FitRes carries it)."""
+
+    def __init__(self, proxies: list[GridClientProxy], fitins: FitIns) -> None:
+        self.proxies = proxies
+        self.fitins = fitins
+        self.results: list[tuple[Any, FitRes]] | None = None
+        self.failures: list[Any] = []
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return None
+
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager):
+        return [(proxy, self.fitins) for proxy in self.proxies]
+
+    def aggregate_fit(self, server_round, results, failures):
+        self.results, self.failures = list(results), list(failures)
+        return (results[0][1].parameters if results else None), {}
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
+    def evaluate(self, server_round, parameters):
+        return None
+
+
+def download_fitins(message: Message) -> FitIns:
+    """The legacy FitIns carrying a ``train.distill`` request's download and config."""
+    teacher = message.content.array_records[protocol.TEACHER_RECORD]
+    names = list(teacher.keys())
+    config = dict(message.content.config_records[protocol.CONFIG_RECORD])
+    config[ARRAY_NAMES] = json.dumps(names)
+    return FitIns(ndarrays_to_parameters([teacher[n].numpy() for n in names]), config)
+
+
+def make_workflow(cfg: RunConfig, noise: SecAggNoise) -> SecAggPlusWorkflow:
+    d = cfg.distill
+    return SecAggPlusWorkflow(
+        num_shares=d.secagg_num_shares,
+        reconstruction_threshold=d.secagg_reconstruction_threshold,
+        max_weight=1.0,  # every client uploads with weight 1: the unmasked result is the plain mean
+        clipping_range=float(noise.clipping_range),
+        quantization_range=d.secagg_quantization_range,
+        timeout=cfg.simulation.round_timeout,
+    )
+
+
+def teacher_signal(mean: np.ndarray, client_level: str) -> np.ndarray:
+    """The next teacher signal from the survivors' (noisy) mean answers."""
+    if client_level == "gnmax":  # noisy vote counts / m: same argmax as the counts
+        return np.eye(mean.shape[1], dtype=np.float32)[mean.argmax(axis=1)]
+    return normalize_rows(mean)  # MeanAnswers.aggregate_answers of one (already averaged) matrix
+
+
+def secagg_round(grid: Grid, messages: list[Message], cfg: RunConfig, rnd: int,
+                 node_partition: dict[int, int]) -> tuple[np.ndarray | None, SecAggReplies]:
+    """Collect one round's answers through SecAgg+; returns (teacher signal or None, what arrived)."""
+    out = SecAggReplies()
+    if not messages:
+        return None, out
+    noise = run_secagg_noise(cfg)
+    fitins = download_fitins(messages[0])  # every sampled node gets the same download
+    run_id = grid.run.run_id
+    proxies = [GridClientProxy(m.metadata.dst_node_id, grid, run_id) for m in messages]
+    collector = _CollectSum(proxies, fitins)
+    state = RecordDict({MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: rnd}),
+                        MAIN_PARAMS_RECORD: ArrayRecord()})  # the workflow reads (and ignores) it
+    context = LegacyContext(Context(run_id=run_id, node_id=0, node_config={}, state=state, run_config={}),
+                            strategy=collector)
+    make_workflow(cfg, noise)(grid, context)
+    sampled = len(messages)
+    if collector.results is None:
+        out.halted = (f"SecAgg+ halted: fewer than {cfg.distill.secagg_reconstruction_threshold} "
+                      "live clients (or fewer than 2 sampled)")
+        out.dropped = {"secagg halted": sampled}
+        log.warning("round %d: %s; no teacher signal this round", rnd, out.halted)
+        return None, out
+    results = collector.results
+    out.survivors = len(results)
+    lost = sampled - out.survivors
+    if lost:
+        out.dropped["dropped out"] = lost
+    out.senders = [node_partition.get(proxy.node_id, -1) for proxy, _ in results]
+    out.metrics = [{k: float(v) for k, v in res.metrics.items() if k.startswith("record-")} for _, res in results]
+    out.weights = [1.0] * out.survivors
+    mean = parameters_to_ndarrays(results[0][1].parameters)[0]
+    out.bytes_uploaded = out.survivors * (mean.size + 1) * MASKED_ENTRY_BYTES
+    if out.survivors < noise.min_survivors:  # SecAgg+ enforces this too; the noise calibration relies on it
+        out.halted = (f"{out.survivors} survivors < {noise.min_survivors} "
+                      "('distill.secagg-reconstruction-threshold'): the sum carries too little noise; not released")
+        log.warning("round %d: %s", rnd, out.halted)
+        return None, out
+    out.aggregate = mean
+    return teacher_signal(mean, cfg.privacy.client_level), out
+
+
+def secagg_report(cfg: RunConfig) -> dict[str, Any]:
+    """results.json's account of the SecAgg+ settings and what they imply."""
+    d = cfg.distill
+    noise = run_secagg_noise(cfg)
+    return {
+        "protocol": "SecAgg+ (Flower SecAggPlusWorkflow / secaggplus_mod)",
+        "num_shares": d.secagg_num_shares,
+        "reconstruction_threshold": d.secagg_reconstruction_threshold,
+        **noise.to_dict(),
+        "server_sees": "which sampled nodes survived, and the quantized mean of their answers (no single answer)",
+        "quantization": "stochastic rounding to step 2c/T after clipping to [-c, c]; the accountant treats the "
+                        "noise as the continuous Gaussian (shares span >= 100 steps)",
+    }
