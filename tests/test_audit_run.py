@@ -230,6 +230,18 @@ def test_dp_violation_fails_even_without_a_policy_file(leaky_run, tmp_path):
     assert code == 1 and audit["dp_violations"]
 
 
+def test_canary_audit_is_skipped_with_a_warning_when_the_canary_client_never_took_part(leaky_run, tmp_path):
+    run = _copy(leaky_run, tmp_path / "run")
+    canary_client = load_run(run).canaries.client
+    for path in (run / "audit" / "uploads").glob("round*.npz"):  # as if it was never sampled
+        kept = {k: v for k, v in np.load(path).items() if k != f"client{canary_client}"}
+        np.savez_compressed(path, **kept)
+    (run / "audit" / "clients" / f"client{canary_client}.pt").unlink()
+    art = load_run(run)
+    assert art.canaries is None
+    assert any("canary audit not run" in w for w in art.warnings)
+
+
 # --------------------------------------------------------------------------- (2) unreadable input -> exit 2
 def _rm(p: Path) -> None:
     shutil.rmtree(p) if p.is_dir() else p.unlink()

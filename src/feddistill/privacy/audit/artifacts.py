@@ -265,9 +265,11 @@ def load_run(run_dir: str | Path) -> RunArtifacts:
 
     canaries = _load_canaries(audit_dir / "canaries.npz", cfg, size, classes)
     if canaries is not None and canaries.client not in client_students:
-        raise AuditInputError(
-            f"{clients_dir / f'client{canaries.client}.pt'}: missing: the canary client's local student is needed for the canary audit"
-        )
+        # no accepted upload and no local student (both checked above): the client never trained
+        # in this run, so its canaries never left it and there is nothing to audit
+        warnings.append(f"canary audit not run: canary client {canaries.client} took no part in the run "
+                        f"(no upload, no {clients_dir / f'client{canaries.client}.pt'})")
+        canaries = None
     return RunArtifacts(
         run_dir=run_dir,
         cfg=cfg,
