@@ -74,6 +74,13 @@ class DistillConfig:
     server_student: str = "mlp"  # architecture of the released global student
     server_epochs: int = 5  # server distillation epochs per round (on the reference set)
     server_lr: float = 0.05
+    # Secure aggregation of the answers with Flower's SecAgg+ (feddistill.server.secagg): "off" | "secagg+".
+    # The server then sees only the sum of the surviving clients' answers (mean aggregator only).
+    secure_aggregation: str = "off"
+    secagg_num_shares: int = 5  # shares of each client's keys (its SecAgg+ neighbourhood size), >= 3
+    secagg_reconstruction_threshold: int = 3  # shares needed to unmask; also the fewest survivors a round accepts
+    secagg_clipping_range: float = 0.0  # each uploaded entry is clipped to [-c, c] before quantization (0 = derived)
+    secagg_quantization_range: int = 4194304  # 2**22 quantization levels over [-c, c]
 
 
 @dataclass(frozen=True)
@@ -224,6 +231,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "distill.aggregator": ("mean", "era", "median", "trimmed-mean", "outlier-filtered"),
     "distill.answer_dtype": ("float32", "float16", "uint8", "vote"),
     "distill.client_start": ("global", "own"),
+    "distill.secure_aggregation": ("off", "secagg+"),
     "baselines.fedavg_init": ("public", "scratch"),
     "privacy.client_level": ("off", "local", "central", "gnmax", "confident-gnmax"),
     "privacy.bound": ("probs", "votes", "clipped_logits"),
@@ -258,6 +266,10 @@ _RANGES: dict[str, tuple[float, bool, float | None]] = {
     "distill.momentum": (0, True, 1.0),
     "distill.server_epochs": (0, True, None),
     "distill.server_lr": (0, False, None),
+    "distill.secagg_num_shares": (3, True, None),
+    "distill.secagg_reconstruction_threshold": (2, True, None),
+    "distill.secagg_clipping_range": (0, True, None),
+    "distill.secagg_quantization_range": (2, True, None),
     "baselines.max_local_clients": (1, True, None),
     "baselines.local_epochs": (1, True, None),
     "baselines.fedavg_local_epochs": (1, True, None),
@@ -372,6 +384,7 @@ def _check(cfg: RunConfig, source: str) -> None:
             f"'data.reference-size' ({cfg.data.reference_size})"
         )
     _check_privacy(cfg, source)
+    _check_secagg(cfg, source)
     _check_release(cfg, source)
     if cfg.scenario.shift_round > cfg.rounds:
         raise ConfigError(f"{source}: 'scenario.shift-round' ({cfg.scenario.shift_round}) must be <= 'rounds' ({cfg.rounds})")
@@ -435,6 +448,69 @@ def _check_privacy(cfg: RunConfig, source: str) -> None:
         )
     if p.record_level and cfg.distill.revisit_epochs == 0:
         raise ConfigError(f"{source}: 'privacy.record-level' = true needs 'distill.revisit-epochs' >= 1")
+
+
+def _check_secagg(cfg: RunConfig, source: str) -> None:
+    """SecAgg+ (feddistill.server.secagg): the server sees only a sum, so everything that needs
+    single replies is refused here; the DP parameters are checked by feddistill.privacy.distributed."""
+    d, p = cfg.distill, cfg.privacy
+    if d.secure_aggregation == "off":
+        return
+    mode = f"'distill.secure-aggregation' = {d.secure_aggregation!r}"
+    if cfg.method != "feddistill":
+        raise ConfigError(f"{source}: {mode} secures feddistill's answers; 'method' = {cfg.method!r} does not use it")
+    if d.aggregator != "mean":
+        raise ConfigError(
+            f"{source}: {mode} gives the server only the sum of the answers, so 'distill.aggregator' must be "
+            f"'mean' (got {d.aggregator!r}: robust and entropy-reduced aggregators need every single reply)"
+        )
+    if p.client_level == "confident-gnmax":
+        raise ConfigError(f"{source}: {mode} does not support 'privacy.client-level' = 'confident-gnmax' "
+                          "(its threshold check needs a second noisy sum); use 'gnmax', 'central' or 'local'")
+    if d.secagg_reconstruction_threshold >= d.secagg_num_shares:
+        raise ConfigError(
+            f"{source}: 'distill.secagg-reconstruction-threshold' ({d.secagg_reconstruction_threshold}) must be < "
+            f"'distill.secagg-num-shares' ({d.secagg_num_shares})"
+        )
+    if d.secagg_reconstruction_threshold > cfg.fleet.num_clients:
+        raise ConfigError(
+            f"{source}: 'distill.secagg-reconstruction-threshold' ({d.secagg_reconstruction_threshold}) exceeds "
+            f"'fleet.num-clients' ({cfg.fleet.num_clients}): no round could ever be unmasked"
+        )
+    # Flower sums the quantized uploads (each in [0, T], plus the weight factor T) modulo 2**32:
+    # the sum over every client must not wrap around.
+    if cfg.fleet.num_clients * d.secagg_quantization_range >= 2**32:
+        raise ConfigError(
+            f"{source}: 'distill.secagg-quantization-range' ({d.secagg_quantization_range}) times "
+            f"'fleet.num-clients' ({cfg.fleet.num_clients}) must be < 2**32 (SecAgg+'s modulus), or the sum "
+            f"wraps around; use at most {(2**32 - 1) // cfg.fleet.num_clients}"
+        )
+    if cfg.audit.keep_artifacts:
+        raise ConfigError(f"{source}: {mode} and 'audit.keep-artifacts' = true: the server never sees a single "
+                          "upload, so there are none to keep for the uploads audit")
+    if d.secagg_clipping_range:
+        from feddistill.privacy.mechanisms import row_norm_bound
+
+        bound = row_norm_bound(p.bound, clip_norm=p.clip_norm)
+        if d.secagg_clipping_range < bound:
+            raise ConfigError(
+                f"{source}: 'distill.secagg-clipping-range' ({d.secagg_clipping_range}) must be >= {bound:g}, the "
+                f"largest value a bounded answer holds ('privacy.bound' = {p.bound!r}); 0 derives it"
+            )
+    if cfg.scenario.hostile_fraction > 0:
+        raise ConfigError(
+            f"{source}: {mode} and 'scenario.hostile-fraction' > 0: the hostile-client scenario measures per-reply "
+            "validation, which SecAgg+ rules out (a client that deviates from the protocol corrupts the sum undetected)"
+        )
+    # Shares against clipping range and quantization step. Calibrating z to a target epsilon takes
+    # seconds (dp-accounting), too slow for every parse: then the server checks it when the run starts.
+    if p.client_level != "off" and p.noise_multiplier:
+        from feddistill.privacy.distributed import run_secagg_noise
+
+        try:
+            run_secagg_noise(cfg)  # clipping range and quantization step against the noise shares
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
 
 
 def parse_config(values: dict[str, Any], source: str = "config") -> RunConfig:

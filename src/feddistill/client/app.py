@@ -230,6 +230,10 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
 
     @client_app.train()
     def fedavg(msg: Message, context: Context) -> Message:
+        from feddistill.client.secagg import handle_secagg, is_secagg
+
+        if is_secagg(msg):  # SecAgg+ (distill.secure-aggregation): Flower's workflow speaks the legacy "train"
+            return handle_secagg(msg, context, resolve(context), handle_distill)
         return handle_fedavg(msg, context, resolve(context))
 
     return client_app

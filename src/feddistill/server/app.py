@@ -210,10 +210,15 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
                 messages, over_budget = charge_local(messages, participations, node_partition, ledger, plan, rnd)
             else:
                 ledger.record(plan.event(), rnd, sensitivity=plan.sensitivity)
-        replies = grid.send_and_receive(messages, timeout=cfg.simulation.round_timeout) if messages else []
-        check = ReplyCheck(rnd, splits.reference_digest, d.query_size, num_classes, low=low, high=high,
-                           votes=d.answer_dtype == "vote")
-        new_signal, collected = strategy.aggregate_round(replies, check)
+        if d.secure_aggregation != "off":  # Flower's SecAgg+: the server receives only the survivors' sum
+            from feddistill.server.secagg import secagg_round
+
+            new_signal, collected = secagg_round(grid, messages, cfg, rnd, node_partition)
+        else:
+            replies = grid.send_and_receive(messages, timeout=cfg.simulation.round_timeout) if messages else []
+            check = ReplyCheck(rnd, splits.reference_digest, d.query_size, num_classes, low=low, high=high,
+                               votes=d.answer_dtype == "vote")
+            new_signal, collected = strategy.aggregate_round(replies, check)
         if cfg.audit.keep_artifacts:
             save_uploads(out / "audit" / "uploads" / f"round{rnd:04d}.npz", queries, collected)
         for pid, metrics in zip(collected.senders, collected.metrics):
@@ -252,7 +257,7 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
         record = {
             "round": rnd,
             "clients": len(messages),
-            "replies": len(collected.answers),
+            "replies": collected.num_replies,
             "dropped": collected.dropped,
             "over_budget_skipped": over_budget,
             "answered_queries": answered_queries,
@@ -278,7 +283,7 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
             rnd,
             cfg.rounds,
             len(messages),
-            len(collected.answers),
+            collected.num_replies,
             "-" if teacher_accuracy is None else f"{teacher_accuracy:.3f}",
             ev.accuracy,
             collected.bytes_uploaded,
@@ -406,7 +411,8 @@ def build_strategy(cfg: RunConfig, plan: UploadPrivacy, noise: np.random.Generat
 def client_ledger(plan: UploadPrivacy) -> PrivacyLedger | None:
     if plan.mode == "off":
         return None
-    return PrivacyLedger(unit="client", delta=plan.delta, target_epsilon=plan.target_epsilon, mechanism=plan.mechanism)
+    return PrivacyLedger(unit="client", delta=plan.delta, target_epsilon=plan.target_epsilon, mechanism=plan.mechanism,
+                         neighbouring=plan.neighbouring)
 
 
 def identify_nodes(grid: Grid, nodes: list[int], timeout: float, devices: set[int] | None = None) -> dict[int, int]:
@@ -464,6 +470,10 @@ def privacy_report(cfg: RunConfig, plan: UploadPrivacy, ledger: PrivacyLedger | 
             else f"Poisson, q={plan.sampling_rate}",
             "analysis": "data-independent" if "gnmax" in plan.mode else "worst case",
         }
+        if plan.distributed:  # SecAgg+ distributed noise: no amplification claimed, delta shared with clipping
+            client_level.update({"client_sampling": "none claimed (q=1): the server sees who takes part; every "
+                                 "round charged as if every client answered", "delta_accountant": plan.delta,
+                                 "delta_clipping_failure": plan.clip_failure, "delta": cfg.privacy.delta})
     record_level = None
     if cfg.privacy.record_level:
         worst = max(devices.items(), key=lambda kv: kv[1]["record-epsilon"], default=(None, None))
@@ -480,7 +490,12 @@ def privacy_report(cfg: RunConfig, plan: UploadPrivacy, ledger: PrivacyLedger | 
             "worst_device": worst[0],
             "devices": {str(pid): m for pid, m in sorted(devices.items())},
         }
-    return {"client_level": client_level, "record_level": record_level}
+    report = {"client_level": client_level, "record_level": record_level}
+    if cfg.distill.secure_aggregation != "off":
+        from feddistill.server.secagg import secagg_report
+
+        report["secure_aggregation"] = secagg_report(cfg)
+    return report
 
 
 def save_uploads(path: Path, queries: np.ndarray, collected) -> None:
