@@ -459,6 +459,13 @@ def deploy(out: Path, overrides: dict) -> dict:
     t0 = time.monotonic()
     sim = simulate_flower(cfg)
     sim_seconds = time.monotonic() - t0
+    # the same run with the answers summed by Flower's SecAgg+ (3 shares, any 2 reconstruct)
+    secagg_cfg = load_config(Path("configs/digits.toml"), {
+        **run, "distill.secure_aggregation": "secagg+", "distill.secagg_num_shares": 3,
+        "distill.secagg_reconstruction_threshold": 2, "output_dir": str(out / "simulation-secagg")})
+    t0 = time.monotonic()
+    secagg = simulate_flower(secagg_cfg)
+    secagg_seconds = time.monotonic() - t0
 
     peaks: dict[int, int] = {}
     stop = threading.Event()
@@ -497,6 +504,11 @@ def deploy(out: Path, overrides: dict) -> dict:
         "run": run,
         "simulation": {"wall_seconds": sim_seconds, "round_seconds": per_round(sim),
                        "round_seconds_mean": sum(per_round(sim)) / len(per_round(sim))},
+        "simulation_secagg": {"wall_seconds": secagg_seconds, "round_seconds": per_round(secagg),
+                              "round_seconds_mean": sum(per_round(secagg)) / len(per_round(secagg)),
+                              "bytes_per_client_round": secagg["final"]["bytes_per_client_round"],
+                              "accuracy": secagg["final"]["student_accuracy"]},
+        "simulation_bytes_per_client_round": sim["final"]["bytes_per_client_round"],
         "deployment": {"wall_seconds": dep_seconds, "round_seconds": per_round(deployed),
                        "round_seconds_mean": sum(per_round(deployed)) / len(per_round(deployed)),
                        "transport": "gRPC over TLS on 127.0.0.1, SuperNode authentication on"},

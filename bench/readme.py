@@ -120,7 +120,12 @@ def deploy(d: dict[str, Any]) -> str:
     return "\n".join([
         "| | seconds / round (mean) | wall time |", "| --- | --- | --- |",
         f"| simulation engine, 3 clients | {d['simulation']['round_seconds_mean']:.1f} | {d['simulation']['wall_seconds']:.0f} s |",
+        f"| simulation engine, 3 clients, SecAgg+ | {d['simulation_secagg']['round_seconds_mean']:.1f} | {d['simulation_secagg']['wall_seconds']:.0f} s |",
         f"| 3 SuperNodes, TLS + node auth, loopback | {d['deployment']['round_seconds_mean']:.1f} | {d['deployment']['wall_seconds']:.0f} s |",
+        "",
+        f"SecAgg+ costs {d['simulation_secagg']['round_seconds_mean'] - d['simulation']['round_seconds_mean']:+.1f} s "
+        f"per round here and uploads {_kb(d['simulation_secagg']['bytes_per_client_round'])} per client-round "
+        f"instead of {_kb(d['simulation_bytes_per_client_round'])} (masked, quantized answers).",
         "",
         f"Client footprint: peak RSS per SuperNode with its ClientApp processes {rss} MiB; a fresh ClientApp "
         f"process imports in {imports[len(imports) // 2]:.1f} s (median of {len(imports)}); the environment's "
