@@ -189,6 +189,7 @@ def faults(out: Path, overrides: dict) -> dict:
     """20 % hostile clients per attack (robust aggregator; plain mean for contrast); 30 % dropouts."""
     base = {**NO_BASELINES, **overrides}
     robust = base.pop("robust_aggregator", "outlier-filtered")
+    contrast = [a for a in str(base.pop("mean_contrast", ",".join(FINITE_ATTACKS))).split(",") if a]
     # "non-private" is the privacy suite's clean run: same config, shared when --out points at the same runs
     rows = {"clean-mean": _row(run_variant(out, "non-private", base)),
             f"clean-{robust}": _row(run_variant(out, f"clean-{robust}", {**base, "distill.aggregator": robust}))}
@@ -196,7 +197,7 @@ def faults(out: Path, overrides: dict) -> dict:
     for attack in ATTACKS:
         hostile = {**base, "scenario.hostile_fraction": 0.2, "scenario.attack": attack}
         rows[f"{attack}-{robust}"] = _row(run_variant(out, f"{attack}-{robust}", {**hostile, "distill.aggregator": robust}))
-        if attack in FINITE_ATTACKS:  # the others never reach an aggregator: validation drops them
+        if attack in contrast:  # only finite attacks reach an aggregator: validation drops the others
             rows[f"{attack}-mean"] = _row(run_variant(out, f"{attack}-mean", hostile))
     for name, results_dir in ((n, out / "runs" / ("non-private" if n == "clean-mean" else n)) for n in rows):
         rounds = json.loads((results_dir / "results.json").read_text())["rounds"]
@@ -212,7 +213,7 @@ def faults(out: Path, overrides: dict) -> dict:
         "runs": rows,
         "robust_gap_points_vs_clean": {a: 100 * (clean - rows[f"{a}-{robust}"]["accuracy"]) for a in ATTACKS},
         "mean_gap_points_vs_clean": {a: 100 * (rows["clean-mean"]["accuracy"] - rows[f"{a}-mean"]["accuracy"])
-                                     for a in FINITE_ATTACKS},
+                                     for a in contrast},
         "dropout30_cost_points": 100 * (rows["clean-mean"]["accuracy"] - rows["dropout30-mean"]["accuracy"]),
     }
     plot_faults(rows, robust, out / "faults.png")
