@@ -248,14 +248,15 @@ def plot_faults(rows: dict, robust: str, path: Path) -> None:
 def comms(out: Path, overrides: dict) -> dict:
     """Bytes up per client-round vs accuracy for each answer encoding, against FedAvg's model bytes."""
     base = {**NO_BASELINES, **overrides}
+    encodings = str(base.pop("encodings", "float16,vote,uint8,float32")).split(",")
     # float16 is the fleet's default: the privacy suite's "non-private" run, shared like "fedavg"
     rows = {dtype: _row(run_variant(out, "non-private" if dtype == "float16" else dtype,
                                     {**base, "distill.answer_dtype": dtype}))
-            for dtype in ("float16", "vote", "uint8", "float32")}
+            for dtype in dict.fromkeys(["float16", *encodings])}
     fedavg = _row(run_variant(out, "fedavg", {**base, "method": "fedavg"}))
     for row in rows.values():
         row["fedavg_bytes_over_these"] = fedavg["bytes_per_client_round"] / row["bytes_per_client_round"]
-        row["accuracy_cost_points_vs_float32"] = 100 * (rows["float32"]["accuracy"] - row["accuracy"])
+        row["accuracy_cost_points_vs_float16"] = 100 * (rows["float16"]["accuracy"] - row["accuracy"])
     summary = {
         "suite": "comms",
         "command": "python -m bench comms" + "".join(f" --set {k}={v}" for k, v in overrides.items()),

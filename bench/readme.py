@@ -78,11 +78,12 @@ def faults(d: dict[str, Any]) -> str:
 def comms(d: dict[str, Any]) -> str:
     fed = d["fedavg"]
     lines = [f"Same fleet, {d['rounds']} rounds, 1,000 queries per round; FedAvg sends the CNN's weights.", "",
-             "| upload | bytes / client-round | FedAvg's bytes ÷ these | test accuracy |", "| --- | --- | --- | --- |"]
+             "| upload | bytes / client-round | FedAvg's bytes ÷ these | test accuracy | cost vs float16 |",
+             "| --- | --- | --- | --- | --- |"]
     for name, row in d["encodings"].items():
         lines.append(f"| answers, {name} | {_kb(row['bytes_per_client_round'])} | {row['fedavg_bytes_over_these']:.0f}× | "
-                     f"{_pct(row['accuracy'])} |")
-    lines.append(f"| Flower FedAvg (model weights) | {_kb(fed['bytes_per_client_round'])} | 1× | {_pct(fed['accuracy'])} |")
+                     f"{_pct(row['accuracy'])} | {row['accuracy_cost_points_vs_float16']:+.1f} points |")
+    lines.append(f"| Flower FedAvg (model weights) | {_kb(fed['bytes_per_client_round'])} | 1× | {_pct(fed['accuracy'])} | |")
     return "\n".join(lines) + "\n"
 
 
