@@ -154,6 +154,14 @@ def privacy(out: Path, overrides: dict) -> dict:
     return summary
 
 
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_frontier(rows: dict, record_eps: tuple, path: Path) -> None:
     import matplotlib
 
@@ -180,9 +188,7 @@ def plot_frontier(rows: dict, record_eps: tuple, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title("Fashion-MNIST, 100 clients, Dirichlet 0.5: accuracy vs epsilon")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def faults(out: Path, overrides: dict) -> dict:
@@ -240,9 +246,7 @@ def plot_faults(rows: dict, robust: str, path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title("Fashion-MNIST, 100 clients: 20 % hostile clients per attack")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def comms(out: Path, overrides: dict) -> dict:
@@ -351,9 +355,7 @@ def plot_scale(rows: dict, sizes: list[int], path: Path) -> None:
         ax.grid(alpha=0.3)
     a.legend(fontsize=8)
     fig.suptitle("Fashion-MNIST simulation on 2 cores")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 AUDIT_RUNS = {

@@ -33,12 +33,7 @@ from feddistill.training import predict_probs, train_distill, train_supervised
 CHEAP = AuditOptions(reference_models=2, target_clients=1, max_points=100)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def build_run(out: Path, *, num_clients: int, epochs: int, canaries: int, privacy=None) -> None:

@@ -22,12 +22,7 @@ from feddistill.training import predict_logits, train_supervised
 INT8_MIN_AGREEMENT = 0.95  # stated tolerance: int8 predictions agree with fp32 on >= 95 % of test inputs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _digits(cfg):

@@ -29,13 +29,7 @@ from feddistill.training import expected_calibration_error, train_supervised
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one torch thread is several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 CFG = ReleaseConfig(accuracy_tolerance=0.02, ece_tolerance=0.05, agreement_tolerance=0.05)

@@ -81,6 +81,17 @@ def print_summary(results: dict[str, Any], console: Console) -> None:
         console.print(f"[yellow]{dropped} replies dropped by validation (reasons in results.json)[/]")
 
 
+def _reference_lines(ax, results: dict[str, Any], base: dict[str, Any]) -> None:
+    """Horizontal lines for the public teacher and the local-only and centralized baselines."""
+    lines = [("public teacher only", results["public_teacher"]["test_accuracy"], "gray")]
+    if "local_only" in base:
+        lines.append(("local-only (mean)", base["local_only"]["accuracy_mean"], "red"))
+    if "centralized" in base:
+        lines.append(("centralized", base["centralized"]["accuracy"], "green"))
+    for label, value, color in lines:
+        ax.axhline(value, color=color, linestyle=":", label=label)
+
+
 def plot_accuracy(results: dict[str, Any], path: Path) -> Path:
     import matplotlib
 
@@ -98,13 +109,7 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> Path:
     if "fedavg" in base and base["fedavg"]["rounds"]:
         ax.plot([r["round"] for r in base["fedavg"]["rounds"]], [r["student_accuracy"] for r in base["fedavg"]["rounds"]],
                 "^-", label="Flower FedAvg (test)")
-    lines = [("public teacher only", results["public_teacher"]["test_accuracy"], "gray")]
-    if "local_only" in base:
-        lines.append(("local-only (mean)", base["local_only"]["accuracy_mean"], "red"))
-    if "centralized" in base:
-        lines.append(("centralized", base["centralized"]["accuracy"], "green"))
-    for label, value, color in lines:
-        ax.axhline(value, color=color, linestyle=":", label=label)
+    _reference_lines(ax, results, base)
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
@@ -169,13 +174,7 @@ def _accuracy_figure(results: dict[str, Any]) -> str:
         if key in base and base[key].get("rounds"):
             ax.plot([r["round"] for r in base[key]["rounds"]], [r["student_accuracy"] for r in base[key]["rounds"]],
                     "^-", alpha=0.8, label=f"{label} (test)")
-    lines = [("public teacher only", results["public_teacher"]["test_accuracy"], "gray")]
-    if "local_only" in base:
-        lines.append(("local-only (mean)", base["local_only"]["accuracy_mean"], "red"))
-    if "centralized" in base:
-        lines.append(("centralized", base["centralized"]["accuracy"], "green"))
-    for label, value, color in lines:
-        ax.axhline(value, color=color, linestyle=":", label=label)
+    _reference_lines(ax, results, base)
     ax.set(xlabel="round", ylabel="accuracy", ylim=(0, 1))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
