@@ -237,8 +237,8 @@ def plot_faults(rows: dict, robust: str, path: Path) -> None:
     attacks = ["clean", *ATTACKS]
     x = np.arange(len(attacks))
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.bar(x - 0.2, [rows.get(f"{a}-mean", {}).get("accuracy", 0.0) for a in attacks], 0.4,
-           label="plain mean (only where an attack reaches the aggregator)")
+    ax.bar(x - 0.2, [rows.get(f"{a}-mean", {}).get("accuracy", np.nan) for a in attacks], 0.4,
+           label="plain mean (where run)")
     ax.bar(x + 0.2, [rows[f"{a}-{robust}"]["accuracy"] for a in attacks], 0.4, label=robust)
     ax.axhline(rows["dropout30-mean"]["accuracy"], color="gray", linestyle=":", label="30 % dropouts (mean)")
     ax.set_xticks(x, attacks)

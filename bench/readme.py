@@ -65,7 +65,9 @@ def faults(d: dict[str, Any]) -> str:
                  f"{runs[f'clean-{robust}'].get('dropped_replies', 0)} |")
     for attack in d["robust_gap_points_vs_clean"]:
         mean = runs.get(f"{attack}-mean")
-        lines.append(f"| 20 % {attack} | {_pct(mean['accuracy']) if mean else 'dropped by validation'} | "
+        # scaled / NaN / wrong-shape replies never reach an aggregator; finite attacks without a mean run were not run
+        absent = "not run" if attack in ("label-flip", "random") else "dropped by validation"
+        lines.append(f"| 20 % {attack} | {_pct(mean['accuracy']) if mean else absent} | "
                      f"{_pct(runs[f'{attack}-{robust}']['accuracy'])} | {runs[f'{attack}-{robust}'].get('dropped_replies', 0)} |")
     lines.append(f"| 30 % dropouts per round | {_pct(runs['dropout30-mean']['accuracy'])} | – | "
                  f"{runs['dropout30-mean'].get('dropped_replies', 0)} |")
