@@ -319,20 +319,28 @@ def scale(out: Path, overrides: dict) -> dict:
     sizes = [int(n) for n in str(base.pop("sizes", "10,100,1000")).split(",")]
     if 100 not in sizes:
         raise SystemExit("scale: the overhead ratio is measured at 100 clients; include 100 in --set sizes")
-    rows = {}
-    for n in sizes:
+    # the overhead pair first, then the other sizes; the JSON is rewritten after every run
+    rows = {"flower-100": _timed_run(out, "flower-100", {**base, "fleet.num_clients": 100}, in_process=False),
+            "inprocess-100": _timed_run(out, "inprocess-100", {**base, "fleet.num_clients": 100}, in_process=True)}
+    summary = _scale_summary(out, overrides, base, rows)
+    for n in sorted(set(sizes) - {100}):
         rows[f"flower-{n}"] = _timed_run(out, f"flower-{n}", {**base, "fleet.num_clients": n}, in_process=False)
-    rows["inprocess-100"] = _timed_run(out, "inprocess-100", {**base, "fleet.num_clients": 100}, in_process=True)
+        summary = _scale_summary(out, overrides, base, rows)
+    return summary
+
+
+def _scale_summary(out: Path, overrides: dict, base: dict, rows: dict) -> dict:
     flower, bare = rows["flower-100"], rows["inprocess-100"]
     summary = {
         "suite": "scale",
         "command": "python -m bench scale" + "".join(f" --set {k}={v}" for k, v in overrides.items()),
         "environment": environment(),
         "config": {k: v for k, v in base.items() if not k.startswith("baselines")},
-        "runs": rows,
+        "runs": dict(sorted(rows.items(), key=lambda kv: (kv[1]["clients"], kv[0]))),
         "overhead_ratio_per_round": flower["round_seconds_mean"] / bare["round_seconds_mean"],
         "overhead_ratio_wall": flower["wall_seconds"] / bare["wall_seconds"],
     }
+    sizes = sorted(r["clients"] for k, r in rows.items() if k.startswith("flower-"))
     plot_scale(rows, sizes, out / "scale.png")
     (out / "scale.json").write_text(json.dumps(summary, indent=2))
     return summary
