@@ -48,3 +48,16 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def read_json(path: Path, error: type[Exception], missing: str):
+    """A JSON file a command needs: ``error`` naming the file when it is absent (with the
+    ``missing`` hint) or corrupt."""
+    import json
+
+    if not path.is_file():
+        raise error(f"{path}: not found; {missing}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: corrupt ({exc})") from exc

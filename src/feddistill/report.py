@@ -9,6 +9,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from feddistill.atomic import read_json
+
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f} %"
@@ -415,12 +417,7 @@ def build_html_report(results: dict[str, Any], run_dir: Path) -> str:
 def write_html_report(run_dir: Path, out: Path | None = None) -> Path:
     run_dir = Path(run_dir)
     path = run_dir / "results.json"
-    if not path.is_file():
-        raise ReportError(f"{path}: not found; is {run_dir} the folder of a finished feddistill run?")
-    try:
-        results = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ReportError(f"{path}: corrupt ({exc})") from exc
+    results = read_json(path, ReportError, f"is {run_dir} the folder of a finished feddistill run?")
     if not isinstance(results, dict) or results.get("method") != "feddistill" or "rounds" not in results:
         raise ReportError(f"{path}: not the results of a feddistill run (method {results.get('method')!r})"
                           if isinstance(results, dict) else f"{path}: not a results object")

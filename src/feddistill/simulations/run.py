@@ -45,13 +45,10 @@ def resume_config(run_dir: Path) -> RunConfig:
     """The config of an interrupted run, read back from its folder."""
     from feddistill.config import ConfigError, parse_config
 
+    from feddistill.atomic import read_json
+
     path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{path}: not found; is {run_dir} the output folder of a feddistill run?")
-    try:
-        values = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: corrupt ({exc})") from exc
+    values = read_json(path, ConfigError, f"is {run_dir} the output folder of a feddistill run?")
     return parse_config({**values, "output_dir": str(run_dir)}, str(path))
 
 
