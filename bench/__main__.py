@@ -81,8 +81,9 @@ def core(out: Path, overrides: dict) -> dict:
     return summary
 
 
-def run_variant(out: Path, name: str, overrides: dict) -> dict:
-    """One simulated run of the Fashion fleet with ``overrides``; reused if already finished."""
+def run_variant(out: Path, name: str, overrides: dict, baselines: bool = False) -> dict:
+    """One simulated run of the Fashion fleet with ``overrides``; reused if already finished.
+    ``baselines`` runs the ones the overrides leave on (local-only, centralized) after it."""
     from feddistill.config import load_config
     from feddistill.simulations.run import simulate
 
@@ -96,7 +97,7 @@ def run_variant(out: Path, name: str, overrides: dict) -> dict:
     cfg = load_config(Path("configs/fashion.toml"), {**overrides, "output_dir": str(run_dir)})
     logging.info("%s: starting", name)
     t0 = time.monotonic()
-    results = simulate(cfg, baselines=False)
+    results = simulate(cfg, baselines=baselines)
     results["seconds"] = time.monotonic() - t0
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     logging.info("%s: accuracy %.4f in %.0f s", name, results["final"]["student_accuracy"], results["seconds"])
@@ -152,6 +153,124 @@ def privacy(out: Path, overrides: dict) -> dict:
     plot_frontier(rows, record_eps, out / "frontier.png")
     (out / "privacy.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+# The frontier's methods (issue 7): feddistill with each aggregator and privacy unit, and the peers
+# a user would pick instead. Flower's (DP-)FedAvg runs twice: from the same public pretraining
+# the teacher gets, and from scratch (Flower's strategy as it comes, REFERENCES.md's peer).
+GNMAX = {"privacy.client_level": "gnmax", "privacy.bound": "votes", "privacy.delta": 1e-5, "distill.query_size": 10}
+FRONTIER_METHODS = {
+    "non-private": {},
+    "fedavg": {"method": "fedavg"},
+    "fedavg-scratch": {"method": "fedavg", "baselines.fedavg_init": "scratch"},
+    "client-eps4": {**GNMAX, "privacy.target_epsilon": 4.0},
+    "dp-fedavg-eps4": {"method": "dp-fedavg", "privacy.target_epsilon": 4.0, "privacy.delta": 1e-5},
+    "dp-fedavg-scratch-eps4": {"method": "dp-fedavg", "privacy.target_epsilon": 4.0, "privacy.delta": 1e-5,
+                               "baselines.fedavg_init": "scratch"},
+    "record-eps2": {"privacy.record_level": True, "privacy.record_target_epsilon": 2.0, "privacy.record_delta": 1e-5},
+    "record-eps8": {"privacy.record_level": True, "privacy.record_target_epsilon": 8.0, "privacy.record_delta": 1e-5},
+    "era": {"distill.aggregator": "era"},
+    "median": {"distill.aggregator": "median"},
+    "trimmed-mean": {"distill.aggregator": "trimmed-mean"},
+    "outlier-filtered": {"distill.aggregator": "outlier-filtered"},
+}
+# (alpha, seed, methods) in the order they run: every method once per alpha at seed 0, then the
+# headline comparison at two more seeds, then the other aggregators; the JSON is rewritten after
+# each run, so an interrupted suite (continued with --keep) still reports what it has.
+HEADLINE = ("non-private", "fedavg", "client-eps4", "dp-fedavg-eps4")
+FRONTIER_PLAN = (
+    (0.5, 0, ("non-private", "fedavg", "fedavg-scratch", "client-eps4", "dp-fedavg-eps4", "dp-fedavg-scratch-eps4")),
+    (0.1, 0, ("non-private", "fedavg", "fedavg-scratch", "client-eps4", "dp-fedavg-eps4", "dp-fedavg-scratch-eps4",
+              "record-eps2")),
+    (0.5, 1, HEADLINE),
+    (0.5, 2, HEADLINE),
+    (0.5, 0, ("era", "median", "trimmed-mean", "outlier-filtered", "record-eps2", "record-eps8")),
+    (0.1, 0, ("record-eps8",)),
+)
+
+
+def frontier(out: Path, overrides: dict) -> dict:
+    """Accuracy and upload bytes per method, alpha in {0.5, 0.1}, over seeds (mean and spread)."""
+    import numpy as np
+
+    base = {**NO_BASELINES, **overrides}
+    runs: dict[str, dict] = {}
+    summary: dict = {}
+    for alpha, seed, methods in FRONTIER_PLAN:
+        for method in methods:
+            name = f"alpha{alpha:g}-seed{seed}-{method}"
+            # local-only needs the fleet's partition: it runs once per alpha, with the first
+            # non-private run (centralized pools the same data for every alpha: once, at 0.5)
+            extra = {}
+            if method == "non-private" and seed == 0:
+                extra = {"baselines.local_only": True, "baselines.centralized": alpha == 0.5}
+            results = run_variant(out, name, {**base, **FRONTIER_METHODS[method], **extra, "fleet.alpha": alpha,
+                                              "seed": seed}, baselines=bool(extra))
+            runs[name] = {"alpha": alpha, "seed": seed, "method": method, **_row(results)}
+            for peer in ("local_only", "centralized"):
+                if peer in results.get("baselines", {}):
+                    b = results["baselines"][peer]
+                    runs[name][peer] = b.get("accuracy_mean", b.get("accuracy"))
+            summary = _frontier_summary(out, overrides, runs, np)
+    plot_frontier_alpha(summary, out / "frontier.png")
+    return summary
+
+
+def _frontier_summary(out: Path, overrides: dict, runs: dict, np) -> dict:
+    table: dict[str, dict] = {}
+    for row in runs.values():
+        cell = table.setdefault(f"alpha{row['alpha']:g}", {}).setdefault(row["method"], {"accuracies": [], "seeds": []})
+        cell["accuracies"].append(row["accuracy"])
+        cell["seeds"].append(row["seed"])
+        cell["bytes_per_client_round"] = row["bytes_per_client_round"]
+        for key in ("client_level", "record_level"):
+            if row[key]:
+                cell["epsilon"] = row[key]["epsilon"]
+                cell["unit"] = row[key]["unit"]
+        for peer in ("local_only", "centralized"):
+            if peer in row:
+                table[f"alpha{row['alpha']:g}"][peer] = {"accuracies": [row[peer]], "seeds": [row["seed"]]}
+    for cells in table.values():
+        for cell in cells.values():
+            acc = np.asarray(cell["accuracies"])
+            cell.update(mean=float(acc.mean()), std=float(acc.std(ddof=1)) if len(acc) > 1 else None,
+                        min=float(acc.min()), max=float(acc.max()), n=len(acc))
+    summary = {
+        "suite": "frontier",
+        "command": "python -m bench frontier" + "".join(f" --set {k}={v}" for k, v in overrides.items()),
+        "environment": environment(),
+        "note": "every run: 100 clients, q=0.1 Poisson, the same rounds; std is the sample std over seeds",
+        "table": table,
+        "runs": runs,
+    }
+    (out / "frontier.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def plot_frontier_alpha(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    alphas = sorted(summary["table"], key=lambda a: -float(a[len("alpha"):]))
+    methods = [m for m in FRONTIER_METHODS if any(m in summary["table"][a] for a in alphas)]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(alphas)
+    for i, alpha in enumerate(alphas):
+        cells = [summary["table"][alpha].get(m) for m in methods]
+        xs = [j + i * width for j in range(len(methods))]
+        ax.bar(xs, [c["mean"] if c else 0 for c in cells], width,
+               yerr=[[c["mean"] - c["min"] if c else 0 for c in cells], [c["max"] - c["mean"] if c else 0 for c in cells]],
+               label=f"Dirichlet alpha = {alpha[len('alpha'):]}", capsize=2)
+    ax.set_xticks([j + width * (len(alphas) - 1) / 2 for j in range(len(methods))], methods, rotation=40, ha="right",
+                  fontsize=8)
+    ax.set_ylabel("test accuracy (mean, min-max over seeds)")
+    ax.set_ylim(0, 1)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Fashion-MNIST, 100 clients: feddistill and peers, same fleet and rounds")
+    _save(fig, path)
 
 
 def _save(fig, path: Path) -> None:
@@ -535,7 +654,8 @@ def deploy(out: Path, overrides: dict) -> dict:
     return summary
 
 
-SUITES = {"core": core, "audit": audit, "deploy": deploy, "privacy": privacy, "faults": faults, "comms": comms, "scale": scale}
+SUITES = {"core": core, "audit": audit, "deploy": deploy, "privacy": privacy, "faults": faults, "comms": comms, "scale": scale,
+          "frontier": frontier}
 
 
 def main() -> None:
