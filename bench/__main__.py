@@ -485,6 +485,97 @@ def plot_scale(rows: dict, sizes: list[int], path: Path) -> None:
     _save(fig, path)
 
 
+# Where a round's time goes: the functions a reader would look for first (cumulative CPU time).
+PROFILED = {
+    "client: whole message": "client/app.py:handle_distill",
+    "client: digest (KD on queries)": "training.py:train_distill",
+    "client: revisit (private data)": "training.py:train_revisit",
+    "client: answer (inference)": "client/app.py:answer_matrix",
+    "client: data lookup": "client/device.py:client_data",
+    "client: state load/save": "client/state.py:save_state",
+    "inference (all callers)": "training.py:predict_logits",
+    "server: release gate": "server/gate.py:consider",
+    "server: checkpoint": "server/checkpoint.py:save_checkpoint",
+    "server: aggregation": "strategies/base.py:aggregate_round",
+    "model construction": "models.py:build_model",
+}
+
+
+def profile(out: Path, overrides: dict) -> dict:
+    """cProfile (CPU time) of a core-fleet run on the in-process grid: every client and server
+    step in one process, so the profile sees the torch work the Flower run does."""
+    import cProfile
+    import pstats
+
+    from bench.inprocess import InProcessGrid
+    from feddistill.client.app import make_client_app
+    from feddistill.config import load_config
+    from feddistill.server.app import run_distillation
+
+    base = {**NO_BASELINES, "rounds": 3, **overrides}
+    cfg = load_config(Path("configs/fashion.toml"), {**base, "output_dir": str(out / "run")})
+    grid = InProcessGrid(make_client_app(cfg), cfg.fleet.num_clients)
+    profiler = cProfile.Profile(time.process_time)
+    t0 = time.monotonic()
+    profiler.enable()
+    results = run_distillation(grid, cfg)
+    profiler.disable()
+    wall = time.monotonic() - t0
+    profiler.dump_stats(out / "profile.pstats")  # for snakeviz / pstats: callers, callees
+    stats = pstats.Stats(profiler)
+    total = sum(tt for (_, _, tt, _, _) in stats.stats.values())
+
+    def where(key) -> str:
+        filename, line, name = key
+        short = filename.split("site-packages/")[-1].split("src/feddistill/")[-1]
+        return f"{short}:{name}" if line else name
+
+    cumulative: dict[str, float] = {}
+    for key, (_, _, _, ct, _) in stats.stats.items():
+        label = where(key)
+        for bucket, target in PROFILED.items():
+            if label.endswith(target) and target.split(":")[1] == key[2]:
+                cumulative[bucket] = cumulative.get(bucket, 0.0) + ct
+    top_self = sorted(((where(k), v[2]) for k, v in stats.stats.items()), key=lambda kv: -kv[1])[:20]
+    summary = {
+        "suite": "profile",
+        "command": "python -m bench profile" + "".join(f" --set {k}={v}" for k, v in overrides.items()),
+        "environment": environment(),
+        "config": {k: v for k, v in base.items() if not k.startswith("baselines")},
+        "clients": cfg.fleet.num_clients,
+        "rounds": len(results["rounds"]),
+        "wall_seconds": wall,
+        "cpu_seconds": total,
+        "timer": "time.process_time (CPU time of this process: not inflated by other load)",
+        "cumulative_seconds": dict(sorted(cumulative.items(), key=lambda kv: -kv[1])),
+        "top_self_seconds": [{"function": f, "seconds": t} for f, t in top_self],
+    }
+    plot_profile(summary, out / "profile.png")
+    (out / "profile.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def plot_profile(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    cum = summary["cumulative_seconds"]
+    a.barh(list(cum)[::-1], list(cum.values())[::-1])
+    a.set_xlabel("cumulative CPU seconds")
+    a.set_title(f"{summary['rounds']} rounds, {summary['clients']} clients: {summary['cpu_seconds']:.0f} CPU s in all",
+                fontsize=9)
+    top = summary["top_self_seconds"][:12]
+    b.barh([t["function"][-45:] for t in top][::-1], [t["seconds"] for t in top][::-1], color="tab:orange")
+    b.set_xlabel("self CPU seconds")
+    b.set_title("hottest functions (own time)", fontsize=9)
+    for ax in (a, b):
+        ax.tick_params(axis="y", labelsize=7)
+    _save(fig, path)
+
+
 AUDIT_RUNS = {
     "non-private": {},
     "record-eps8": {"privacy.record_level": True, "privacy.record_target_epsilon": 8.0},
@@ -655,7 +746,7 @@ def deploy(out: Path, overrides: dict) -> dict:
 
 
 SUITES = {"core": core, "audit": audit, "deploy": deploy, "privacy": privacy, "faults": faults, "comms": comms, "scale": scale,
-          "frontier": frontier}
+          "frontier": frontier, "profile": profile}
 
 
 def main() -> None:

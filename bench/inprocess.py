@@ -18,14 +18,18 @@ from pathlib import Path
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
 
 
 class InProcessGrid(Grid):
     def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1):
         self._app = client_app
         self._run = Run.create_empty(run_id)
+        # who is sending, as the SuperLink stamps it on a ServerApp process: Message() reads it
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
         # node ids as Flower's simulation makes them: distinct, not the partition ids
         self._contexts = {
             1000 + pid: Context(run_id=run_id, node_id=1000 + pid,

@@ -265,3 +265,36 @@ def test_vote_answers_are_one_byte_per_query_and_decode_to_one_hot_rows():
                                                                    num_classes=10))[1]  # votes when a matrix is due
     with pytest.raises(ConfigError, match="vote"):
         parse_config({"distill": {"answer-dtype": "vote"}, "privacy": {"client-level": "local", "noise-multiplier": 1.0}})
+
+
+# ---- the public teacher's cache ----
+
+def test_public_teacher_cache_returns_the_same_teacher_without_training_or_inference(tmp_path, monkeypatch):
+    """Weights, reference-set probabilities and test metrics come back from the cache; a
+    corrupt entry is retrained, never trusted."""
+    from feddistill.config import TeacherConfig
+    from feddistill.server import teacher as teacher_mod
+    from feddistill.simulations.fleet import load_fleet
+
+    monkeypatch.setenv("FEDDISTILL_CACHE", str(tmp_path))
+    cfg = load_config(None, {"fleet.num_clients": 3})
+    splits = load_fleet(cfg.data, cfg.fleet, cfg.seed).splits
+    tcfg = TeacherConfig(model="mlp", epochs=2)
+    first = teacher_mod.public_teacher(tcfg, splits, seed=0)
+    (entry,) = tmp_path.glob("teacher-*.pt")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a cached teacher must not be trained or evaluated again")
+
+    for name in ("train_supervised", "predict_probs", "evaluate_model"):
+        monkeypatch.setattr(teacher_mod, name, forbidden)
+    again = teacher_mod.public_teacher(tcfg, splits, seed=0)
+    np.testing.assert_array_equal(again.reference_probs, first.reference_probs)
+    assert again.test == first.test
+    for key, value in first.model.state_dict().items():
+        assert torch.equal(again.model.state_dict()[key], value)
+
+    entry.write_bytes(b"not a torch file")
+    with pytest.raises(AssertionError, match="must not be trained"):  # it retrains: the cache is not trusted
+        teacher_mod.public_teacher(tcfg, splits, seed=0)
+    assert not entry.exists()

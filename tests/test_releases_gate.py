@@ -124,6 +124,34 @@ def test_rollback_keeps_the_last_good_release_on_disk_and_in_memory(tmp_path):
     assert restored.to_dict() == history.to_dict()
 
 
+def test_gate_reuses_the_servers_predictions_and_decides_exactly_as_without_them(tmp_path):
+    """The server hands the gate the outputs it computed for its own metrics; the gate must not
+    infer them again (it would cost a reference- and a test-set pass per round) and must reach
+    the same decisions, metrics and calibration as when it computes everything itself."""
+    from feddistill.server.gate import Predictions
+    from feddistill.training import predict_logits
+
+    models = [build_model("mlp", 8, 10, seed=7), _trained(seed=0), build_model("mlp", 8, 10, seed=99)]
+    own, given = _releaser(tmp_path / "own"), _releaser(tmp_path / "given")
+    real = given._outputs
+    calls: list[bool] = []  # one entry per reference-set pass the gate asks for: True = it ran inference
+    given._outputs = lambda m, labels=None: calls.append(labels is None) or real(m, labels)
+    for rnd, model in enumerate(models):
+        a = _consider(own, rnd, model, 0.0)
+        ref_x = given.ref_x
+        predictions = Predictions(predict_logits(model, ref_x).numpy().argmax(1), predict_logits(model, given.test_x).numpy())
+        calls.clear()
+        b = given.consider(rnd, model, _signal(), test_metrics={"accuracy": 0.0, "nll": 0.0, "ece": 0.0},
+                           client_epsilon=0.0, record_epsilon=None, build=lambda: build_model("mlp", 8, 10),
+                           predictions=predictions)
+        assert a == b
+        assert calls == [False]  # the candidate's reference pass was reused; the released one's was kept
+    mine, theirs = load_index(tmp_path / "own").to_dict(), load_index(tmp_path / "given").to_dict()
+    for release in (*mine["releases"], *theirs["releases"]):
+        release.pop("config_digest")  # the two run folders differ, hence their configs
+    assert json.dumps(mine, sort_keys=True) == json.dumps(theirs, sort_keys=True)
+
+
 def test_temperature_scaling_lowers_ece_on_an_overconfident_model():
     rng = np.random.default_rng(0)
     n, classes = 2000, 10

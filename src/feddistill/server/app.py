@@ -44,7 +44,7 @@ from feddistill.strategies import (
 )
 from feddistill.releases import sign_download
 from feddistill.server.drift import drift_alert, per_class_accuracy, signal_kl
-from feddistill.server.gate import Releaser, ReleaseHistory
+from feddistill.server.gate import Predictions, Releaser, ReleaseHistory
 from feddistill.server.checkpoint import (
     CHECKPOINT,
     ServerState,
@@ -53,7 +53,7 @@ from feddistill.server.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from feddistill.training import Evaluation, evaluate_probs, predict_probs, train_distill
+from feddistill.training import Evaluation, evaluate_probs, predict_logits, train_distill
 
 log = logging.getLogger("feddistill")
 
@@ -168,11 +168,11 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
         log.info("resumed from %s after round %d", out / CHECKPOINT, state.round)
     else:
         distil_student(cfg.seed)
-        public_only = evaluate_probs(predict_probs(student, test_x).numpy(), splits.test.y)
+        public_only, _, predictions = evaluate_student(student, test_x, splits.test.y, ref_x)
         log.info("round 0 (public teacher only): student accuracy %.3f", public_only.accuracy)
         releaser.consider(0, student, signal, test_metrics=public_only.to_dict(),
                           client_epsilon=None if ledger is None else ledger.epsilon(), record_epsilon=None,
-                          build=build_student)
+                          build=build_student, predictions=predictions)
     nodes = wait_for_nodes(grid, cfg.fleet.num_clients, cfg.simulation.node_wait_timeout)
     # Node ids are new in every run; partition ids are not. Sampling in partition order makes a
     # seeded run (and a resumed one) pick the same clients.
@@ -238,9 +238,8 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
                     (new_signal[answered].argmax(1) == splits.reference.y[queries[answered]]).mean()
                 )
         distil_student(cfg.seed + rnd)
-        test_probs = predict_probs(student, test_x).numpy()
-        ev = evaluate_probs(test_probs, splits.test.y)
-        agreement = float((predict_probs(student, ref_x).numpy().argmax(1) == signal.argmax(1)).mean())
+        ev, test_probs, predictions = evaluate_student(student, test_x, splits.test.y, ref_x)
+        agreement = float((predictions.reference_labels == signal.argmax(1)).mean())
         # drift: only rows whose previous value was already the fleet's (a row's first answer
         # replaces the public teacher's opinion: a change by design, not drift)
         compared = fleet_before & fleet_answered & np.any(signal != previous_signal, axis=1)
@@ -251,7 +250,7 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
         record_epsilon = max((m["record-epsilon"] for m in devices.values()), default=None)
         release = releaser.consider(rnd, student, signal, test_metrics=ev.to_dict(),
                                     client_epsilon=None if ledger is None else ledger.epsilon(),
-                                    record_epsilon=record_epsilon, build=build_student)
+                                    record_epsilon=record_epsilon, build=build_student, predictions=predictions)
         if not release["promoted"]:
             log.warning("round %d: candidate %s not released: %s", rnd, release["candidate"], release["reason"])
         record = {
@@ -351,6 +350,17 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
     if results["calibration"] is not None:
         save_reliability(results["calibration"], out / "reliability.png", releaser.history.current)
     return results
+
+
+def evaluate_student(student, test_x, test_y: np.ndarray, ref_x) -> tuple[Evaluation, np.ndarray, Predictions]:
+    """The student's test metrics and test probabilities, plus the outputs the release gate
+    reuses: one inference pass over the test and reference sets per round, not three."""
+    from feddistill.calibration import softmax
+
+    test_logits = predict_logits(student, test_x).numpy()
+    test_probs = softmax(test_logits)
+    reference_labels = predict_logits(student, ref_x).numpy().argmax(1)
+    return evaluate_probs(test_probs, test_y), test_probs, Predictions(reference_labels, test_logits)
 
 
 def split_validation(splits, size: int, seed: int):

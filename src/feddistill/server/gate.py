@@ -196,6 +196,15 @@ def load_release_model(run_dir: Path, rid: str) -> tuple[Release, dict[str, Any]
     return release, blob
 
 
+@dataclass(frozen=True)
+class Predictions:
+    """A candidate's outputs the server computed this round anyway (its test metrics and
+    agreement), handed to the gate so that it does not run the same inference again."""
+
+    reference_labels: Any  # argmax over the reference set
+    test_logits: Any
+
+
 class Releaser:
     """The server's release manager: evaluates each round's candidate, gates it, calibrates and
     stores promoted ones, and remembers the released student (what devices deploy)."""
@@ -214,19 +223,30 @@ class Releaser:
         self.history = history or ReleaseHistory()
         self.released_state = released_state
         self.released_temperature = released_temperature
+        # the released student's outputs do not change while it stays released: kept from
+        # when it was promoted (recomputed once after a resume), not re-inferred every round
+        self._released_outputs: tuple[Any, Any] | None = None
 
     # ---- evaluation ----
-    def _gate_metrics(self, model: Any, signal: Any) -> tuple[GateMetrics, Any]:
+    def _outputs(self, model: Any, reference_labels: Any = None) -> tuple[Any, Any]:
+        """(argmax on the reference set, logits on the validation split or None without one)."""
+        from feddistill.training import predict_logits
+
+        if reference_labels is None:
+            reference_labels = predict_logits(model, self.ref_x).numpy().argmax(1)
+        return reference_labels, predict_logits(model, self.val_x).numpy() if len(self.val_y) else None
+
+    def _gate_metrics(self, outputs: tuple[Any, Any], signal: Any) -> GateMetrics:
         import numpy as np
 
-        from feddistill.training import evaluate_probs, predict_logits, predict_probs
+        from feddistill.training import evaluate_probs
 
-        agreement = float((predict_probs(model, self.ref_x).numpy().argmax(1) == signal.argmax(1)).mean())
+        reference_labels, val_logits = outputs
+        agreement = float((reference_labels == signal.argmax(1)).mean())
         if len(self.val_y) == 0:
-            return GateMetrics(float("nan"), float("nan"), float("nan"), agreement), np.zeros((0, signal.shape[1]))
-        logits = predict_logits(model, self.val_x).numpy()
-        ev = evaluate_probs(np.asarray(_softmax(logits)), self.val_y)
-        return GateMetrics(ev.accuracy, ev.ece, ev.nll, agreement), logits
+            return GateMetrics(float("nan"), float("nan"), float("nan"), agreement)
+        ev = evaluate_probs(np.asarray(_softmax(val_logits)), self.val_y)
+        return GateMetrics(ev.accuracy, ev.ece, ev.nll, agreement)
 
     def released_model(self, build: Any) -> Any:
         """A fresh model (from `build()`) holding the released weights."""
@@ -236,14 +256,17 @@ class Releaser:
 
     # ---- one round ----
     def consider(self, rnd: int, model: Any, signal: Any, *, test_metrics: dict[str, float],
-                 client_epsilon: float | None, record_epsilon: float | None, build: Any) -> dict[str, Any]:
+                 client_epsilon: float | None, record_epsilon: float | None, build: Any,
+                 predictions: Predictions | None = None) -> dict[str, Any]:
         """Gate round `rnd`'s candidate `model`; returns the round record's "release" entry."""
-        candidate, val_logits = self._gate_metrics(model, signal)
+        outputs = self._outputs(model, None if predictions is None else predictions.reference_labels)
+        candidate = self._gate_metrics(outputs, signal)
         current = self.history.current_release
         current_metrics = None
         if current is not None:
-            released = self.released_model(build)
-            current_metrics, _ = self._gate_metrics(released, signal)  # agreement against today's signal
+            if self._released_outputs is None:
+                self._released_outputs = self._outputs(self.released_model(build))
+            current_metrics = self._gate_metrics(self._released_outputs, signal)  # agreement with today's signal
         promoted, reason = gate_decision(candidate, current_metrics, self.cfg.release,
                                          None if current is None else current.id)
         release = Release(
@@ -256,19 +279,22 @@ class Releaser:
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             temperature = 1.0
             if self.cfg.release.calibrate and len(self.val_y):
-                release.calibration = self._calibrate(model, val_logits)
+                release.calibration = self._calibrate(model, outputs[1],
+                                                      None if predictions is None else predictions.test_logits)
                 temperature = release.calibration["temperature"]
             release.path = save_release_model(self.run_dir, release, state, temperature)
             self.released_state, self.released_temperature = state, temperature
+            self._released_outputs = outputs
         self.history.add(release)
         save_index(self.run_dir, self.history)
         return {"candidate": release.id, "promoted": promoted, "reason": reason, "current": self.history.current}
 
-    def _calibrate(self, model: Any, val_logits: Any) -> dict[str, Any]:
+    def _calibrate(self, model: Any, val_logits: Any, test_logits: Any = None) -> dict[str, Any]:
         from feddistill.calibration import calibrate, reliability_bins, softmax
         from feddistill.training import predict_logits
 
-        test_logits = predict_logits(model, self.test_x).numpy()
+        if test_logits is None:
+            test_logits = predict_logits(model, self.test_x).numpy()
         cal = calibrate(val_logits, self.val_y, extra={"test": (test_logits, self.test_y)})
         out = cal.to_dict()
         # reliability diagrams on the test split (reporting only; T was fitted on validation)

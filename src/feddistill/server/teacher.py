@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +39,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FEDDISTILL_CACHE", Path.home() / ".cache" / "feddistill"))
 
 
+def _digest(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
 def _cache_key(cfg: TeacherConfig, splits: Splits, seed: int) -> str:
-    labelled = hashlib.sha256(np.ascontiguousarray(splits.public_labelled.x).tobytes()).hexdigest()
     blob = json.dumps(
-        {"teacher": cfg.__dict__, "reference": splits.reference_digest, "labelled": labelled, "seed": seed, "v": 1},
+        {"teacher": cfg.__dict__, "reference": splits.reference_digest, "labelled": _digest(splits.public_labelled.x),
+         "test": _digest(splits.test.x), "seed": seed, "v": 2},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
@@ -54,20 +58,21 @@ def public_teacher(cfg: TeacherConfig, splits: Splits, seed: int) -> PublicTeach
     path = cache_dir() / f"teacher-{_cache_key(cfg, splits, seed)}.pt"
     if path.is_file():
         try:
-            model.load_state_dict(torch.load(path, weights_only=True))
+            cached = torch.load(path, weights_only=True)
+            model.load_state_dict(cached["state"])
             log.info("public teacher: loaded from cache %s", path)
+            return PublicTeacher(model, cached["reference_probs"].numpy(), Evaluation(**cached["test"]))
         except Exception as exc:  # a corrupt cache entry is retrained, never trusted
             log.warning("public teacher: ignoring unreadable cache %s (%s)", path, exc)
             path.unlink(missing_ok=True)
-    if not path.is_file():
-        x, y = as_tensors(splits.public_labelled)
-        train_supervised(model, x, y, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed)
-        with atomic_path(path) as tmp:
-            torch.save(model.state_dict(), tmp)
+    x, y = as_tensors(splits.public_labelled)
+    train_supervised(model, x, y, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed)
     ref_x, _ = as_tensors(splits.reference)
     test_x, _ = as_tensors(splits.test)
-    return PublicTeacher(
-        model=model,
-        reference_probs=predict_probs(model, ref_x).numpy(),
-        test=evaluate_model(model, test_x, splits.test.y),
-    )
+    # the teacher's outputs are cached with its weights: inference with a large net on the
+    # reference and test sets costs every run tens of CPU seconds (bench/results/profile)
+    teacher = PublicTeacher(model, predict_probs(model, ref_x).numpy(), evaluate_model(model, test_x, splits.test.y))
+    with atomic_path(path) as tmp:
+        torch.save({"state": model.state_dict(), "reference_probs": torch.from_numpy(teacher.reference_probs),
+                    "test": asdict(teacher.test)}, tmp)
+    return teacher
