@@ -177,7 +177,7 @@ FRONTIER_METHODS = {
 # (alpha, seed, methods) in the order they run: every method once per alpha at seed 0, then the
 # headline comparison at two more seeds, then the other aggregators; the JSON is rewritten after
 # each run, so an interrupted suite (continued with --keep) still reports what it has.
-HEADLINE = ("non-private", "fedavg", "client-eps4", "dp-fedavg-eps4")
+HEADLINE = ("non-private", "fedavg", "client-eps4", "dp-fedavg-eps4", "fedavg-scratch", "dp-fedavg-scratch-eps4")
 FRONTIER_PLAN = (
     (0.5, 0, ("non-private", "fedavg", "fedavg-scratch", "client-eps4", "dp-fedavg-eps4", "dp-fedavg-scratch-eps4")),
     (0.1, 0, ("non-private", "fedavg", "fedavg-scratch", "client-eps4", "dp-fedavg-eps4", "dp-fedavg-scratch-eps4",
@@ -438,13 +438,20 @@ def scale(out: Path, overrides: dict) -> dict:
     sizes = [int(n) for n in str(base.pop("sizes", "10,100,1000")).split(",")]
     if 100 not in sizes:
         raise SystemExit("scale: the overhead ratio is measured at 100 clients; include 100 in --set sizes")
+    # --keep: rows of an earlier scale.json with the same settings are kept, only missing sizes run
+    earlier = out / "scale.json"
+    kept = json.loads(earlier.read_text()) if earlier.is_file() else {}
+    rows = dict(kept.get("runs", {})) if kept.get("config") == {k: v for k, v in base.items()
+                                                                if not k.startswith("baselines")} else {}
     # the overhead pair first, then the other sizes; the JSON is rewritten after every run
-    rows = {"flower-100": _timed_run(out, "flower-100", {**base, "fleet.num_clients": 100}, in_process=False),
-            "inprocess-100": _timed_run(out, "inprocess-100", {**base, "fleet.num_clients": 100}, in_process=True)}
-    summary = _scale_summary(out, overrides, base, rows)
-    for n in sorted(set(sizes) - {100}):
-        rows[f"flower-{n}"] = _timed_run(out, f"flower-{n}", {**base, "fleet.num_clients": n}, in_process=False)
-        summary = _scale_summary(out, overrides, base, rows)
+    plan = [("flower-100", 100, False), ("inprocess-100", 100, True),
+            *((f"flower-{n}", n, False) for n in sorted(set(sizes) - {100}))]
+    summary = {}
+    for name, n, in_process in plan:
+        if name not in rows:
+            rows[name] = _timed_run(out, name, {**base, "fleet.num_clients": n}, in_process=in_process)
+        if "flower-100" in rows and "inprocess-100" in rows:
+            summary = _scale_summary(out, overrides, base, rows)
     return summary
 
 
@@ -490,7 +497,7 @@ PROFILED = {
     "client: whole message": "client/app.py:handle_distill",
     "client: digest (KD on queries)": "training.py:train_distill",
     "client: revisit (private data)": "training.py:train_revisit",
-    "client: answer (inference)": "client/app.py:answer_matrix",
+    "client: bound + noise the answers": "client/app.py:answer_matrix",
     "client: data lookup": "client/device.py:client_data",
     "client: state load/save": "client/state.py:save_state",
     "inference (all callers)": "training.py:predict_logits",
@@ -503,17 +510,23 @@ PROFILED = {
 
 def profile(out: Path, overrides: dict) -> dict:
     """cProfile (CPU time) of a core-fleet run on the in-process grid: every client and server
-    step in one process, so the profile sees the torch work the Flower run does."""
+    step in one process, so the profile sees the torch work the Flower run does. The fleet's
+    data and the public teacher are loaded first, outside the profile: a round's cost is what
+    repeats."""
     import cProfile
     import pstats
 
     from bench.inprocess import InProcessGrid
     from feddistill.client.app import make_client_app
     from feddistill.config import load_config
-    from feddistill.server.app import run_distillation
+    from feddistill.server.app import run_distillation, teacher_and_validation
+    from feddistill.simulations.fleet import load_fleet
 
     base = {**NO_BASELINES, "rounds": 3, **overrides}
     cfg = load_config(Path("configs/fashion.toml"), {**base, "output_dir": str(out / "run")})
+    # steady state: the public teacher is trained once per setting and then cached; train it
+    # (or load it) before the profiler starts
+    teacher_and_validation(cfg, load_fleet(cfg.data, cfg.fleet, cfg.seed).splits)
     grid = InProcessGrid(make_client_app(cfg), cfg.fleet.num_clients)
     profiler = cProfile.Profile(time.process_time)
     t0 = time.monotonic()

@@ -152,8 +152,65 @@ def deploy(d: dict[str, Any]) -> str:
     ]) + "\n"
 
 
+FRONTIER_LABELS = {
+    "non-private": ("feddistill, mean of answers", "–"),
+    "era": ("feddistill, ERA (DS-FL)", "–"),
+    "median": ("feddistill, coordinate median", "–"),
+    "trimmed-mean": ("feddistill, trimmed mean", "–"),
+    "outlier-filtered": ("feddistill, outlier-filtered mean", "–"),
+    "client-eps4": ("feddistill, GNMax votes, ε=4", "client"),
+    "record-eps2": ("feddistill, DP-SGD on devices, ε=2", "record"),
+    "record-eps8": ("feddistill, DP-SGD on devices, ε=8", "record"),
+    "fedavg": ("Flower FedAvg, public pretraining", "–"),
+    "fedavg-scratch": ("Flower FedAvg, from scratch", "–"),
+    "dp-fedavg-eps4": ("Flower DP-FedAvg, ε=4, public pretraining", "client"),
+    "dp-fedavg-scratch-eps4": ("Flower DP-FedAvg, ε=4, from scratch", "client"),
+    "local_only": ("local-only (each client alone, mean over clients)", "–"),
+    "centralized": ("centralized (all private data pooled, non-private)", "–"),
+}
+
+
+def _cell(cell: dict | None) -> str:
+    if cell is None:
+        return "–"
+    if cell["n"] == 1:
+        return f"{_pct(cell['mean'])} (1 seed)"
+    return f"{_pct(cell['mean'])} ± {100 * cell['std']:.1f} ({cell['n']} seeds)"
+
+
+def frontier(d: dict[str, Any]) -> str:
+    table = d["table"]
+    alphas = sorted(table, key=lambda a: -float(a[len("alpha"):]))
+    head = " | ".join(f"α={a[len('alpha'):]}" for a in alphas)
+    lines = [f"| method | unit of ε | {head} | upload / client-round |",
+             "| --- | --- | " + " | ".join("---" for _ in alphas) + " | --- |"]
+    for method, (label, unit) in FRONTIER_LABELS.items():
+        cells = [table[a].get(method) for a in alphas]
+        if not any(cells):
+            continue
+        up = next((c.get("bytes_per_client_round") for c in cells if c and c.get("bytes_per_client_round")), None)
+        lines.append(f"| {label} | {unit} | " + " | ".join(_cell(c) for c in cells) + f" | {_kb(up)} |")
+    lines += ["", "Mean ± sample standard deviation over seeds (each seed draws its own partition, client "
+              "sampling and noise). ε at δ=1e-5 (PLD)."]
+    return "\n".join(lines) + "\n"
+
+
+def profile(d: dict[str, Any]) -> str:
+    total = d["cpu_seconds"]
+    lines = [f"{d['clients']} clients, {d['rounds']} rounds, in-process: {total:.0f} CPU s in all "
+             f"({d['wall_seconds']:.0f} s wall).", "",
+             "| where | CPU s (cumulative) | share |", "| --- | --- | --- |"]
+    for bucket, sec in d["cumulative_seconds"].items():
+        lines.append(f"| {bucket} | {sec:.1f} | {100 * sec / total:.0f} % |")
+    top = ", ".join(f"`{t['function'].split(':')[-1].replace('<built-in method ', '').rstrip('>')}` "
+                    f"{t['seconds']:.0f} s" for t in d["top_self_seconds"][:5])
+    lines += ["", f"Hottest functions by own time: {top}."]
+    return "\n".join(lines) + "\n"
+
+
 RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
     "privacy": privacy, "faults": faults, "comms": comms, "audit": audit, "scale": scale, "deploy": deploy,
+    "frontier": frontier, "profile": profile,
 }
 
 

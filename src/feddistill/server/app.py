@@ -94,8 +94,6 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
-    from feddistill.server.teacher import public_teacher  # keeps `flwr run` imports lean until needed
-
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -108,9 +106,7 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
 
     if cfg.audit.keep_artifacts:
         save_audit_setup(out / "audit", cfg)
-    teacher_splits, validation = split_validation(splits, validation_size(cfg) if cfg.release.validation_fraction else 0,
-                                                  cfg.seed)
-    teacher = public_teacher(cfg.teacher, teacher_splits, cfg.seed)
+    teacher, validation = teacher_and_validation(cfg, splits)
     log.info("public teacher (%s): test accuracy %.3f", cfg.teacher.model, teacher.test.accuracy)
     signal = teacher.reference_probs.copy()
 
@@ -361,6 +357,16 @@ def evaluate_student(student, test_x, test_y: np.ndarray, ref_x) -> tuple[Evalua
     test_probs = softmax(test_logits)
     reference_labels = predict_logits(student, ref_x).numpy().argmax(1)
     return evaluate_probs(test_probs, test_y), test_probs, Predictions(reference_labels, test_logits)
+
+
+def teacher_and_validation(cfg: RunConfig, splits):
+    """The public teacher (trained on the labelled public sample minus the release gate's
+    validation split, or loaded from the cache) and that validation split."""
+    from feddistill.server.teacher import public_teacher  # keeps `flwr run` imports lean until needed
+
+    size = validation_size(cfg) if cfg.release.validation_fraction else 0
+    teacher_splits, validation = split_validation(splits, size, cfg.seed)
+    return public_teacher(cfg.teacher, teacher_splits, cfg.seed), validation
 
 
 def split_validation(splits, size: int, seed: int):
