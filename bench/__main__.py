@@ -49,6 +49,13 @@ def environment() -> dict:
     }
 
 
+def header(suite: str, overrides: dict) -> dict:
+    """What every suite's JSON starts with: its name, the command that reproduces it, the machine."""
+    return {"suite": suite,
+            "command": f"python -m bench {suite}" + "".join(f" --set {k}={v}" for k, v in overrides.items()),
+            "environment": environment()}
+
+
 def core(out: Path, overrides: dict) -> dict:
     from feddistill.config import load_config
     from feddistill.report import plot_accuracy
@@ -62,9 +69,7 @@ def core(out: Path, overrides: dict) -> dict:
     base = results["baselines"]
     fd_bytes = results["final"]["bytes_per_client_round"]
     summary = {
-        "suite": "core",
-        "command": "python -m bench core",
-        "environment": environment(),
+        **header("core", overrides),
         "config": results["config"],
         "seconds": seconds,
         "feddistill": {"accuracy": results["final"]["student_accuracy"], "bytes_per_client_round": fd_bytes},
@@ -142,9 +147,7 @@ def privacy(out: Path, overrides: dict) -> dict:
         rows[f"record-eps{eps:g}"] = _row(run_variant(out, f"record-eps{eps:g}", {
             **base, "privacy.record_level": True, "privacy.record_target_epsilon": eps, "privacy.record_delta": 1e-5}))
     summary = {
-        "suite": "privacy",
-        "command": "python -m bench privacy" + "".join(f" --set {k}={v}" for k, v in overrides.items()),
-        "environment": environment(),
+        **header("privacy", overrides),
         "rounds": rows["non-private"]["rounds_run"],
         "runs": rows,
         "gap_points_client_eps4_vs_dp_fedavg": 100 * (rows["client-eps4"]["accuracy"] - rows["dp-fedavg-eps4"]["accuracy"]),
@@ -236,9 +239,7 @@ def _frontier_summary(out: Path, overrides: dict, runs: dict, np) -> dict:
             cell.update(mean=float(acc.mean()), std=float(acc.std(ddof=1)) if len(acc) > 1 else None,
                         min=float(acc.min()), max=float(acc.max()), n=len(acc))
     summary = {
-        "suite": "frontier",
-        "command": "python -m bench frontier" + "".join(f" --set {k}={v}" for k, v in overrides.items()),
-        "environment": environment(),
+        **header("frontier", overrides),
         "note": "every run: 100 clients, q=0.1 Poisson, the same rounds; std is the sample std over seeds",
         "table": table,
         "runs": runs,
@@ -330,9 +331,7 @@ def faults(out: Path, overrides: dict) -> dict:
                                             else int(r.get("dropped") or 0) for r in rounds)
     clean = rows[f"clean-{robust}"]["accuracy"]
     summary = {
-        "suite": "faults",
-        "command": "python -m bench faults" + "".join(f" --set {k}={v}" for k, v in overrides.items()),
-        "environment": environment(),
+        **header("faults", overrides),
         "robust_aggregator": robust,
         "rounds": rows["clean-mean"]["rounds_run"],
         "runs": rows,
@@ -381,9 +380,7 @@ def comms(out: Path, overrides: dict) -> dict:
         row["fedavg_bytes_over_these"] = fedavg["bytes_per_client_round"] / row["bytes_per_client_round"]
         row["accuracy_cost_points_vs_float16"] = 100 * (rows["float16"]["accuracy"] - row["accuracy"])
     summary = {
-        "suite": "comms",
-        "command": "python -m bench comms" + "".join(f" --set {k}={v}" for k, v in overrides.items()),
-        "environment": environment(),
+        **header("comms", overrides),
         "rounds": fedavg["rounds_run"],
         "fedavg": fedavg,
         "encodings": rows,
@@ -458,9 +455,7 @@ def scale(out: Path, overrides: dict) -> dict:
 def _scale_summary(out: Path, overrides: dict, base: dict, rows: dict) -> dict:
     flower, bare = rows["flower-100"], rows["inprocess-100"]
     summary = {
-        "suite": "scale",
-        "command": "python -m bench scale" + "".join(f" --set {k}={v}" for k, v in overrides.items()),
-        "environment": environment(),
+        **header("scale", overrides),
         "config": {k: v for k, v in base.items() if not k.startswith("baselines")},
         "runs": dict(sorted(rows.items(), key=lambda kv: (kv[1]["clients"], kv[0]))),
         "overhead_ratio_per_round": flower["round_seconds_mean"] / bare["round_seconds_mean"],
@@ -492,19 +487,19 @@ def plot_scale(rows: dict, sizes: list[int], path: Path) -> None:
     _save(fig, path)
 
 
-# Where a round's time goes: the functions a reader would look for first (cumulative CPU time).
+# Where a round's time goes: (function, caller or None for every caller), cumulative CPU time.
+# Inference runs under torch.no_grad, whose wrapper hides the caller one level down.
 PROFILED = {
-    "client: whole message": "client/app.py:handle_distill",
-    "client: digest (KD on queries)": "training.py:train_distill",
-    "client: revisit (private data)": "training.py:train_revisit",
-    "client: bound + noise the answers": "client/app.py:answer_matrix",
-    "client: data lookup": "client/device.py:client_data",
-    "client: state load/save": "client/state.py:save_state",
-    "inference (all callers)": "training.py:predict_logits",
-    "server: release gate": "server/gate.py:consider",
-    "server: checkpoint": "server/checkpoint.py:save_checkpoint",
-    "server: aggregation": "strategies/base.py:aggregate_round",
-    "model construction": "models.py:build_model",
+    "client: whole message": ("client/app.py:handle_distill", None),
+    "client: digest (KD toward the signal on the queries)": ("training.py:train_distill", "client/app.py:handle_distill"),
+    "client: revisit (private data, plus KD)": ("training.py:train_revisit", None),
+    "client: inference on the queries": ("_contextlib.py:decorate_context", "client/app.py:handle_distill"),
+    "client: load/save its state": ("client/state.py:save_state", None),
+    "server: distil the global student": ("training.py:train_distill", "server/app.py:distil_student"),
+    "server: test and reference inference": ("_contextlib.py:decorate_context", "server/app.py:evaluate_student"),
+    "server: release gate": ("server/gate.py:consider", None),
+    "server: aggregation and validation": ("strategies/base.py:aggregate_round", None),
+    "server: checkpoint": ("server/checkpoint.py:save_checkpoint", None),
 }
 
 
@@ -514,7 +509,6 @@ def profile(out: Path, overrides: dict) -> dict:
     data and the public teacher are loaded first, outside the profile: a round's cost is what
     repeats."""
     import cProfile
-    import pstats
 
     from bench.inprocess import InProcessGrid
     from feddistill.client.app import make_client_app
@@ -535,41 +529,52 @@ def profile(out: Path, overrides: dict) -> dict:
     profiler.disable()
     wall = time.monotonic() - t0
     profiler.dump_stats(out / "profile.pstats")  # for snakeviz / pstats: callers, callees
-    stats = pstats.Stats(profiler)
-    total = sum(tt for (_, _, tt, _, _) in stats.stats.values())
-
-    def where(key) -> str:
-        filename, line, name = key
-        short = filename.split("site-packages/")[-1].split("src/feddistill/")[-1]
-        return f"{short}:{name}" if line else name
-
-    cumulative: dict[str, float] = {}
-    for key, (_, _, _, ct, _) in stats.stats.items():
-        label = where(key)
-        for bucket, target in PROFILED.items():
-            if label.endswith(target) and target.split(":")[1] == key[2]:
-                cumulative[bucket] = cumulative.get(bucket, 0.0) + ct
-    top_self = sorted(((where(k), v[2]) for k, v in stats.stats.items()), key=lambda kv: -kv[1])[:20]
     summary = {
-        "suite": "profile",
-        "command": "python -m bench profile" + "".join(f" --set {k}={v}" for k, v in overrides.items()),
-        "environment": environment(),
+        **header("profile", overrides),
         "config": {k: v for k, v in base.items() if not k.startswith("baselines")},
         "clients": cfg.fleet.num_clients,
         "rounds": len(results["rounds"]),
         "wall_seconds": wall,
-        "cpu_seconds": total,
-        "timer": "time.process_time (CPU time of this process: not inflated by other load)",
-        "cumulative_seconds": dict(sorted(cumulative.items(), key=lambda kv: -kv[1])),
-        "top_self_seconds": [{"function": f, "seconds": t} for f, t in top_self],
+        **summarize_profile(out / "profile.pstats"),
     }
     plot_profile(summary, out / "profile.png")
     (out / "profile.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
+def summarize_profile(path: Path) -> dict:
+    """The PROFILED buckets and the 20 hottest functions (own time) of a cProfile dump."""
+    import pstats
+
+    stats = pstats.Stats(str(path)).stats
+
+    def where(key) -> str:
+        filename, line, name = key
+        short = filename.split("site-packages/")[-1].split("src/feddistill/")[-1].split("bench/")[-1]
+        return f"{short}:{name}" if line else name
+
+    def matches(key, target: str) -> bool:
+        return where(key).endswith(target) and target.split(":")[1] == key[2]
+
+    cumulative: dict[str, float] = {}
+    for key, (_, _, _, ct, callers) in stats.items():
+        for bucket, (target, caller) in PROFILED.items():
+            if matches(key, target):
+                seconds = ct if caller is None else sum(c[3] for k, c in callers.items() if matches(k, caller))
+                cumulative[bucket] = cumulative.get(bucket, 0.0) + seconds
+    top_self = sorted(((where(k), v[2]) for k, v in stats.items()), key=lambda kv: -kv[1])[:20]
+    return {
+        "cpu_seconds": sum(v[2] for v in stats.values()),
+        "timer": "time.process_time (CPU time of this process: not inflated by other load)",
+        "cumulative_seconds": dict(sorted(cumulative.items(), key=lambda kv: -kv[1])),
+        "top_self_seconds": [{"function": f, "seconds": t} for f, t in top_self],
+    }
+
+
 def plot_profile(summary: dict, path: Path) -> None:
     import matplotlib
+
+    from bench.readme import short_function
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -581,7 +586,7 @@ def plot_profile(summary: dict, path: Path) -> None:
     a.set_title(f"{summary['rounds']} rounds, {summary['clients']} clients: {summary['cpu_seconds']:.0f} CPU s in all",
                 fontsize=9)
     top = summary["top_self_seconds"][:12]
-    b.barh([t["function"][-45:] for t in top][::-1], [t["seconds"] for t in top][::-1], color="tab:orange")
+    b.barh([short_function(t["function"])[-45:] for t in top][::-1], [t["seconds"] for t in top][::-1], color="tab:orange")
     b.set_xlabel("self CPU seconds")
     b.set_title("hottest functions (own time)", fontsize=9)
     for ax in (a, b):
@@ -656,9 +661,7 @@ def audit(out: Path, overrides: dict) -> dict:
     _, fashion = _audited(out, "fashion-3rounds", "configs/fashion.toml",
                           {"rounds": 3, "audit.canaries": 100, **overrides})
     summary = {
-        "suite": "audit",
-        "command": "python -m bench audit" + "".join(f" --set {k}={v}" for k, v in overrides.items()),
-        "environment": environment(),
+        **header("audit", overrides),
         "options": "defaults of `feddistill audit` (4 reference models, 2 target clients)",
         "digits": runs,
         "audit_seconds": {"digits quick start (non-private)": runs["non-private"]["audit_seconds"],
@@ -733,9 +736,7 @@ def deploy(out: Path, overrides: dict) -> dict:
     sizes = {d.name: _du(d) for d in site.iterdir() if d.is_dir() and not d.name.endswith((".dist-info", "__pycache__"))}
     biggest = dict(sorted(sizes.items(), key=lambda kv: -kv[1])[:8])
     summary = {
-        "suite": "deploy",
-        "command": "python -m bench deploy" + "".join(f" --set {k}={v}" for k, v in overrides.items()),
-        "environment": environment(),
+        **header("deploy", overrides),
         "run": run,
         "simulation": {"wall_seconds": sim_seconds, "round_seconds": per_round(sim),
                        "round_seconds_mean": sum(per_round(sim)) / len(per_round(sim))},

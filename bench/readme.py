@@ -195,6 +195,11 @@ def frontier(d: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def short_function(name: str) -> str:
+    """A profiler's function label, shorter: "<built-in method torch.conv2d>" -> "torch.conv2d"."""
+    return re.sub(r"<(built-in )?method '?([\w.]+)'?.*>", r"\2", name)
+
+
 def profile(d: dict[str, Any]) -> str:
     total = d["cpu_seconds"]
     lines = [f"{d['clients']} clients, {d['rounds']} rounds, in-process: {total:.0f} CPU s in all "
@@ -202,8 +207,7 @@ def profile(d: dict[str, Any]) -> str:
              "| where | CPU s (cumulative) | share |", "| --- | --- | --- |"]
     for bucket, sec in d["cumulative_seconds"].items():
         lines.append(f"| {bucket} | {sec:.1f} | {100 * sec / total:.0f} % |")
-    top = ", ".join(f"`{t['function'].split(':')[-1].replace('<built-in method ', '').rstrip('>')}` "
-                    f"{t['seconds']:.0f} s" for t in d["top_self_seconds"][:5])
+    top = ", ".join(f"`{short_function(t['function'])}` {t['seconds']:.0f} s" for t in d["top_self_seconds"][:5])
     lines += ["", f"Hottest functions by own time: {top}."]
     return "\n".join(lines) + "\n"
 
