@@ -233,6 +233,10 @@ def _frontier_summary(out: Path, overrides: dict, runs: dict, np) -> dict:
         for peer in ("local_only", "centralized"):
             if peer in row:
                 table[f"alpha{row['alpha']:g}"][peer] = {"accuracies": [row[peer]], "seeds": [row["seed"]]}
+        if row["method"] == "non-private" and row["public_only_student_accuracy"] is not None:
+            cell = table[f"alpha{row['alpha']:g}"].setdefault("public_only", {"accuracies": [], "seeds": []})
+            cell["accuracies"].append(row["public_only_student_accuracy"])
+            cell["seeds"].append(row["seed"])
     for cells in table.values():
         for cell in cells.values():
             acc = np.asarray(cell["accuracies"])

@@ -165,9 +165,11 @@ FRONTIER_LABELS = {
     "fedavg-scratch": ("Flower FedAvg, from scratch", "–"),
     "dp-fedavg-eps4": ("Flower DP-FedAvg, ε=4, public pretraining", "client"),
     "dp-fedavg-scratch-eps4": ("Flower DP-FedAvg, ε=4, from scratch", "client"),
+    "public_only": ("student from the public teacher alone (round 0)", "–"),
     "local_only": ("local-only (each client alone, mean over clients)", "–"),
     "centralized": ("centralized (all private data pooled, non-private)", "–"),
 }
+ALPHA_FREE = ("centralized",)  # pools the same private data whatever the partition
 
 
 def _cell(cell: dict | None) -> str:
@@ -186,12 +188,14 @@ def frontier(d: dict[str, Any]) -> str:
              "| --- | --- | " + " | ".join("---" for _ in alphas) + " | --- |"]
     for method, (label, unit) in FRONTIER_LABELS.items():
         cells = [table[a].get(method) for a in alphas]
+        if method in ALPHA_FREE:
+            cells = [next((c for c in cells if c), None)] * len(cells)
         if not any(cells):
             continue
         up = next((c.get("bytes_per_client_round") for c in cells if c and c.get("bytes_per_client_round")), None)
         lines.append(f"| {label} | {unit} | " + " | ".join(_cell(c) for c in cells) + f" | {_kb(up)} |")
     lines += ["", "Mean ± sample standard deviation over seeds (each seed draws its own partition, client "
-              "sampling and noise). ε at δ=1e-5 (PLD)."]
+              "sampling, queries and noise). ε at δ=1e-5 (PLD). Centralized pools the same data for every α."]
     return "\n".join(lines) + "\n"
 
 
