@@ -242,10 +242,22 @@ def _frontier_summary(out: Path, overrides: dict, runs: dict, np) -> dict:
             acc = np.asarray(cell["accuracies"])
             cell.update(mean=float(acc.mean()), std=float(acc.std(ddof=1)) if len(acc) > 1 else None,
                         min=float(acc.min()), max=float(acc.max()), n=len(acc))
+    # the client-level comparison, paired by seed (same partition and seed in both runs)
+    by = {(r["alpha"], r["seed"], r["method"]): r["accuracy"] for r in runs.values()}
+    gaps: dict[str, dict] = {}
+    for peer in ("dp-fedavg-eps4", "dp-fedavg-scratch-eps4"):
+        for alpha in sorted({a for a, _, _ in by}, reverse=True):
+            points = [100 * (by[(alpha, seed, "client-eps4")] - by[(alpha, seed, peer)])
+                      for seed in sorted({s for a, s, _ in by if a == alpha})
+                      if (alpha, seed, "client-eps4") in by and (alpha, seed, peer) in by]
+            if points:
+                gaps[f"client-eps4 - {peer}, alpha{alpha:g}"] = {
+                    "points_per_seed": points, "mean": float(np.mean(points)), "min": float(np.min(points))}
     summary = {
         **header("frontier", overrides),
         "note": "every run: 100 clients, q=0.1 Poisson, the same rounds; std is the sample std over seeds",
         "table": table,
+        "gap_points_client_eps4_vs_dp_fedavg": gaps,
         "runs": runs,
     }
     (out / "frontier.json").write_text(json.dumps(summary, indent=2))
