@@ -272,7 +272,7 @@ def plot_frontier_alpha(summary: dict, path: Path) -> None:
 
     alphas = sorted(summary["table"], key=lambda a: -float(a[len("alpha"):]))
     methods = [m for m in FRONTIER_METHODS if any(m in summary["table"][a] for a in alphas)]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
     width = 0.8 / len(alphas)
     for i, alpha in enumerate(alphas):
         cells = [summary["table"][alpha].get(m) for m in methods]
@@ -282,10 +282,15 @@ def plot_frontier_alpha(summary: dict, path: Path) -> None:
                label=f"Dirichlet alpha = {alpha[len('alpha'):]}", capsize=2)
     ax.set_xticks([j + width * (len(alphas) - 1) / 2 for j in range(len(methods))], methods, rotation=40, ha="right",
                   fontsize=8)
+    first = summary["table"][alphas[0]]
+    for key, style, label in (("centralized", "k--", "centralized, non-private"),
+                              ("public_only", "k:", f"public data alone (round 0), alpha {alphas[0][len('alpha'):]}")):
+        if key in first:
+            ax.axhline(first[key]["mean"], color=style[0], linestyle=style[1:], linewidth=1, label=label)
     ax.set_ylabel("test accuracy (mean, min-max over seeds)")
     ax.set_ylim(0, 1)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("Fashion-MNIST, 100 clients: feddistill and peers, same fleet and rounds")
     _save(fig, path)
 
