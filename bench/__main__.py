@@ -49,6 +49,11 @@ def environment() -> dict:
     }
 
 
+def settings(base: dict) -> dict:
+    """A suite's config overrides without the baseline switches: what its rows depend on."""
+    return {k: v for k, v in base.items() if not k.startswith("baselines")}
+
+
 def header(suite: str, overrides: dict) -> dict:
     """What every suite's JSON starts with: its name, the command that reproduces it, the machine."""
     return {"suite": suite,
@@ -113,6 +118,8 @@ ATTACKS = ("label-flip", "random", "scaled", "nan", "wrong-shape")
 FINITE_ATTACKS = ("label-flip", "random")  # valid-looking answers; scaled/NaN/wrong shapes fail validation
 NO_BASELINES = {"baselines.local_only": False, "baselines.centralized": False, "baselines.fedavg": False}
 EPSILONS = (1.0, 2.0, 4.0, 8.0)
+# client-level DP: GNMax votes on few queries per round (a reply's sensitivity is sqrt(|Q|))
+GNMAX = {"privacy.client_level": "gnmax", "privacy.bound": "votes", "privacy.delta": 1e-5, "distill.query_size": 10}
 
 
 def _row(results: dict) -> dict:
@@ -135,8 +142,7 @@ def privacy(out: Path, overrides: dict) -> dict:
     record_eps = (1.0, 2.0, 3.0, 4.0, 8.0)  # 3: the Tramer & Boneh centralized DP-SGD reference point
     # Client-level: GNMax votes on few queries per round. The L2 sensitivity of a reply is
     # sqrt(|Q|), so the noise std per vote count grows with the number of queries per round.
-    client = {"privacy.client_level": "gnmax", "privacy.bound": "votes", "privacy.delta": 1e-5,
-              "distill.query_size": int(base.pop("client_query_size", 10))}
+    client = {**GNMAX, "distill.query_size": int(base.pop("client_query_size", 10))}
     rows: dict[str, dict] = {"non-private": _row(run_variant(out, "non-private", base))}
     rows["fedavg"] = _row(run_variant(out, "fedavg", {**base, "method": "fedavg"}))
     for eps in EPSILONS:
@@ -161,7 +167,6 @@ def privacy(out: Path, overrides: dict) -> dict:
 # The frontier's methods (issue 7): feddistill with each aggregator and privacy unit, and the peers
 # a user would pick instead. Flower's (DP-)FedAvg runs twice: from the same public pretraining
 # the teacher gets, and from scratch (Flower's strategy as it comes, REFERENCES.md's peer).
-GNMAX = {"privacy.client_level": "gnmax", "privacy.bound": "votes", "privacy.delta": 1e-5, "distill.query_size": 10}
 FRONTIER_METHODS = {
     "non-private": {},
     "fedavg": {"method": "fedavg"},
@@ -182,9 +187,8 @@ FRONTIER_METHODS = {
 # each run, so an interrupted suite (continued with --keep) still reports what it has.
 HEADLINE = ("non-private", "fedavg", "client-eps4", "dp-fedavg-eps4", "fedavg-scratch", "dp-fedavg-scratch-eps4")
 FRONTIER_PLAN = (
-    (0.5, 0, ("non-private", "fedavg", "fedavg-scratch", "client-eps4", "dp-fedavg-eps4", "dp-fedavg-scratch-eps4")),
-    (0.1, 0, ("non-private", "fedavg", "fedavg-scratch", "client-eps4", "dp-fedavg-eps4", "dp-fedavg-scratch-eps4",
-              "record-eps2")),
+    (0.5, 0, HEADLINE),
+    (0.1, 0, (*HEADLINE, "record-eps2")),
     (0.5, 1, HEADLINE),
     (0.5, 2, HEADLINE),
     (0.5, 0, ("era", "median", "trimmed-mean", "outlier-filtered", "record-eps2", "record-eps8")),
@@ -194,8 +198,6 @@ FRONTIER_PLAN = (
 
 def frontier(out: Path, overrides: dict) -> dict:
     """Accuracy and upload bytes per method, alpha in {0.5, 0.1}, over seeds (mean and spread)."""
-    import numpy as np
-
     base = {**NO_BASELINES, **overrides}
     runs: dict[str, dict] = {}
     summary: dict = {}
@@ -214,12 +216,14 @@ def frontier(out: Path, overrides: dict) -> dict:
                 if peer in results.get("baselines", {}):
                     b = results["baselines"][peer]
                     runs[name][peer] = b.get("accuracy_mean", b.get("accuracy"))
-            summary = _frontier_summary(out, overrides, runs, np)
+            summary = _frontier_summary(out, overrides, runs)
     plot_frontier_alpha(summary, out / "frontier.png")
     return summary
 
 
-def _frontier_summary(out: Path, overrides: dict, runs: dict, np) -> dict:
+def _frontier_summary(out: Path, overrides: dict, runs: dict) -> dict:
+    import numpy as np
+
     table: dict[str, dict] = {}
     for row in runs.values():
         cell = table.setdefault(f"alpha{row['alpha']:g}", {}).setdefault(row["method"], {"accuracies": [], "seeds": []})
@@ -244,15 +248,15 @@ def _frontier_summary(out: Path, overrides: dict, runs: dict, np) -> dict:
                         min=float(acc.min()), max=float(acc.max()), n=len(acc))
     # the issue's client-level comparison, paired by seed (same partition and seed in both runs)
     by = {(r["alpha"], r["seed"], r["method"]): r["accuracy"] for r in runs.values()}
-    gaps: dict[str, dict] = {}
+    gaps: list[dict] = []
     for peer in ("dp-fedavg-eps4", "dp-fedavg-scratch-eps4"):
         for alpha in sorted({a for a, _, _ in by}, reverse=True):
             points = [100 * (by[(alpha, seed, "client-eps4")] - by[(alpha, seed, peer)])
                       for seed in sorted({s for a, s, _ in by if a == alpha})
                       if (alpha, seed, "client-eps4") in by and (alpha, seed, peer) in by]
             if points:
-                gaps[f"client-eps4 - {peer}, alpha{alpha:g}"] = {
-                    "points_per_seed": points, "mean": float(np.mean(points)), "min": float(np.min(points))}
+                gaps.append({"alpha": alpha, "peer": peer, "points_per_seed": points,
+                             "mean": float(np.mean(points)), "min": float(np.min(points))})
     summary = {
         **header("frontier", overrides),
         "note": "every run: 100 clients, q=0.1 Poisson, the same rounds; std is the sample std over seeds",
@@ -459,8 +463,7 @@ def scale(out: Path, overrides: dict) -> dict:
     # --keep: rows of an earlier scale.json with the same settings are kept, only missing sizes run
     earlier = out / "scale.json"
     kept = json.loads(earlier.read_text()) if earlier.is_file() else {}
-    rows = dict(kept.get("runs", {})) if kept.get("config") == {k: v for k, v in base.items()
-                                                                if not k.startswith("baselines")} else {}
+    rows = dict(kept.get("runs", {})) if kept.get("config") == settings(base) else {}
     # the overhead pair first, then the other sizes; the JSON is rewritten after every run
     plan = [("flower-100", 100, False), ("inprocess-100", 100, True),
             *((f"flower-{n}", n, False) for n in sorted(set(sizes) - {100}))]
@@ -477,7 +480,7 @@ def _scale_summary(out: Path, overrides: dict, base: dict, rows: dict) -> dict:
     flower, bare = rows["flower-100"], rows["inprocess-100"]
     summary = {
         **header("scale", overrides),
-        "config": {k: v for k, v in base.items() if not k.startswith("baselines")},
+        "config": settings(base),
         "runs": dict(sorted(rows.items(), key=lambda kv: (kv[1]["clients"], kv[0]))),
         "overhead_ratio_per_round": flower["round_seconds_mean"] / bare["round_seconds_mean"],
         "overhead_ratio_wall": flower["wall_seconds"] / bare["wall_seconds"],
@@ -552,7 +555,7 @@ def profile(out: Path, overrides: dict) -> dict:
     profiler.dump_stats(out / "profile.pstats")  # for snakeviz / pstats: callers, callees
     summary = {
         **header("profile", overrides),
-        "config": {k: v for k, v in base.items() if not k.startswith("baselines")},
+        "config": settings(base),
         "clients": cfg.fleet.num_clients,
         "rounds": len(results["rounds"]),
         "wall_seconds": wall,

@@ -197,11 +197,10 @@ def frontier(d: dict[str, Any]) -> str:
     lines += ["", "Mean ± sample standard deviation over seeds (each seed draws its own partition, client "
               "sampling, queries and noise). ε at δ=1e-5 (PLD). Centralized pools the same data for every α.",
               "", "Client-level ε=4, feddistill (GNMax) minus Flower DP-FedAvg, paired by seed, in points:", ""]
-    for name, gap in d.get("gap_points_client_eps4_vs_dp_fedavg", {}).items():
-        pair, alpha = name.split(", alpha")
-        peer = "DP-FedAvg from scratch" if "scratch" in pair else "DP-FedAvg with public pretraining"
+    for gap in d["gap_points_client_eps4_vs_dp_fedavg"]:
+        peer = "DP-FedAvg from scratch" if "scratch" in gap["peer"] else "DP-FedAvg with public pretraining"
         per_seed = " / ".join(f"{g:+.1f}" for g in gap["points_per_seed"])
-        lines.append(f"- α={alpha}, vs {peer}: mean {gap['mean']:+.1f}, lowest {gap['min']:+.1f} "
+        lines.append(f"- α={gap['alpha']:g}, vs {peer}: mean {gap['mean']:+.1f}, lowest {gap['min']:+.1f} "
                      f"(per seed: {per_seed})")
     return "\n".join(lines) + "\n"
 
