@@ -18,6 +18,8 @@ Suites:
   scale    time per round and peak RSS (whole process tree) for 10, 100 and 1000 clients, and the
            orchestration overhead: the same 100-client run on Flower's simulation engine vs
            in-process (bench/inprocess.py), measured in the same benchmark.
+  ceiling  no DP: the student trained on the reference set's true labels (its ceiling) and the
+           accuracy of the fleet's aggregated answers as every client joins (bench/ceiling.py).
 
 Suites made of several runs keep each run's folder under runs/; a run whose results.json
 exists is not repeated (rerun with --keep to continue an interrupted suite).
@@ -783,8 +785,14 @@ def deploy(out: Path, overrides: dict) -> dict:
     return summary
 
 
+def ceiling(out: Path, overrides: dict) -> dict:
+    from bench.ceiling import ceiling as run_ceiling
+
+    return run_ceiling(out, overrides)
+
+
 SUITES = {"core": core, "audit": audit, "deploy": deploy, "privacy": privacy, "faults": faults, "comms": comms, "scale": scale,
-          "frontier": frontier, "profile": profile}
+          "frontier": frontier, "profile": profile, "ceiling": ceiling}
 
 
 def main() -> None:

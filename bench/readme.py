@@ -222,9 +222,35 @@ def profile(d: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ceiling(d: dict[str, Any]) -> str:
+    last = str(d["student_epochs"])
+    lines = [f"No DP anywhere. The student ({last} server epochs on the {d['reference_rows']:,} reference rows, the last quarter "
+             "at a tenth of the learning rate):", "",
+             "| student trained from | its signal's accuracy | student test accuracy |", "| --- | --- | --- |",
+             f"| the reference set's true labels (a perfect signal) | 100 % | {_pct(d['student_oracle'][last])} |",
+             f"| the public teacher's signal | {_pct(d['public_teacher_signal_accuracy'])} | "
+             f"{_pct(d['student_from_public_teacher'][last])} |", ""]
+    ensembles = d["ensembles"]
+    counts = list(next(iter(next(iter(ensembles.values())).values())))
+    lines += [f"The fleet's signal: every client trains from the round-0 student (test accuracy "
+              f"{_pct(d['round0_student_test_accuracy'])}) and answers on {d['held_rows']:,} held reference rows; accuracy of the "
+              f"aggregated answers with {', '.join(counts)} clients:", "",
+              "| client recipe | one client | " + " | ".join(ensembles[next(iter(ensembles))]) + " |",
+              "| --- | --- | " + " | ".join("---" for _ in ensembles[next(iter(ensembles))]) + " |"]
+    for recipe, by_how in ensembles.items():
+        cells = [" / ".join(_pct(v).replace(" %", "") for v in curve.values()) + " %" for curve in by_how.values()]
+        lines.append(f"| {recipe} | {_pct(d['client_individual_accuracy'][recipe])} | " + " | ".join(cells) + " |")
+    best = max(v for by_how in ensembles.values() for curve in by_how.values() for v in curve.values())
+    lines += ["", f"Best aggregated signal: {_pct(best)}; the public teacher's alone: "
+              f"{_pct(d['public_teacher_signal_accuracy'])} ({_pct(d['public_teacher_test_accuracy'])} on the test set: its labelled "
+              "examples come from the reference set); issue 3's aim for the student: "
+              f"{_pct(d['aim'])}."]
+    return "\n".join(lines) + "\n"
+
+
 RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
     "privacy": privacy, "faults": faults, "comms": comms, "audit": audit, "scale": scale, "deploy": deploy,
-    "frontier": frontier, "profile": profile,
+    "frontier": frontier, "profile": profile, "ceiling": ceiling,
 }
 
 
