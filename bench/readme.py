@@ -235,7 +235,7 @@ def ceiling(d: dict[str, Any]) -> str:
     lines += [f"The fleet's signal: every client trains from the round-0 student (test accuracy "
               f"{_pct(d['round0_student_test_accuracy'])}) and answers on {d['held_rows']:,} held reference rows; accuracy of the "
               f"aggregated answers with {', '.join(counts)} clients:", "",
-              "| client recipe | one client | " + " | ".join(ensembles[next(iter(ensembles))]) + " |",
+              "| client recipe | a client alone (average) | " + " | ".join(ensembles[next(iter(ensembles))]) + " |",
               "| --- | --- | " + " | ".join("---" for _ in ensembles[next(iter(ensembles))]) + " |"]
     for recipe, by_how in ensembles.items():
         cells = [" / ".join(_pct(v).replace(" %", "") for v in curve.values()) + " %" for curve in by_how.values()]
