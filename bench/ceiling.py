@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from feddistill.calibration import softmax
+
 CLIENT_COUNTS = (1, 5, 10, 20, 50, 100)
 RECIPES = ("product", "private-only", "private+kd-all")
 AGGREGATIONS = ("mean", "vote", "prior-corrected", "count-weighted")
@@ -73,24 +75,18 @@ def train_client(recipe: str, start, cfg, x, y, query_x, query_signal, ref_x, re
 def aggregate(logits: np.ndarray, counts: np.ndarray, how: str) -> np.ndarray:
     """Aggregate K clients' logits (K, N, C) into a signal (N, C); ``counts`` (K, C) are their label
     counts, used only by the two oracle aggregations."""
-    probs = _softmax(logits)
+    probs = softmax(logits)
     if how == "mean":
         return probs.mean(0)
     if how == "vote":
         return np.eye(logits.shape[2])[logits.argmax(2)].mean(0)
     if how == "prior-corrected":  # p(y|x) / p_k(y): undo each client's label skew, then average
         prior = (counts + 1) / (counts + 1).sum(1, keepdims=True)
-        return _softmax(logits - np.log(prior)[:, None, :]).mean(0)
+        return softmax(logits - np.log(prior)[:, None, :]).mean(0)
     if how == "count-weighted":  # class c's score from each client in proportion to its examples of c
         weights = counts / np.maximum(counts.sum(0, keepdims=True), 1)
         return (probs * weights[:, None, :]).sum(0)
     raise ValueError(f"unknown aggregation {how!r}")
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z.astype(np.float64) - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def ceiling(out: Path, overrides: dict) -> dict:
@@ -103,7 +99,6 @@ def ceiling(out: Path, overrides: dict) -> dict:
     from feddistill.simulations.fleet import as_tensors, load_fleet, private_tensors
     from feddistill.training import evaluate_model, predict_logits, train_distill
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = load_config(Path("configs/fashion.toml"), {**overrides, "output_dir": str(out / "unused")})
     d = cfg.distill
     fleet = load_fleet(cfg.data, cfg.fleet, cfg.seed)

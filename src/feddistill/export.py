@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from feddistill.atomic import atomic_path
+from feddistill.calibration import softmax
 
 FP32_FILE = "student_fp32.torchscript.pt"
 INT8_FILE = "student_int8.torchscript.pt"
@@ -100,12 +101,6 @@ def latency_ms(model: nn.Module, example: torch.Tensor, runs: int = 200, warmup:
             "mean_ms": float(arr.mean()), "runs": runs, "batch_size": 1, "threads": 1}
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def export_model(model: nn.Module, temperature: float, test_x: torch.Tensor, test_y: np.ndarray, out_dir: Path,
                  *, metadata: dict[str, Any] | None = None, latency_runs: int = 200) -> dict[str, Any]:
     """Export `model` (calibrated by `temperature`) to TorchScript fp32 and int8; measure and
@@ -139,7 +134,7 @@ def export_model(model: nn.Module, temperature: float, test_x: torch.Tensor, tes
             "test_accuracy": acc,
             "accuracy_delta_vs_fp32": acc - ref_acc,
             "agreement_with_fp32": float((pred == ref_pred).mean()),
-            "max_abs_prob_diff_vs_fp32": float(np.abs(_softmax(logits) - _softmax(reference)).max()),
+            "max_abs_prob_diff_vs_fp32": float(np.abs(softmax(logits) - softmax(reference)).max()),
             "latency": latency_ms(module, example, runs=latency_runs),
         }
     meta = {
