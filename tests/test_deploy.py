@@ -7,10 +7,13 @@ process group. Set FEDDISTILL_SKIP_DEPLOY=1 to skip them.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
+import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +131,8 @@ def test_device_data_cache_follows_file_changes(tmp_path):
 
 
 def test_device_answers_like_its_simulated_partition_and_refuses_other_reference(task_identity, tmp_path):
-    cfg = load_config(None, {**TINY, "output_dir": str(tmp_path / "run")})
+    # a device refuses seeded noise; without DP nothing else differs from its simulated twin
+    cfg = load_config(None, {**TINY, "output_dir": str(tmp_path / "run"), "privacy.noise_source": "os-entropy"})
     digest = load_fleet(cfg.data, cfg.fleet, cfg.seed).splits.reference_digest
     device = _device(tmp_path, cfg, 2)
     on_device = handle_distill(_request(cfg, digest), _context({"partition-id": 2, "data-dir": str(device)}), cfg)
@@ -236,6 +240,13 @@ def test_deploy_local_three_devices_tls_auth_two_rounds(first_run):
     for i, device in enumerate(first_run["device_dirs"]):
         assert f"SuperNode ID: {first_run['node_ids'][i]}" in logs[f"supernode-{i}"]
         assert len(_ledger(Path(device), i).history) == 2  # both rounds, accounted on the device
+        # signed by default: each SuperNode pinned the deployment's key and accepted round 2's download
+        assert "release-public-key=" in logs[f"supernode-{i}"].splitlines()[0]
+        last = json.loads((Path(device) / "state" / "last-release.json").read_text())
+        assert last == {"run_id": first_run["run_id"], "round": 2}
+    run_config = tomllib.loads(Path(first_run["out_dir"], "run-config-run.toml").read_text())
+    assert run_config["security.signing-key"] == str(Path(first_run["certs"]) / "release-signing.key")
+    assert run_config["privacy.noise-source"] == "os-entropy"
     assert first_run["leftover"] == []  # every process stopped
 
 
@@ -282,3 +293,18 @@ def test_device_ledger_survives_a_restart(first_run, restarted):
         assert after.epsilon() > before[i].epsilon()
         log = restarted.supernodes[i].tail(1_000_000)  # both runs' lines: the log file is appended to
         assert log.count(f"SuperNode ID: {first_run['node_ids'][i]}") == 2  # same identity after the restart
+
+
+def test_stop_processes_also_stops_descendants_that_left_the_group():
+    """The SuperLink starts its SuperExec in a session of its own: stopping the SuperLink's
+    group alone left it (and a ServerApp under it) running for a moment after stop()."""
+    from feddistill.deploy.local import _alive, _descendants, stop_processes
+
+    leader = subprocess.Popen(["bash", "-c", "setsid sleep 300 & sleep 300"], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while len(_descendants(leader.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    below = _descendants(leader.pid)
+    assert len(below) == 2 and any(os.getsid(pid) != os.getsid(leader.pid) for pid in below)
+    stop_processes([leader], grace_s=5)
+    assert leader.poll() is not None and not any(_alive(pid) for pid in below)

@@ -651,19 +651,19 @@ def test_dp_train_runs_opacus_in_place(monkeypatch):
     params_before = list(model.parameters())
     x, y = _data()
     res = dp_train(
-        model, x, y, epochs=2, batch_size=16, lr=0.05, momentum=0.9,
+        model, x, y, epochs=2, sampling_rate=0.1, lr=0.05, momentum=0.9,
         noise_multiplier=1.0, max_grad_norm=1.0, seed=0,
     )
     assert isinstance(res, DPTrainResult)
-    assert res.sampling_rate == 16 / 160
-    assert (res.sampling_rate, res.steps) == dpsgd_schedule(160, 16, 2) == (0.1, 20)
+    assert res.sampling_rate == 0.1
+    assert (res.sampling_rate, res.steps) == dpsgd_schedule(0.1, 2) == (0.1, 20)
     assert (res.noise_multiplier, res.max_grad_norm) == (1.0, 1.0)
     assert math.isfinite(res.mean_loss)
     # Opacus really in the loop: one clipping call per step, with per-sample gradients
     assert len(calls) == res.steps
     assert all(c["shapes_ok"] for c in calls)
     assert sum(c["batch"] for c in calls) > 0
-    # Poisson batches: variable sizes around 16
+    # Poisson batches: variable sizes around q·n = 16
     assert len({c["batch"] for c in calls}) > 1
     # the caller's model object holds the trained weights, and is clean
     assert list(model.parameters()) == params_before
@@ -689,7 +689,7 @@ def test_dp_train_clipping_bounds_update(monkeypatch):
     calls = _spy_clip(monkeypatch)
     model = _cnn()
     w0 = flat(model)
-    res = dp_train(model, x, y, epochs=1, batch_size=batch, lr=lr, momentum=0.0,
+    res = dp_train(model, x, y, epochs=1, sampling_rate=batch / len(x), lr=lr, momentum=0.0,
                    noise_multiplier=0.0, max_grad_norm=clip, seed=3)
     moved = float((flat(model) - w0).norm())
     bound = sum(lr * clip * c["batch"] / batch for c in calls)
@@ -698,14 +698,14 @@ def test_dp_train_clipping_bounds_update(monkeypatch):
 
     # with a large C the same run moves orders of magnitude more: clipping did the bounding
     big = _cnn()
-    dp_train(big, x, y, epochs=1, batch_size=batch, lr=lr, momentum=0.0,
+    dp_train(big, x, y, epochs=1, sampling_rate=batch / len(x), lr=lr, momentum=0.0,
              noise_multiplier=0.0, max_grad_norm=1e6, seed=3)
     assert float((flat(big) - w0).norm()) > 100 * moved
 
 
 def test_dp_train_seeded_and_noisy():
     x, y = _data(64)
-    kw = dict(epochs=1, batch_size=16, lr=0.1, momentum=0.0, noise_multiplier=1.0, max_grad_norm=1.0)
+    kw = dict(epochs=1, sampling_rate=0.25, lr=0.1, momentum=0.0, noise_multiplier=1.0, max_grad_norm=1.0)
     a, b, c = _cnn(), _cnn(), _cnn()
     dp_train(a, x, y, seed=5, **kw)
     dp_train(b, x, y, seed=5, **kw)
@@ -720,14 +720,15 @@ def test_dp_train_rejects_batchnorm_and_bad_args():
     bn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(72, 10))
     bn.eval()
     with pytest.raises(ValueError, match="BatchNorm"):
-        dp_train(bn, x, y, epochs=1, batch_size=8, lr=0.1, momentum=0.0,
+        dp_train(bn, x, y, epochs=1, sampling_rate=0.25, lr=0.1, momentum=0.0,
                  noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
     assert not bn.training  # mode restored
-    with pytest.raises(ValueError, match="batch_size"):
-        dp_train(_cnn(), x, y, epochs=1, batch_size=64, lr=0.1, momentum=0.0,
-                 noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
+    for rate in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="sampling_rate"):
+            dp_train(_cnn(), x, y, epochs=1, sampling_rate=rate, lr=0.1, momentum=0.0,
+                     noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
     with pytest.raises(ValueError, match="max_grad_norm"):
-        dp_train(_cnn(), x, y, epochs=1, batch_size=8, lr=0.1, momentum=0.0,
+        dp_train(_cnn(), x, y, epochs=1, sampling_rate=0.25, lr=0.1, momentum=0.0,
                  noise_multiplier=1.0, max_grad_norm=0.0, seed=0)
 
 

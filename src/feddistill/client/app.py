@@ -1,19 +1,50 @@
-"""The ClientApp: digest, revisit, answer (DESIGN.md, step 2).
+"""The ClientApp: digest, revisit, answer.
 
 The client checks the reference-set digest (refuses on mismatch), distils its
 own student toward the teacher signal on the round's public queries (digest),
-trains on its private data (revisit), then answers with its student's
-probabilities on the queries. Only that matrix, the round id, the digest and a
-few scalar metrics leave the device: no weights, no per-example private values.
+trains on its private data (revisit), then answers with its student's outputs
+on the queries. The student persists across rounds (FedMD: Li & Wang 2019), so
+each client keeps learning from the consensus; it is kept with the device's
+privacy ledger in ``feddistill.client.state``.
 
-The student persists across rounds (FedMD: Li & Wang 2019), so each client keeps
-learning from the consensus; it is kept with the device's privacy ledger in
-``feddistill.client.state``.
+What leaves a device — a ``train.distill`` reply is exactly:
+
+- ArrayRecord ``answers`` with one Array ``answers``: the (|Q|, C) answer matrix
+  on the round's PUBLIC queries, bounded (probabilities, votes or clipped
+  logits), noised here on the device when ``privacy.client-level = "local"``,
+  in its wire dtype (``distill.answer-dtype``);
+- ConfigRecord ``meta`` with exactly ``round`` (int, echoed) and
+  ``reference-digest`` (str, SHA-256 of the reference set the device holds);
+- MetricRecord ``metrics``: empty, or with record-level DP the one key
+  ``record-epsilon``, the device's own ledger ε. DP-SGD runs at the public
+  Poisson rate ``privacy.record-sampling-rate``, so that ε depends only on
+  public parameters and on how often the device took part, which the server
+  sees anyway.
+
+Nothing else: no weights, no private-set size, no losses on private data, no
+self-declared sender id (the server knows the sender from Flower's node id).
+A refusal is an Error reply (``protocol.REFUSED``, or ``protocol.DROPPED`` for a
+simulated dropout) whose reason names a rule, never a private value; the
+``query.identify`` reply carries the node-config id and whether the node is a
+device. Under SecAgg+ (``feddistill.client.secagg``) the answers travel masked,
+with only ``record-epsilon`` in plain text. The FedAvg *baseline*
+(:func:`handle_fedavg`) speaks Flower's FedAvg protocol, weights and
+``num-examples`` included; it is a comparison peer, not feddistill.
+
+Randomness: every privacy-relevant draw (local answer noise, DP-SGD's Poisson
+sampling and noise) is seeded from the run's seed, round and partition only in
+a simulation with ``privacy.noise-source = "seeded"`` (reproducible, and
+predictable by whoever knows the seed). A device (node config ``data-dir``)
+draws them from OS entropy whatever its config says, and refuses a round whose
+run config asks for seeded noise. Draws that protect nothing (model
+initialisation, shuffling of the public queries and of non-DP training) stay
+seeded, so a device without DP answers exactly like its simulated twin.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import torch
@@ -29,14 +60,20 @@ from feddistill.models import build_model
 from feddistill.simulations.attacks import corrupt_answers, hostile_clients
 from feddistill.simulations.fleet import load_fleet, private_tensors
 from feddistill.privacy.mechanisms import add_gaussian_noise, bound_answers, noise_rng
-from feddistill.privacy.plan import UploadPrivacy, record_mechanism, record_noise_multiplier, upload_privacy
+from feddistill.privacy.plan import (
+    UploadPrivacy,
+    device_noise_refusal,
+    noise_seed,
+    record_mechanism,
+    record_noise_multiplier,
+    upload_privacy,
+)
 from feddistill.training import predict_logits, train_distill, train_revisit, train_supervised
 
 log = logging.getLogger("feddistill")
 
 # Each simulated client runs in a 1-CPU worker: more torch threads only oversubscribe the cores.
 torch.set_num_threads(1)
-
 
 
 def _student(cfg: RunConfig, image_size: int, num_classes: int, partition_id: int, saved: dict | None,
@@ -48,6 +85,19 @@ def _student(cfg: RunConfig, image_size: int, num_classes: int, partition_id: in
 
 
 def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """One round on a client: digest, revisit, answer; or an Error reply saying why not.
+
+    Refuses (``protocol.REFUSED``) on a device asked for seeded noise, a reference-set digest
+    mismatch, a rejected signed download, or a round over the device's record-level budget.
+    """
+    device = is_device(context)
+    refusal = device_noise_refusal(cfg) if device else None
+    if refusal is not None:  # a device never runs seeded noise, whatever the server asks
+        return Message(Error(protocol.REFUSED, refusal), reply_to=msg)
+    cap = device_record_cap(context) if device else None
+    if cap is not None and not cfg.privacy.record_level:  # the owner's rule, whatever the server asks
+        return Message(Error(protocol.REFUSED, f"this device requires record-level DP (node config {RECORD_CAP} = "
+                             f"{cap:g}) and the run config has privacy.record-level = false"), reply_to=msg)
     config = msg.content.config_records[protocol.CONFIG_RECORD]
     # a device reads its own data dir (node config `data-dir`), a simulated client its partition
     data = client_data(cfg, context)
@@ -56,116 +106,175 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
         return Message(Error(protocol.REFUSED, "reference-set digest mismatch: refusing to answer"), reply_to=msg)
 
     rnd = int(config[protocol.ROUND])
-    if cfg.scenario.dropout and np.random.default_rng([cfg.seed, rnd, partition_id, 0xD0]).random() < cfg.scenario.dropout:
+    # simulation scenarios (dropouts, hostile answers) never run on a real device, whatever the server asks
+    if not device and cfg.scenario.dropout and np.random.default_rng([cfg.seed, rnd, partition_id, 0xD0]).random() < cfg.scenario.dropout:
         return Message(Error(protocol.DROPPED, "dropped out (simulated)"), reply_to=msg)
     teacher = msg.content.array_records[protocol.TEACHER_RECORD]
-    pinned = str(context.node_config.get("release-public-key", "") or cfg.security.release_public_key)
-    if pinned:  # a device that pins the server's key accepts only signed, fresh downloads
-        from feddistill.deploy.signing import ReleaseRejected
-        from feddistill.releases import verify_download
-
-        try:
-            verify_download(config, teacher, key_path=pinned, rnd=rnd, run_id=msg.metadata.run_id,
-                            state=state_dir(cfg, context))
-        except ReleaseRejected as exc:
-            log.warning("round %d: release rejected: %s", rnd, exc)
-            return Message(Error(protocol.REFUSED, f"release rejected: {exc}"), reply_to=msg)
+    rejected = _release_rejection(msg, context, cfg, config, teacher, rnd)
+    if rejected is not None:
+        return Message(Error(protocol.REFUSED, rejected), reply_to=msg)
     queries = teacher[protocol.QUERIES].numpy()
     signal = torch.from_numpy(teacher[protocol.SIGNAL].numpy().astype(np.float32))
     num_classes, image_size = signal.shape[1], int(data.reference_x.shape[-1])
     query_x = data.reference_x[torch.from_numpy(queries)]
-    private_x, private_y = data.private_x, data.private_y
+    # Seeds for what protects nothing (initialisation, shuffling); `private` seeds the privacy
+    # draws and is None (OS entropy) on a device or with privacy.noise-source = "os-entropy".
     seed = cfg.seed * 1_000_003 + rnd * 10_007 + partition_id
+    private = noise_seed(cfg, seed, device)
 
     store = state_dir(cfg, context)
     kept = load_state(store, partition_id, rnd)
-    arch = cfg.student_for(partition_id)
-    start = kept.student
-    if arch == config.get("student-model") and any(k.startswith(protocol.STUDENT_PREFIX) for k in teacher.keys()):
-        # start from the released global student (public): a client of the same architecture
-        # refines it on its private data instead of relearning what the fleet already knows
-        start = {k[len(protocol.STUDENT_PREFIX):]: torch.from_numpy(teacher[k].numpy().copy())
-                 for k in teacher.keys() if k.startswith(protocol.STUDENT_PREFIX)}
-    student = _student(cfg, image_size, num_classes, partition_id, start, arch)
+    student = _start_student(cfg, config, teacher, kept.student, partition_id, image_size, num_classes)
     common = dict(batch_size=int(config["batch-size"]), lr=float(config["lr"]), momentum=float(config["momentum"]))
     temperature = float(config["temperature"])
-    metrics: dict[str, float] = {protocol.NUM_EXAMPLES: len(private_y)}
 
     # Record-level DP: the device checks its OWN budget before touching private data.
     ledger, event = None, None
     if cfg.privacy.record_level:
-        # imported here: Opacus and dp-accounting cost seconds in every fresh ClientApp process
-        from feddistill.privacy.accounting import GaussianEvent
-        from feddistill.privacy.dpsgd import dp_train, dpsgd_schedule
-
-        ledger = _record_ledger(kept.ledger_json, cfg)
-        batch = min(int(config["batch-size"]), len(private_y))
-        rate, steps = dpsgd_schedule(len(private_y), batch, int(config["revisit-epochs"]))
-        event = GaussianEvent(record_noise_multiplier(cfg, rate, steps), rate, steps)
+        ledger, event = _record_plan(kept.ledger_json, cfg, int(config["revisit-epochs"]), cap)
         if not ledger.can_afford(event):
             reason = (f"record-level budget: this round would raise epsilon from {ledger.epsilon():.3f} to "
                       f"{ledger.epsilon_if(event):.3f} > target {ledger.target_epsilon} (delta={ledger.delta})")
             return Message(Error(protocol.REFUSED, reason), reply_to=msg)
 
-    digest_loss = train_distill(
-        student, query_x, signal, temperature=temperature, epochs=int(config["digest-epochs"]), seed=seed, **common
-    )
+    train_distill(student, query_x, signal, temperature=temperature, epochs=int(config["digest-epochs"]),
+                  seed=seed, **common)
     if ledger is not None:
-        result = dp_train(
-            student, private_x, private_y, epochs=int(config["revisit-epochs"]), batch_size=batch, lr=common["lr"],
-            momentum=common["momentum"], noise_multiplier=event.noise_multiplier,
-            max_grad_norm=cfg.privacy.max_grad_norm, seed=seed + 1,
-        )
-        revisit_loss = result.mean_loss
+        from feddistill.privacy.dpsgd import dp_train  # Opacus: only where DP-SGD runs (cold start)
+
+        dp_train(student, data.private_x, data.private_y, epochs=int(config["revisit-epochs"]),
+                 sampling_rate=event.sampling_rate, lr=common["lr"], momentum=common["momentum"],
+                 noise_multiplier=event.noise_multiplier, max_grad_norm=cfg.privacy.max_grad_norm,
+                 seed=None if private is None else private + 1)
         ledger.record(event, rnd)
-        metrics.update({"record-epsilon": ledger.epsilon(), "record-noise-multiplier": event.noise_multiplier,
-                        "record-sampling-rate": event.sampling_rate, "record-steps": float(sum(
-                            e.event.steps for e in ledger.history))})
     else:
-        revisit_loss = train_revisit(
-            student, private_x, private_y, query_x, signal, kd_weight=float(config["revisit-kd-weight"]),
-            temperature=temperature, epochs=int(config["revisit-epochs"]), seed=seed + 1, **common,
-        )
-    answers = answer_matrix(predict_logits(student, query_x).numpy(), upload_privacy(cfg), seed + 2)
-    encoding = str(config["answer-dtype"])
-    hostile = partition_id in hostile_clients(cfg.fleet.num_clients, cfg.scenario.hostile_fraction, cfg.seed)
-    # A hostile client corrupts what it sends; with one-byte votes it can only lie about the class,
-    # so it corrupts the matrix first and the vote carries the lie.
-    if hostile and encoding == "vote":
-        answers = corrupt_answers(answers, cfg.scenario.attack, np.random.default_rng(seed + 3), num_classes=num_classes)
-    answers = encode_answers(answers, encoding)
-    if hostile and encoding != "vote":
-        answers = corrupt_answers(answers, cfg.scenario.attack, np.random.default_rng(seed + 3),
-                                  num_classes=num_classes)
+        train_revisit(student, data.private_x, data.private_y, query_x, signal,
+                      kd_weight=float(config["revisit-kd-weight"]), temperature=temperature,
+                      epochs=int(config["revisit-epochs"]), seed=seed + 1, **common)
+    answers = answer_matrix(predict_logits(student, query_x).numpy(), upload_privacy(cfg),
+                            None if private is None else private + 2)
+    answers = _encode(answers, cfg, str(config["answer-dtype"]), -1 if device else partition_id, seed, num_classes)
     save_state(store, partition_id, rnd, student.state_dict(), None if ledger is None else ledger.to_json())
     if cfg.audit.keep_artifacts:  # simulation only: the auditor's target (b), the local student
         save_local_student(student, cfg, partition_id)
+    return distill_reply(msg, answers, rnd, data.reference_digest,
+                         None if ledger is None else ledger.epsilon())
 
-    for name, value in (("digest-loss", digest_loss), ("revisit-loss", revisit_loss)):
-        if np.isfinite(value):
-            metrics[name] = float(value)
+
+def distill_reply(msg: Message, answers: np.ndarray, rnd: int, digest: str, record_epsilon: float | None) -> Message:
+    """The reply, and everything in it (the module docstring says what each field reveals)."""
+    metrics = MetricRecord({} if record_epsilon is None else {protocol.RECORD_EPSILON: float(record_epsilon)})
     return Message(
         RecordDict(
             {
                 protocol.ANSWERS_RECORD: ArrayRecord({protocol.ANSWERS: Array(np.ascontiguousarray(answers))}),
-                protocol.METRICS_RECORD: MetricRecord(metrics),
-                protocol.REPLY_META: ConfigRecord(
-                    {protocol.ROUND: rnd, protocol.DIGEST: data.reference_digest, protocol.PARTITION: partition_id}
-                ),
+                protocol.METRICS_RECORD: metrics,
+                protocol.REPLY_META: ConfigRecord({protocol.ROUND: int(rnd), protocol.DIGEST: digest}),
             }
         ),
         reply_to=msg,
     )
 
 
-def answer_matrix(logits: np.ndarray, plan: UploadPrivacy, seed: int) -> np.ndarray:
+def _release_rejection(msg: Message, context: Context, cfg: RunConfig, config: ConfigRecord, teacher: ArrayRecord,
+                       rnd: int) -> str | None:
+    """A device that pins the server's key accepts only signed, fresh downloads: why not, or None."""
+    pinned = str(context.node_config.get("release-public-key", "") or cfg.security.release_public_key)
+    if not pinned:
+        return None
+    from feddistill.deploy.signing import ReleaseRejected
+    from feddistill.releases import verify_download
+
+    try:
+        verify_download(config, teacher, key_path=pinned, rnd=rnd, run_id=msg.metadata.run_id,
+                        state=state_dir(cfg, context))
+    except ReleaseRejected as exc:
+        log.warning("round %d: release rejected: %s", rnd, exc)
+        return f"release rejected: {exc}"
+    return None
+
+
+def _start_student(cfg: RunConfig, config: ConfigRecord, teacher: ArrayRecord, own: dict | None, partition_id: int,
+                   image_size: int, num_classes: int) -> torch.nn.Module:
+    arch = cfg.student_for(partition_id)
+    start = own
+    if arch == config.get("student-model") and any(k.startswith(protocol.STUDENT_PREFIX) for k in teacher.keys()):
+        # start from the released global student (public): a client of the same architecture
+        # refines it on its private data instead of relearning what the fleet already knows
+        start = {k[len(protocol.STUDENT_PREFIX):]: torch.from_numpy(teacher[k].numpy().copy())
+                 for k in teacher.keys() if k.startswith(protocol.STUDENT_PREFIX)}
+    return _student(cfg, image_size, num_classes, partition_id, start, arch)
+
+
+def _encode(answers: np.ndarray, cfg: RunConfig, encoding: str, partition_id: int, seed: int,
+            num_classes: int) -> np.ndarray:
+    """The wire form; a hostile simulated client (scenario.hostile-fraction) corrupts it."""
+    hostile = partition_id in hostile_clients(cfg.fleet.num_clients, cfg.scenario.hostile_fraction, cfg.seed)
+    # With one-byte votes a hostile client can only lie about the class, so it corrupts the
+    # matrix first and the vote carries the lie.
+    if hostile and encoding == "vote":
+        answers = corrupt_answers(answers, cfg.scenario.attack, np.random.default_rng(seed + 3), num_classes=num_classes)
+    answers = encode_answers(answers, encoding)
+    if hostile and encoding != "vote":
+        answers = corrupt_answers(answers, cfg.scenario.attack, np.random.default_rng(seed + 3),
+                                  num_classes=num_classes)
+    return answers
+
+
+def answer_matrix(logits: np.ndarray, plan: UploadPrivacy, seed: int | None) -> np.ndarray:
     """Bound the answers (probabilities, votes or clipped logits); with local DP, noise them here,
-    on the device, before they leave it."""
+    on the device, before they leave it (Gaussian mechanism, see ``feddistill.privacy.plan``).
+
+    ``seed`` seeds the noise (a seeded simulation only); ``None`` draws it from OS entropy,
+    which is what every device does: a seed the server knows would let it subtract the noise.
+    """
     answers = bound_answers(logits, plan.bound, clip_norm=plan.clip_norm)
     if plan.mode == "local":
         answers = add_gaussian_noise(answers, noise_multiplier=plan.noise_multiplier, sensitivity=plan.sensitivity,
                                      rng=noise_rng(seed))
     return answers
+
+
+RECORD_CAP = "max-record-epsilon"  # node config: the device owner's own record-level budget
+
+
+def device_record_cap(context: Context) -> float | None:
+    """The record-level ε a device's owner allows (node config ``max-record-epsilon``), or None.
+
+    The run config's ``privacy.record-target-epsilon`` comes from the server's operator; this
+    cap comes from the device's own start-up and wins when lower, so a server cannot raise a
+    device's budget. A device with a cap also refuses runs without record-level DP.
+    """
+    raw = context.node_config.get(RECORD_CAP)
+    if raw is None or raw == "":
+        return None
+    try:
+        cap = float(raw)
+    except (TypeError, ValueError):
+        cap = math.nan
+    if not (math.isfinite(cap) and cap > 0):
+        raise ValueError(f"node config {RECORD_CAP} = {raw!r} must be a number > 0")
+    return cap
+
+
+def _record_plan(saved: str | None, cfg: RunConfig, epochs: int,
+                 cap: float | None = None) -> tuple["PrivacyLedger", "GaussianEvent"]:
+    """The device's record-level ledger and what this round's DP-SGD would cost.
+
+    The cost, ``GaussianEvent(z, q, epochs * int(1/q))``, depends only on public parameters
+    (:func:`feddistill.privacy.dpsgd.dpsgd_schedule`, :func:`record_noise_multiplier`), not on
+    the device's number of records. The ledger's budget is the run config's target, lowered
+    to the device's own ``cap`` when one is set.
+    """
+    # imported here: Opacus and dp-accounting cost seconds in every fresh ClientApp process
+    from feddistill.privacy.accounting import GaussianEvent
+    from feddistill.privacy.dpsgd import dpsgd_schedule
+
+    rate, steps = dpsgd_schedule(cfg.privacy.record_sampling_rate, epochs)
+    ledger = _record_ledger(saved, cfg)
+    if cap is not None:
+        ledger.target_epsilon = cap if ledger.target_epsilon is None else min(ledger.target_epsilon, cap)
+    return ledger, GaussianEvent(record_noise_multiplier(cfg, rate, steps), rate, steps)
 
 
 def _record_ledger(saved: str | None, cfg: RunConfig) -> "PrivacyLedger":

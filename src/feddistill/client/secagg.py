@@ -12,8 +12,10 @@ unchanged; this module only adapts feddistill's round to its legacy ``fit`` layo
    the record-level budget included, still applies);
 3. the answers (decoded from their wire dtype), plus under distributed DP a noise share
    N(0, s²) drawn from OS entropy (``feddistill.privacy.distributed``), become the
-   FitRes ``parameters`` with weight 1; the mod clips, quantizes and masks them. Only
-   the record-level ledger values travel in plain text beside the masked vector.
+   FitRes ``parameters`` with weight 1; the mod clips, quantizes and masks them. The
+   only plain-text value beside the masked vector is the distill reply's own metric,
+   ``record-epsilon`` (record-level DP only; see ``feddistill.client.app``), and
+   ``num_examples`` is always 1: nothing that depends on the private data.
 
 A refusal or a simulated dropout raises: the node sends an error and SecAgg+ treats it
 as dropped.
@@ -93,7 +95,9 @@ def answers_as_fitres(msg: Message, context: Context, cfg: RunConfig, handler: H
     noise = run_secagg_noise(cfg)
     if noise.distributed:  # this device's share of the sum's noise; OS entropy, never a seed the server knows
         answers = answers + noise_rng(None).normal(0.0, noise.share_std, size=answers.shape)
-    metrics = {k: v for k, v in reply.content.metric_records[protocol.METRICS_RECORD].items() if k.startswith("record-")}
+    # the same rule as a plain reply: record-epsilon (public parameters, participations) and nothing else
+    sent = reply.content.metric_records[protocol.METRICS_RECORD]
+    metrics = {k: v for k, v in sent.items() if k == protocol.RECORD_EPSILON}
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([answers]), num_examples=1, metrics=metrics)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 

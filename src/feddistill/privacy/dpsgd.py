@@ -2,14 +2,28 @@
 
 DP-SGD (Abadi et al. 2016, "Deep Learning with Differential Privacy"): each step
 Poisson-samples records at rate q, clips every per-sample gradient to L2 norm C,
-sums, adds N(0, (z·C)²) and averages. One step is a Poisson-subsampled Gaussian
-mechanism with noise multiplier z under add/remove of one record, so a run is
-``GaussianEvent(z, q, steps)``, which the caller records in its device
-:class:`~feddistill.privacy.ledger.PrivacyLedger` (unit ``"record"``). Opacus'
-own accountant is not used for the reported ε.
+sums, adds N(0, (z·C)²) and divides by the expected batch size q·n. One step is a
+Poisson-subsampled Gaussian mechanism with noise multiplier z under add/remove of
+one record, so a run is ``GaussianEvent(z, q, steps)``, which the caller records in
+its device :class:`~feddistill.privacy.ledger.PrivacyLedger` (unit ``"record"``).
+Opacus' own accountant is not used for the reported ε.
+
+The rate q is a public run parameter (``privacy.record-sampling-rate``), not
+``batch / n``: the steps, z and hence the device's ε then do not depend on its
+number of records n, so the ε a device reports reveals nothing about its data
+(only how often it took part, which the server sees anyway). Only the expected
+batch q·n, used on the device alone, depends on n.
 
 Opacus does the per-sample gradients (``GradSampleModule``), the clipping and
 the noise (``DPOptimizer``) and the Poisson sampling (``DPDataLoader``).
+
+Randomness: with ``seed=None`` (every device) the Poisson sampler's and the
+noise's torch generators are seeded from OS entropy (``torch.Generator.seed()``
+reads ``/dev/urandom`` on Linux; 64 bits, torch's seed width), so nobody who
+knows the run's seed can regenerate the noise. Opacus' ``secure_mode`` (a
+CSPRNG from ``torchcsprng`` and noise hardened against the floating-point
+attack of Mironov 2012) is off: torchcsprng's last release (0.2.1, 2021) is
+built for torch 1.8 and cannot be installed with the torch used here.
 """
 
 from __future__ import annotations
@@ -45,23 +59,23 @@ class DPTrainResult:
     mean_loss: float
 
 
-def dpsgd_schedule(num_records: int, batch_size: int, epochs: int) -> tuple[float, int]:
+def dpsgd_schedule(sampling_rate: float, epochs: int) -> tuple[float, int]:
     """``(sampling_rate, steps)`` that :func:`dp_train` will use, known before training.
 
-    ``sampling_rate = batch_size / num_records`` (expected batch size =
-    batch_size) and, as in Opacus' ``DPDataLoader``, ``int(1 / sampling_rate)``
-    Poisson batches per epoch (= num_records / batch_size when it divides).
-    A device checks ``ledger.can_afford(GaussianEvent(z, *dpsgd_schedule(...)))``
-    before it trains.
+    ``sampling_rate`` is q, given (``privacy.record-sampling-rate``): every step
+    takes each record independently with probability q (expected batch size
+    q·n), and an epoch is ``int(1 / q)`` such Poisson batches, as in Opacus'
+    ``DPDataLoader``; so ``steps = epochs * int(1 / q)``. Neither depends on the
+    number of records. A device checks
+    ``ledger.can_afford(GaussianEvent(z, *dpsgd_schedule(q, epochs)))`` before
+    it trains.
     """
-    for name, v in (("num_records", num_records), ("batch_size", batch_size), ("epochs", epochs)):
-        if isinstance(v, bool) or int(v) != v or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    if batch_size > num_records:
-        raise ValueError(f"batch_size ({batch_size}) must not exceed the number of records ({num_records})")
-    q = batch_size / num_records
+    if isinstance(epochs, bool) or int(epochs) != epochs or epochs < 1:
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    if isinstance(sampling_rate, bool) or not (math.isfinite(sampling_rate) and 0 < sampling_rate <= 1):
+        raise ValueError(f"sampling_rate must be in (0, 1], got {sampling_rate!r}")
     # Same expression as opacus.utils.uniform_sampler.UniformWithReplacementSampler.
-    return q, int(epochs) * int(1 / q)
+    return float(sampling_rate), int(epochs) * int(1 / sampling_rate)
 
 
 def _check_model(model: nn.Module) -> None:
@@ -80,7 +94,7 @@ def dp_train(
     y: torch.Tensor,
     *,
     epochs: int,
-    batch_size: int,
+    sampling_rate: float,
     lr: float,
     momentum: float,
     noise_multiplier: float,
@@ -98,8 +112,9 @@ def dp_train(
         object holds the trained weights and no Opacus hooks or attributes.
     x, y:
         Private records and their targets (first dimension = records).
-    epochs, batch_size:
-        Expected batch size ``batch_size``; see :func:`dpsgd_schedule`.
+    epochs, sampling_rate:
+        Poisson rate q (expected batch size q·n) and epochs of ``int(1 / q)``
+        steps; see :func:`dpsgd_schedule`.
     lr, momentum:
         SGD settings. Momentum is post-processing of the noisy gradients.
     noise_multiplier:
@@ -107,8 +122,10 @@ def dp_train(
     max_grad_norm:
         Per-sample clipping bound C > 0.
     seed:
-        Seeds Poisson sampling and the noise (simulations); ``None`` draws both
-        from fresh generators (devices). ``secure_mode`` is off (see Opacus).
+        Seeds Poisson sampling and the noise (reproducible simulations only:
+        anyone who knows the seed can regenerate the noise); ``None`` seeds
+        both generators from OS entropy (devices; see the module docstring
+        for why Opacus' ``secure_mode`` is off).
     loss_fn:
         ``loss_fn(outputs, targets)`` with mean reduction; defaults to
         cross-entropy.
@@ -128,7 +145,9 @@ def dp_train(
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y must have the same number of records, got {x.shape[0]} and {y.shape[0]}")
-    sampling_rate, planned_steps = dpsgd_schedule(int(x.shape[0]), batch_size, epochs)
+    if x.shape[0] < 1:
+        raise ValueError("x must hold at least one record")
+    sampling_rate, planned_steps = dpsgd_schedule(sampling_rate, epochs)
     if loss_fn is None:
         loss_fn = nn.CrossEntropyLoss()
 
@@ -150,8 +169,8 @@ def dp_train(
         sample_gen.seed()
         noise_gen.seed()
 
-    # We build the Poisson loader ourselves so that q is exactly batch_size / n
-    # (make_private's own conversion uses q = 1 / ceil(n / batch_size)); hence
+    # We build the Poisson loader ourselves so that q is exactly the public rate
+    # (make_private's own conversion derives q from n and a batch size); hence
     # poisson_sampling=False below, which only means "leave my loader alone".
     loader = DPDataLoader(TensorDataset(x, y), sample_rate=sampling_rate, generator=sample_gen)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
@@ -170,8 +189,8 @@ def dp_train(
         grad_sample_mode="hooks",
     )
     gsm.forbid_grad_accumulation()
-    # Average over the expected batch size q·n, not make_private's estimate.
-    dp_optimizer.expected_batch_size = batch_size
+    # Average over the expected batch size q·n (a float; make_private rounds it down).
+    dp_optimizer.expected_batch_size = sampling_rate * int(x.shape[0])
 
     try:
         with warnings.catch_warnings():

@@ -8,10 +8,14 @@ accountants in :mod:`feddistill.privacy.accounting` consume; the sensitivity is
 what :func:`reply_sensitivity` derives for the bounded replies of one client.
 
 Security note: noise comes from NumPy's PCG64 generator and floating-point
-Gaussian sampling. That is the standard research setting (Opacus with
-``secure_mode=False``); it does not defend against the floating-point attacks
-of Mironov 2012 ("On significance of the least significant bits for
-differential privacy").
+Gaussian sampling. On a device (and with ``privacy.noise-source =
+"os-entropy"``) the generator is seeded from OS entropy (:func:`noise_rng`
+with ``None``), so nobody who knows the run's seed can regenerate the noise;
+a seeded generator is for reproducible simulation only. PCG64 is not a
+cryptographic generator and floating-point sampling does not defend against
+the attacks of Mironov 2012 ("On significance of the least significant bits
+for differential privacy"): the standard research setting (Opacus with
+``secure_mode=False``).
 """
 
 from __future__ import annotations
@@ -177,9 +181,11 @@ def reply_sensitivity(
 def noise_rng(seed: int | None) -> np.random.Generator:
     """The generator all noise is drawn from.
 
-    ``seed=None`` seeds from OS entropy (what a device must use: a fixed seed
-    known to the server would let it subtract the noise). An integer seed makes
-    simulations reproducible.
+    ``seed=None`` seeds PCG64 with 128 bits of OS entropy (NumPy's
+    ``SeedSequence``): what every device uses, for local answer noise and
+    SecAgg+ noise shares alike, because a seed known to the server would let it
+    regenerate and subtract the noise. An integer seed makes simulations
+    reproducible (``privacy.noise-source = "seeded"``, refused on devices).
     """
     return np.random.default_rng(seed)
 

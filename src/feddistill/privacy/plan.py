@@ -25,6 +25,17 @@ With ``distill.secure-aggregation = "secagg+"``, ``central`` and ``gnmax`` becom
 *distributed*: every client adds a share of the noise and the server, which sees only
 the sum, adds none. The accounting changes (replace-one, q = 1, δ minus the clipping
 failure probability): see ``feddistill.privacy.distributed``.
+
+Record-level DP (unit: one private example, add/remove): DP-SGD on every device
+(``feddistill.privacy.dpsgd``) at a public Poisson rate q, ``revisit-epochs * int(1/q)``
+steps per round, with z calibrated from (q, steps, planned participations): all public,
+so the ε a device reports depends only on how often it took part.
+
+Noise source (``privacy.noise-source``): every privacy-relevant random draw on a client
+(local answer noise, DP-SGD's Poisson sampling and noise; SecAgg+ noise shares always use
+OS entropy) is seeded from the run's seed only in a ``"seeded"`` simulation; a device
+(node config ``data-dir``) always draws from OS entropy and refuses a seeded round, and
+the server refuses to start a seeded run with devices.
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ from functools import lru_cache
 
 from typing import TYPE_CHECKING
 
-from feddistill.config import RunConfig
+from feddistill.config import ConfigError, RunConfig
 from feddistill.privacy.mechanisms import reply_sensitivity, row_norm_bound
 
 if TYPE_CHECKING:  # dp-accounting is imported only when an epsilon is computed
@@ -169,7 +180,12 @@ def _calibrate(target: float, delta: float, rate: float, steps: int) -> float:
 
 
 def record_noise_multiplier(cfg: RunConfig, sampling_rate: float, steps_per_round: int) -> float:
-    """DP-SGD z for a device: given, or calibrated so that its planned participations fit its target."""
+    """DP-SGD z for a device: given, or calibrated so that its planned participations fit its target.
+
+    Every input is public — the config's Poisson rate q (``privacy.record-sampling-rate``),
+    the steps per round from :func:`feddistill.privacy.dpsgd.dpsgd_schedule` and the planned
+    participations — so every device of a run uses the same z, whatever its number of records.
+    """
     p = cfg.privacy
     if p.record_noise_multiplier:
         return p.record_noise_multiplier
@@ -177,5 +193,54 @@ def record_noise_multiplier(cfg: RunConfig, sampling_rate: float, steps_per_roun
 
 
 def record_mechanism(cfg: RunConfig) -> str:
-    return (f"DP-SGD through Opacus (per-sample clipping C={cfg.privacy.max_grad_norm}, Poisson sampling of "
-            "private examples); uploads are post-processing")
+    p = cfg.privacy
+    q = p.record_sampling_rate
+    sampling = ("full batches (q=1: every private example in every step, no amplification by sampling)" if q == 1
+                else f"Poisson sampling of private examples at the public rate q={q}")
+    return (f"DP-SGD through Opacus (Abadi et al. 2016: per-sample clipping C={p.max_grad_norm}, {sampling}, "
+            f"{cfg.distill.revisit_epochs} x int(1/q) steps per round, z from (q, steps, planned participations) "
+            "only, never from a device's data); uploads are post-processing")
+
+
+NOISE_SOURCES = {
+    "seeded": "seeded (simulation only: reproducible, and predictable by anyone who knows the run seed)",
+    "os-entropy": "os-entropy (fresh OS entropy on every client for every draw; not reproducible, and no seed "
+                  "anyone knows can regenerate it)",
+}
+
+
+def client_noise_source(cfg: RunConfig, plan: UploadPrivacy) -> str:
+    """results.json's word on where the client-level noise comes from."""
+    if plan.mode == "local":
+        return NOISE_SOURCES[cfg.privacy.noise_source]
+    if plan.distributed:  # feddistill.client.secagg: noise_rng(None) on every client, always
+        return "os-entropy (each client's SecAgg+ noise share, always; whatever privacy.noise-source says)"
+    if cfg.privacy.noise_source == "os-entropy":
+        return "server: drawn by the (trusted) server from OS entropy"
+    return ("server: drawn by the (trusted) server from a generator seeded with the run seed, so reproducible and "
+            "predictable by anyone who knows the seed (results.json names it): simulation only")
+
+
+def noise_seed(cfg: RunConfig, seed: int, device: bool) -> int | None:
+    """The seed of a privacy-relevant draw: ``seed`` in a seeded simulation, otherwise ``None``
+    (OS entropy). A device never gets a seed, whatever its config says."""
+    return seed if cfg.privacy.noise_source == "seeded" and not device else None
+
+
+def device_noise_refusal(cfg: RunConfig) -> str | None:
+    """Why a device refuses this run config (it asks for seeded noise), or None."""
+    if cfg.privacy.noise_source == "os-entropy":
+        return None
+    return (f"privacy.noise-source = {cfg.privacy.noise_source!r}: seeded noise is for simulation only (the server "
+            "knows the seed and could subtract it); a device draws from OS entropy and needs "
+            "privacy.noise-source = \"os-entropy\"")
+
+
+def check_devices_noise_source(cfg: RunConfig, num_devices: int) -> None:
+    """The server's side of the same rule: refuse to start a seeded run that has devices."""
+    if num_devices and cfg.privacy.noise_source != "os-entropy":
+        raise ConfigError(
+            f"{num_devices} node(s) are devices (node config data-dir), but privacy.noise-source = "
+            f"{cfg.privacy.noise_source!r}: devices refuse seeded noise; run with "
+            "--run-config 'privacy.noise-source=\"os-entropy\"'"
+        )
