@@ -20,6 +20,9 @@ Suites:
            in-process (bench/inprocess.py), measured in the same benchmark.
   ceiling  no DP: the student trained on the reference set's true labels (its ceiling) and the
            accuracy of the fleet's aggregated answers as every client joins (bench/ceiling.py).
+  fuzz     10,000 hypothesis-generated distill replies (and issue 15's failing ones) through the
+           server path: validation, aggregation, device ledger, report; counts crashes and schema
+           violations that reached aggregation (bench/fuzz.py; --set cases=N --set seed=S).
 
 Suites made of several runs keep each run's folder under runs/; a run whose results.json
 exists is not repeated (rerun with --keep to continue an interrupted suite).
@@ -791,8 +794,14 @@ def ceiling(out: Path, overrides: dict) -> dict:
     return run_ceiling(out, overrides)
 
 
+def fuzz(out: Path, overrides: dict) -> dict:
+    from bench.fuzz import fuzz as run_fuzz
+
+    return run_fuzz(out, overrides)
+
+
 SUITES = {"core": core, "audit": audit, "deploy": deploy, "privacy": privacy, "faults": faults, "comms": comms, "scale": scale,
-          "frontier": frontier, "profile": profile, "ceiling": ceiling}
+          "frontier": frontier, "profile": profile, "ceiling": ceiling, "fuzz": fuzz}
 
 
 def main() -> None:

@@ -2,8 +2,11 @@
 
 Each property states the rule independently of the code under test: a reply is valid
 iff it answers this round (round, digest), carries only the answers matrix, of shape
-(|Q|, C), float16/float32, finite and inside [low - tol, high + tol]; a config is either
-a RunConfig that satisfies every documented invariant, or a ConfigError.
+(|Q|, C), float16/float32/uint8, finite and inside [low - tol, high + tol] (the entry rule;
+with local noise it is the whole value rule); a config is either a RunConfig that satisfies
+every documented invariant, or a ConfigError. The row rules and every other field of the
+reply schema are fuzzed through the whole server path by `bench/fuzz.py`, whose bounded
+slice runs here.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ def reply_checks(draw) -> ReplyCheck:
         low=low,
         high=high,
         tolerance=draw(st.sampled_from([1e-3, 0.05])),
+        local_noise=True,  # noised rows: the entry rule below is the whole value rule (no row rule)
     )
 
 
@@ -153,7 +157,7 @@ def _message(case: ReplyCase) -> Message:
         return Message(Error(case.error, "no"), reply_to=_request())
     answers = _encoded(case)
     arrays = {protocol.ANSWERS: answers}
-    records: dict[str, Any] = {protocol.METRICS_RECORD: MetricRecord({protocol.NUM_EXAMPLES: 10})}
+    records: dict[str, Any] = {protocol.METRICS_RECORD: MetricRecord({})}  # empty: a run without record-level DP
     if case.extra == "extra key":
         arrays["logits"] = Array(np.zeros(2, np.float32))
     elif case.extra == "renamed key":
@@ -228,6 +232,23 @@ def test_empty_query_set_does_not_raise():
     case = ReplyCase(None, {protocol.ROUND: 1, protocol.DIGEST: "abc"}, np.zeros((0, 3), np.float32), "none",
                      check.max_bytes)
     check_reply(_message(case), check)
+
+
+# ---- the whole server path (bench/fuzz.py, a bounded slice) ----
+
+def test_fuzzed_replies_never_crash_the_server_path_nor_reach_aggregation():
+    """300 hypothesis-generated rounds plus issue 15's failing replies through validation, every
+    aggregator, the device ledger, the privacy report and the SecAgg+ metrics rule
+    (`python -m bench fuzz` runs 10,000)."""
+    from bench.fuzz import issue_cases, run_fuzz
+
+    tally = run_fuzz(300, seed=15)
+    assert tally.cases == 300 + len(issue_cases()) and tally.fixed == len(issue_cases())
+    assert tally.unbuildable == 0, tally.failures  # every generated reply was a real Flower message
+    assert (tally.crashes, tally.silent_accepts, tally.false_rejects) == (0, 0, 0), tally.failures
+    assert (tally.ledger_overwrites, tally.bad_signals) == (0, 0), tally.failures
+    assert all(row["rejected"] and not row["crash"] for row in tally.fixed_seeds), tally.fixed_seeds
+    assert tally.accepted >= 20 and tally.rejected >= 200  # both sides of the rule were exercised
 
 
 # ---- config parsing ----

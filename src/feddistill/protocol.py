@@ -17,18 +17,22 @@ STUDENT_PREFIX = "student."  # optional: the global student's weights, "student.
 # SecAgg+ (legacy fit layout): the FitIns config key naming the FitIns parameters, a JSON list
 SECAGG_ARRAY_NAMES = "feddistill.array-names"
 
-# Records in a distill reply: the ONLY things that leave a device
-ANSWERS_RECORD = "answers"  # ArrayRecord: ANSWERS (|Q|, C)
+# Records in a distill reply: the ONLY things that leave a device. The schema (types, ranges,
+# sizes) is declared and enforced in feddistill.strategies.validation; anything else is rejected.
+ANSWERS_RECORD = "answers"  # ArrayRecord: exactly one Array ANSWERS, (|Q|, C) or (|Q|,) votes
 ANSWERS = "answers"
-METRICS_RECORD = "metrics"  # MetricRecord: scalar metrics only
-REPLY_META = "meta"  # ConfigRecord: round id and reference-set digest echoed back
+METRICS_RECORD = "metrics"  # optional MetricRecord: at most RECORD_EPSILON
+RECORD_EPSILON = "record-epsilon"  # the device's own record-level ledger epsilon (record-level DP only)
+REPLY_META = "meta"  # ConfigRecord: exactly ROUND and DIGEST, echoed back
 
 # Config keys (request) / meta keys (reply)
 ROUND = "round"
 DIGEST = "reference-digest"
-NUM_EXAMPLES = "num-examples"
+NUM_EXAMPLES = "num-examples"  # Flower's FedAvg baseline only; never part of a distill reply
 SIGNATURE = "release-signature"  # Ed25519 signature of the round's download (feddistill.releases)
 RELEASE_ID = "release-id"
+# identify reply (query.identify, once at start-up) only: the server maps Flower's node id to this
+# client id; a distill reply never names its sender
 PARTITION = "partition-id"  # the node's partition id (simulation) or node-config id (device)
 DEVICE = "device"  # identify reply: 1 when the node is a device reading its own data dir (node config data-dir)
 

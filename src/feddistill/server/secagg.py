@@ -22,8 +22,9 @@ per reply can be validated (shape, range, finiteness) and no robust aggregator c
 run: the config refuses aggregators other than ``mean``. The only per-client bound is
 the one honest client code applies: every entry clipped to [-c, c] before
 quantization; a client that deviates from the protocol can corrupt the sum undetected.
-Plain-text metrics are restricted to the device's record-level ledger values (no loss
-values from private data).
+Plain-text metrics pass the same schema check as a plain reply's (at most a finite
+``record-epsilon``, the device's record-level ledger value), and the sender is the client id
+its Flower node id maps to, never a value the device declares.
 
 The teacher signal is made from the mean exactly as :class:`~feddistill.strategies.MeanAnswers`
 makes it (``normalize_rows``); under ``gnmax`` it is the one-hot argmax of the noisy vote
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,7 @@ from feddistill import protocol
 from feddistill.config import RunConfig
 from feddistill.privacy.distributed import SecAggNoise, run_secagg_noise
 from feddistill.strategies.base import RoundReplies, normalize_rows
+from feddistill.strategies.validation import Rejected, ReplyCheck, check_metrics
 
 log = logging.getLogger("feddistill")
 
@@ -67,6 +69,8 @@ class SecAggReplies(RoundReplies):
     survivors: int = 0
     aggregate: np.ndarray | None = None  # the mean the server received (before the teacher-signal rule)
     halted: str | None = None
+    bad_metrics: dict[str, int] = field(default_factory=dict)  # reason -> survivors whose plain-text metrics
+    # were ignored (their masked answers are in the sum all the same)
 
     @property
     def num_replies(self) -> int:
@@ -159,9 +163,7 @@ def secagg_round(grid: Grid, messages: list[Message], cfg: RunConfig, rnd: int,
     lost = sampled - out.survivors
     if lost:
         out.dropped["dropped out"] = lost
-    out.senders = [node_partition.get(proxy.node_id, -1) for proxy, _ in results]
-    out.metrics = [{k: float(v) for k, v in res.metrics.items() if k.startswith("record-")} for _, res in results]
-    out.weights = [1.0] * out.survivors
+    survivor_metrics(out, results, cfg, rnd, node_partition)
     mean = parameters_to_ndarrays(results[0][1].parameters)[0]
     out.bytes_uploaded = out.survivors * (mean.size + 1) * MASKED_ENTRY_BYTES
     if out.survivors < noise.min_survivors:  # SecAgg+ enforces this too; the noise calibration relies on it
@@ -171,6 +173,27 @@ def secagg_round(grid: Grid, messages: list[Message], cfg: RunConfig, rnd: int,
         return None, out
     out.aggregate = mean
     return teacher_signal(mean, cfg.privacy.client_level), out
+
+
+def survivor_metrics(out: SecAggReplies, results: list[tuple[Any, FitRes]], cfg: RunConfig, rnd: int,
+                     node_partition: dict[int, int]) -> None:
+    """Senders and plain-text metrics of the survivors, by the same rule as a plain reply: the
+    sender is the client id its Flower node id maps to (the proxy SecAgg+ talked to), and the
+    metrics pass :func:`~feddistill.strategies.validation.check_metrics` (at most a finite
+    `record-epsilon`). Bad metrics are ignored and logged; the masked answer is already in the
+    sum and cannot be taken out."""
+    check = ReplyCheck(rnd, "", cfg.distill.query_size, 1, record_level=cfg.privacy.record_level)
+    for proxy, res in results:
+        sender = node_partition[proxy.node_id]  # every proxy was made from a sampled, identified node
+        try:
+            epsilon = check_metrics(res.metrics, check)
+        except Rejected as exc:
+            epsilon, reason = None, str(exc)
+            out.bad_metrics[reason.split(":")[0]] = out.bad_metrics.get(reason.split(":")[0], 0) + 1
+            log.warning("round %d: ignored the plain-text metrics of node %d: %s", rnd, proxy.node_id, reason)
+        out.senders.append(sender)
+        out.metrics.append({} if epsilon is None else {protocol.RECORD_EPSILON: epsilon})
+        out.weights.append(1.0)
 
 
 def secagg_report(cfg: RunConfig) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from feddistill.strategies.mean import MeanAnswers
 from feddistill.strategies.median import MedianAnswers
 from feddistill.strategies.outlier import OutlierFilteredMean
 from feddistill.strategies.trimmed_mean import TrimmedMeanAnswers
-from feddistill.strategies.validation import ReplyCheck, check_reply
+from feddistill.strategies.validation import REPLY_SCHEMA, ReplyCheck, ValidReply, check_reply, validate_reply
 
 __all__ = [
     "AnswerStrategy",
@@ -19,9 +19,12 @@ __all__ = [
     "MedianAnswers",
     "OutlierFilteredMean",
     "TrimmedMeanAnswers",
+    "REPLY_SCHEMA",
     "ReplyCheck",
     "RoundReplies",
+    "ValidReply",
     "check_reply",
+    "validate_reply",
     "entropy_reduction",
     "make_strategy",
     "normalize_rows",

@@ -18,26 +18,50 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from feddistill import protocol
-from feddistill.strategies.validation import ReplyCheck, check_reply
+from feddistill.strategies.validation import ReplyCheck, ValidReply, validate_reply
 
 log = logging.getLogger("feddistill")
 
 
 @dataclass
 class RoundReplies:
-    """What one round's replies amounted to, after validation."""
+    """What one round's replies amounted to, after validation.
+
+    Filled only from :class:`~feddistill.strategies.validation.ValidReply` values: every
+    field holds typed, validated data, so nothing downstream (aggregation, the device
+    ledger, the report) reads a raw reply."""
 
     answers: list[np.ndarray] = field(default_factory=list)
-    weights: list[float] = field(default_factory=list)
-    senders: list[int] = field(default_factory=list)  # partition id of each kept answer (-1 if unknown)
-    metrics: list[dict[str, float]] = field(default_factory=list)  # scalar metrics of each kept answer
-    dropped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    weights: list[float] = field(default_factory=list)  # all 1.0: no reply carries a weight
+    senders: list[int] = field(default_factory=list)  # client id of each kept answer, from Flower's node id
+    metrics: list[dict[str, float]] = field(default_factory=list)  # {"record-epsilon": eps} or {} per kept answer
+    dropped: dict[str, int] = field(default_factory=dict)  # reason (its fixed phrase) -> count
     bytes_uploaded: int = 0
 
     @property
     def num_replies(self) -> int:
         """Replies the aggregate is made of (SecAgg+: the survivors, whose answers the server never sees)."""
         return len(self.answers)
+
+    def keep(self, reply: ValidReply) -> None:
+        self.answers.append(reply.answers)
+        self.weights.append(1.0)
+        self.senders.append(reply.sender)
+        self.metrics.append({} if reply.record_epsilon is None else {protocol.RECORD_EPSILON: reply.record_epsilon})
+
+    def drop(self, reason: str, node: int, rnd: int) -> None:
+        """Count a bad reply under its reason's fixed phrase (the text before the first ':')."""
+        key = reason.split(":")[0]
+        self.dropped[key] = self.dropped.get(key, 0) + 1
+        log.warning("round %d: dropped reply from node %d: %s", rnd, node, reason)
+
+
+def upload_bytes(msg: Message) -> int:
+    """Bytes of array data a reply brought (counted whether or not it is valid)."""
+    if msg.has_error():
+        return 0
+    return sum(len(a.data) for rec in msg.content.array_records.values() for a in rec.values()
+               if isinstance(a, Array) and isinstance(a.data, bytes))
 
 
 class AnswerStrategy(Strategy):
@@ -88,23 +112,18 @@ class AnswerStrategy(Strategy):
         return [Message(content=content, dst_node_id=n, message_type=protocol.DISTILL) for n in nodes]
 
     def collect(self, replies: Iterable[Message], check: ReplyCheck) -> RoundReplies:
-        """Validate every reply; keep the good ones, count the bad ones by reason."""
+        """Validate every reply; keep the good ones, count the bad ones by reason. A node that
+        answers twice in one round keeps its first answer."""
         out = RoundReplies()
         for msg in replies:
-            if not msg.has_error():
-                for rec in msg.content.array_records.values():
-                    out.bytes_uploaded += sum(len(a.data) for a in rec.values())
-            answers, reason = check_reply(msg, check)
-            if reason is not None:
-                key = reason.split(":")[0]
-                out.dropped[key] = out.dropped.get(key, 0) + 1
-                log.warning("round %d: dropped reply from node %d: %s", check.round, msg.metadata.src_node_id, reason)
+            out.bytes_uploaded += upload_bytes(msg)
+            reply, reason = validate_reply(msg, check)
+            if reply is not None and reply.sender in out.senders:
+                reply, reason = None, f"duplicate reply: client {reply.sender} already answered this round"
+            if reply is None:
+                out.drop(reason, msg.metadata.src_node_id, check.round)
                 continue
-            metrics = msg.content.metric_records.get(protocol.METRICS_RECORD, MetricRecord())
-            out.answers.append(answers)
-            out.weights.append(float(metrics.get(protocol.NUM_EXAMPLES, 1)))
-            out.metrics.append(dict(metrics))
-            out.senders.append(int(msg.content.config_records[protocol.REPLY_META].get(protocol.PARTITION, -1)))
+            out.keep(reply)
         return out
 
     def aggregate_train(

@@ -43,8 +43,6 @@ class OutlierFilteredMean(AnswerStrategy):
     keep_fraction : float
         Fraction of the round's clients kept, in (0, 1]; the farthest
         ``floor((1 - keep_fraction) K)`` are dropped (1 = plain mean).
-    weighted : bool
-        Weight the kept answers by each client's number of private examples.
     probabilities : bool
         The answers are probability-like: renormalise every output row with
         :func:`normalize_rows`. ``False`` (clipped logits) returns the raw mean.
@@ -58,21 +56,16 @@ class OutlierFilteredMean(AnswerStrategy):
 
     name = "outlier-filtered"
 
-    def __init__(self, *args, keep_fraction: float = 0.7, weighted: bool = False, probabilities: bool = True,
-                 **kwargs) -> None:
+    def __init__(self, *args, keep_fraction: float = 0.7, probabilities: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if not 0.0 < keep_fraction <= 1.0:
             raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
         self.keep_fraction = keep_fraction
-        self.weighted = weighted
         self.probabilities = probabilities
         self.last_excluded: list[int] = []
 
     def aggregate_answers(self, answers: np.ndarray, weights: np.ndarray) -> np.ndarray:
         self.last_excluded = farthest_clients(answers, self.keep_fraction)
         kept = np.setdiff1d(np.arange(len(answers)), self.last_excluded)
-        w = np.asarray(weights, dtype=np.float64)[kept] if self.weighted else np.ones(len(kept))
-        if not w.sum() > 0:  # all kept clients report 0 examples: fall back to the plain mean
-            w = np.ones(len(kept))
-        mean = np.tensordot(w / w.sum(), answers[kept], axes=1)
+        mean = answers[kept].mean(axis=0, dtype=np.float64)  # unweighted: a reply carries no example count
         return normalize_rows(mean) if self.probabilities else mean
