@@ -80,3 +80,39 @@ def test_resume_without_checkpoint_or_config_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     proc = subprocess.run(_cmd("--resume", str(tmp_path)), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "corrupt" in proc.stderr
+
+
+def test_a_moved_run_resumes_by_its_content_not_its_path(tmp_path):
+    """Started with a relative --out, killed, moved elsewhere, resumed by its absolute path:
+    the checkpoint's config hash leaves out where the run lives, so it resumes (and finishes
+    with every round charged once)."""
+    settings = {**SETTINGS, "rounds": 3}
+    args = ["--out", "started"]
+    for key, value in settings.items():
+        args += ["--set", f"{key}={json.dumps(value) if isinstance(value, (bool, str)) else value}"]
+    started = tmp_path / "started"
+    victim = subprocess.Popen(_cmd(*args), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 400
+        while _checkpoint_round(started) < 1:  # kill during round 2
+            assert victim.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint after round 1"
+            time.sleep(0.2)
+    finally:
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait(timeout=60)
+    assert not (started / "results.json").exists()
+    assert json.loads((started / "config.json").read_text())["output_dir"] == "started"
+
+    moved = tmp_path / "archive" / "moved-run"
+    moved.parent.mkdir()
+    started.rename(moved)
+    resumed = subprocess.run(_cmd("--resume", str(moved.resolve())), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got = json.loads((moved / "results.json").read_text())
+    assert [r["round"] for r in got["rounds"]] == [1, 2, 3]
+    assert got["privacy"]["client_level"]["steps"] == 3  # each round counted once
+    assert got["config"]["output_dir"] == str(moved.resolve())
+    assert not started.exists()  # nothing was written where the run used to be
+

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -10,6 +12,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.text import Text
 
 from feddistill.config import ConfigError, load_config
 
@@ -37,13 +40,16 @@ def _setup_logging(verbose: bool) -> None:
 
     FLOWER_LOGGER.propagate = False
     FLOWER_LOGGER.setLevel(logging.DEBUG if verbose else logging.WARNING)
-    # dp-accounting's RDP cross-check warns (through absl) about orders it skips; not the user's concern
+    # libraries' INFO chatter (absl: dp-accounting's logger) stays out of the per-round lines
     for name in ("alembic", "ray", "filelock", "matplotlib", "absl"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    """One line on stderr, whatever the terminal's width and whatever the message holds:
+    never wrapped (soft_wrap), never read as rich markup (paths may hold brackets)."""
+    one_line = re.sub(r"\s*\n\s*", " ", str(message)).strip()
+    err_console.print(Text.assemble(("error:", "bold red"), " ", one_line), soft_wrap=True, highlight=False)
     raise typer.Exit(code)
 
 
@@ -54,23 +60,28 @@ def simulate(
     set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set fleet.num-clients=20."),
     no_baselines: bool = typer.Option(False, "--no-baselines", help="Skip local-only, centralized and FedAvg."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run from its folder's checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in the results folder (deletes what it wrote)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's and Ray's own logs."),
 ) -> None:
     """Run a simulated fleet on Flower's simulation engine and write results.json + accuracy.png."""
+    from feddistill.runfolder import RunFolderError, prepare_run_folder
+
     _setup_logging(verbose)
     try:
         overrides = dict(_parse_override(s) for s in set_)
-        if out is not None:
-            overrides["output_dir"] = str(out)
         if resume is not None:
-            if config is not None or overrides:
+            if config is not None or overrides or out is not None:
                 raise ConfigError("--resume takes the run's own config: drop --config/--set/--out")
             from feddistill.simulations.run import resume_config
 
             cfg = resume_config(resume)
         else:
             cfg = load_config(config, overrides)
-    except ConfigError as exc:
+            if out is not None:
+                cfg = dataclasses.replace(cfg, output_dir=str(out))
+        # before anything runs: a folder that is a file, unwritable, or holds another run fails here
+        prepare_run_folder(cfg.output_dir, resume=resume is not None, overwrite=overwrite)
+    except (ConfigError, RunFolderError) as exc:
         _fail(str(exc))
     from feddistill.data import DataError
     from feddistill.server.checkpoint import CheckpointError
@@ -79,7 +90,7 @@ def simulate(
 
     try:
         results = run(cfg, verbose=verbose, baselines=not no_baselines, resume=resume is not None)
-    except (DataError, CheckpointError) as exc:
+    except (DataError, CheckpointError, RunFolderError) as exc:
         _fail(str(exc))
     if results["method"] != "feddistill":
         console.print(f"{results['method']}: final test accuracy {results['final']['student_accuracy']:.3f}")
@@ -120,10 +131,14 @@ def certs(
 ) -> None:
     """Create TLS certificates, the release-signing key and SuperNode auth keys (private keys 0600)."""
     from feddistill.deploy.certs import generate_credentials
+    from feddistill.runfolder import RunFolderError, check_output_folder
 
+    if supernodes < 0:  # checked here, not by typer: its usage errors are a multi-line box
+        _fail(f"--supernodes {supernodes}: must be >= 0 (the SuperNode key pairs to create)")
     try:
+        check_output_folder(out)
         paths = generate_credentials(out, hosts=list(host), num_supernodes=supernodes, force=force)
-    except FileExistsError as exc:
+    except (FileExistsError, ValueError, RunFolderError) as exc:  # ValueError: a bad --host
         _fail(str(exc))
     for path in paths.all_files:
         console.print(str(path))
@@ -185,11 +200,12 @@ def export(
     """Export a released student for devices: TorchScript fp32 and int8 (dynamic quantization) + export.json."""
     from feddistill.data import DataError
     from feddistill.export import META_FILE, export_release
+    from feddistill.runfolder import RunFolderError
     from feddistill.server.gate import ReleaseError
 
     try:
         meta = export_release(run_dir, release, out, latency_runs=latency_runs)
-    except (ReleaseError, ConfigError, DataError) as exc:
+    except (ReleaseError, ConfigError, DataError, RunFolderError) as exc:
         _fail(str(exc))
     target = out if out is not None else run_dir / "exports" / release
     for name, form in meta["forms"].items():

@@ -124,6 +124,15 @@ class PrivacyConfig:
     record_delta: float = 1e-5
     max_grad_norm: float = 1.0  # per-sample clipping norm C
     record_participations: int = 0  # rounds a device plans to serve (calibration); 0 = min(rounds, ceil(2 q rounds))
+    # DP-SGD's Poisson rate q, public and the same on every device (expected batch q*n, known only to the
+    # device): z and the device's epsilon then depend on public parameters and participations alone.
+    # 1 = full batch, one step per epoch: devices hold <= ~1k examples here, and on the digits quick
+    # start (eps=3) fewer, larger steps beat q=0.5 and q=0.2 (README, record-level DP).
+    record_sampling_rate: float = 1.0
+    # Where every privacy-relevant random draw comes from (local answer noise, DP-SGD's Poisson sampling
+    # and noise): "seeded" (simulation only: reproducible, and predictable by anyone who knows the seed)
+    # | "os-entropy". A device (node config data-dir) always draws from OS entropy and refuses "seeded".
+    noise_source: str = "seeded"
 
 
 @dataclass(frozen=True)
@@ -216,8 +225,13 @@ class RunConfig:
         return flat
 
     def digest(self) -> str:
-        """SHA-256 of the canonical JSON form (the config hash recorded in results)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        """SHA-256 of the canonical JSON form (the config hash recorded in results).
+
+        Where the run lives (``output_dir``) is left out: it says nothing about what the run
+        computes, and a run folder that was moved, or named by another spelling of its path,
+        must still resume (its checkpoint is keyed by this hash)."""
+        content = {k: v for k, v in self.to_dict().items() if k != "output_dir"}
+        blob = json.dumps(content, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
 
@@ -235,6 +249,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "baselines.fedavg_init": ("public", "scratch"),
     "privacy.client_level": ("off", "local", "central", "gnmax", "confident-gnmax"),
     "privacy.bound": ("probs", "votes", "clipped_logits"),
+    "privacy.noise_source": ("seeded", "os-entropy"),
     "scenario.attack": ("label-flip", "random", "scaled", "nan", "wrong-shape"),
     "teacher.model": MODEL_NAMES,
     "distill.server_student": MODEL_NAMES,
@@ -289,6 +304,7 @@ _RANGES: dict[str, tuple[float, bool, float | None]] = {
     "privacy.record_delta": (0, False, 0.1),
     "privacy.max_grad_norm": (0, False, None),
     "privacy.record_participations": (0, True, None),
+    "privacy.record_sampling_rate": (0, False, 1.0),
     "audit.canary_client": (0, True, None),
     "simulation.round_timeout": (0, False, None),
     "simulation.node_wait_timeout": (0, False, None),
@@ -350,7 +366,10 @@ def _build(cls: type, values: dict[str, Any], prefix: str, source: str) -> Any:
     return cls(**kwargs)
 
 
-def _check(cfg: RunConfig, source: str) -> None:
+def _check_values(cfg: RunConfig, source: str, keys: set[str] | None = None) -> None:
+    """Each key's own rule (its choices or range), for every key or only for ``keys``
+    (dotted, with underscores): rules that relate several keys are :func:`_check`'s."""
+
     def get(dotted: str) -> Any:
         obj: Any = cfg
         for part in dotted.split("."):
@@ -358,16 +377,22 @@ def _check(cfg: RunConfig, source: str) -> None:
         return obj
 
     for dotted, choices in _CHOICES.items():
-        if get(dotted) not in choices:
+        if (keys is None or dotted in keys) and get(dotted) not in choices:
             raise ConfigError(
                 f"{source}: '{dotted.replace('_', '-')}' = {get(dotted)!r} is not one of {', '.join(choices)}"
             )
     for dotted, (lo, inclusive, hi) in _RANGES.items():
+        if keys is not None and dotted not in keys:
+            continue
         v = get(dotted)
         ok = (v >= lo if inclusive else v > lo) and (hi is None or v <= hi)
         if not ok:
             bound = f"{'>=' if inclusive else '>'} {lo}" + (f" and <= {hi}" if hi is not None else "")
             raise ConfigError(f"{source}: '{dotted.replace('_', '-')}' = {v!r} must be {bound}")
+
+
+def _check(cfg: RunConfig, source: str) -> None:
+    _check_values(cfg, source)
     for name in cfg.student_names:
         if name not in MODEL_NAMES:
             raise ConfigError(
@@ -515,6 +540,13 @@ def _check_secagg(cfg: RunConfig, source: str) -> None:
 
 def parse_config(values: dict[str, Any], source: str = "config") -> RunConfig:
     """Build and validate a RunConfig from a nested dict (TOML) or a flat dotted dict (Flower)."""
+    cfg = _build(RunConfig, _nest(values, source), "", source)
+    _check(cfg, source)
+    return cfg
+
+
+def _nest(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """The nested (TOML) form of a nested, flat dotted (Flower) or mixed dict."""
     nested: dict[str, Any] = {}
     for key, value in values.items():
         if "." in key:  # Flower run config: "fleet.num-clients"
@@ -527,31 +559,48 @@ def parse_config(values: dict[str, Any], source: str = "config") -> RunConfig:
             nested.setdefault(key, {}).update(value)
         else:
             nested[key] = value
-    cfg = _build(RunConfig, nested, "", source)
-    _check(cfg, source)
-    return cfg
+    return nested
 
 
-def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read a TOML config file (None = all defaults) and apply flat dotted overrides."""
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None,
+                overrides_source: str = "--set") -> RunConfig:
+    """Read a TOML config file (None = all defaults) and apply flat dotted overrides.
+
+    Errors name where the bad value came from: the file for its own keys, ``overrides_source``
+    for an override's key, both for a rule that relates keys from the two."""
     values: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            values = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
-    for key, value in (overrides or {}).items():
-        section, _, sub = key.rpartition(".")
-        if section:
-            values.setdefault(section, {})
-            if not isinstance(values[section], dict):
-                raise ConfigError(f"{source}: '{section}' is not a table")
-            values[section][sub] = value
+        source = str(path)
+        values = _nest(read_toml(Path(path), "config file"), source)
+        _check_values(_build(RunConfig, values, "", source), source)  # the file's own keys, alone
+    if not overrides:
+        return parse_config(values, source)
+    # an override's own key and value: its mistakes are the override's, not the file's
+    nested = _nest(overrides, overrides_source)
+    _check_values(_build(RunConfig, nested, "", overrides_source), overrides_source,
+                  keys={_norm(k) for k in overrides})
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            if not isinstance(values.setdefault(key, {}), dict):
+                raise ConfigError(f"{source}: '{key}' is not a table")
+            values[key].update(value)
         else:
             values[key] = value
-    return parse_config(values, source)
+    return parse_config(values, overrides_source if path is None else f"{source} with {overrides_source}")
+
+
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """A TOML file's table, or a one-line :class:`ConfigError` naming the file and what is wrong."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a {what}")
+    if not path.exists():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file (byte {exc.start} is not UTF-8); a {what} is TOML text") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the {what} ({exc.strerror or type(exc).__name__})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None

@@ -156,20 +156,23 @@ def export_model(model: nn.Module, temperature: float, test_x: torch.Tensor, tes
 
 def export_release(run_dir: Path, rid: str, out_dir: Path | None = None, *, latency_runs: int = 200) -> dict[str, Any]:
     """Export release `rid` of a finished run (see the module docstring). Raises ReleaseError
-    (unknown or rejected release, no history), ConfigError or DataError with a clear message."""
+    (unknown or rejected release, no history), ConfigError, DataError or RunFolderError (the
+    export folder is a file or cannot be written) with a clear message."""
     from feddistill.models import build_model
+    from feddistill.runfolder import check_output_folder
     from feddistill.server.gate import load_release_model
     from feddistill.simulations.fleet import as_tensors, load_fleet
     from feddistill.simulations.run import resume_config
 
     run_dir = Path(run_dir)
     release, blob = load_release_model(run_dir, rid)
+    out = Path(out_dir) if out_dir is not None else run_dir / "exports" / rid
+    check_output_folder(out)  # before the timing runs, not after them
     cfg = resume_config(run_dir)
     fleet = load_fleet(cfg.data, cfg.fleet, cfg.seed)
     model = build_model(blob["model"], fleet.image_size, fleet.num_classes)
     model.load_state_dict(blob["state_dict"])
     test_x, _ = as_tensors(fleet.splits.test)
-    out = Path(out_dir) if out_dir is not None else run_dir / "exports" / rid
     meta = {"release": release.id, "round": release.round, "parent": release.parent, "model": release.model,
             "reference_digest": release.reference_digest, "config_digest": release.config_digest,
             "client_epsilon": release.client_epsilon, "record_epsilon": release.record_epsilon,

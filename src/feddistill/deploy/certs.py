@@ -236,13 +236,33 @@ def _normalize_hosts(hosts: Sequence[str]) -> list[str]:
         host = str(host).strip()
         if host.startswith("[") and host.endswith("]"):  # "[::1]" -> "::1"
             host = host[1:-1]
+        if host.endswith(".") and host != ".":  # a fully qualified name's trailing dot
+            host = host[:-1]
         if not host:
             raise ValueError("empty host name in hosts")
+        _check_host(host)
         if host not in out:
             out.append(host)
     if not out:
         raise ValueError("hosts must contain at least one host name or IP address")
     return out
+
+
+_DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def _check_host(host: str) -> None:
+    """A certificate names its server by IP address or DNS name (RFC 1123 labels: letters,
+    digits and inner hyphens, 63 characters each, 253 in all); anything else would be
+    written into the certificate as a name no client can ever match."""
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    if len(host) > 253 or not all(_DNS_LABEL.match(label) for label in host.split(".")):
+        raise ValueError(f"host {host!r}: not an IP address or a DNS host name "
+                         "(dot-separated labels of letters, digits and inner hyphens)")
 
 
 def _san_entries(hosts: Sequence[str]) -> list[x509.GeneralName]:
@@ -520,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             force=args.force,
             valid_days=args.valid_days,
         )
-    except FileExistsError as err:
+    except (FileExistsError, ValueError) as err:  # ValueError: a bad --host or --supernodes
         print(f"error: {err}", file=sys.stderr)
         return 1
     for path in paths.all_files:

@@ -10,16 +10,19 @@
 3. ``flower-superlink`` over TLS with ``--enable-supernode-auth`` and a ``--database`` file;
 4. ``flwr supernode register <supernode-i.pub> <connection>`` for every SuperNode key;
 5. ``flower-supernode`` per device: its own private key, ``--root-certificates ca.crt``,
-   ``--node-config 'partition-id=i num-partitions=N data-dir="..."'``, its own ``--port``;
-6. ``flwr run <app-dir> <connection> --stream --run-config run-config.toml``; then the
+   ``--node-config 'partition-id=i num-partitions=N data-dir="..." release-public-key="..."'``
+   (the pinned release-signing key), its own ``--port``;
+6. ``flwr run <app-dir> <connection> --stream --run-config run-config.toml`` (downloads signed
+   with ``certs/release-signing.key``, device noise from OS entropy); then the
    ServerApp's ``results.json`` is read back and every process is stopped (SIGTERM, then
    SIGKILL, by process group: each process is started in its own session, so the SuperExec
    and app processes Flower starts under it go with it).
 
-Nothing runs with ``--insecure``. Every process writes to ``<out>/logs/<name>.log``.
+Nothing runs with ``--insecure``; every download is signed and every SuperNode pins the key
+(unless ``sign=False`` / ``--no-sign``). Every process writes to ``<out>/logs/<name>.log``.
 
 CLI: ``python -m feddistill.deploy.local OUT [--supernodes N] [--rounds R]
-[--config FILE.toml] [--set KEY=VALUE ...] [--timeout S] [--app-dir DIR]``.
+[--config FILE.toml] [--set KEY=VALUE ...] [--timeout S] [--app-dir DIR] [--no-sign]``.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from feddistill.deploy.certs import CredentialPaths, generate_credentials
+from feddistill.deploy.certs import RELEASE_SIGNING_KEY, CredentialPaths, generate_credentials
 
 __all__ = ["CONNECTION", "LocalDeployment", "DeploymentError", "deploy_local", "find_app_dir", "main"]
 
@@ -120,13 +123,56 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
+def _descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (Linux /proc; elsewhere none are found)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [e for e in Path("/proc").iterdir() if e.name.isdigit()]
+    except OSError:
+        return set()
+    for entry in entries:
+        try:  # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, stack = set(), [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _signal_pids(pids: set[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def stop_processes(procs: Sequence[subprocess.Popen], grace_s: float = 10.0) -> list[int | None]:
     """SIGTERM each process's group (each was started in its own session), wait up to
     `grace_s`, then SIGKILL the groups: the leader may be gone while Flower's children
-    (SuperExec, ServerApp/ClientApp processes) are not. Returns the exit codes."""
+    (SuperExec, ServerApp/ClientApp processes) are not. Descendants that left the group
+    (the SuperLink starts its SuperExec in a session of its own, and that one outlived the
+    SuperLink by a second or two) are found before the first signal and stopped by pid too;
+    returns once they are gone (or after another `grace_s`). Returns the exit codes."""
+    strays = set().union(*(_descendants(proc.pid) for proc in procs if proc.poll() is None))
     for proc in procs:
         if proc.poll() is None:
             _signal_group(proc, signal.SIGTERM)
+    _signal_pids(strays, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     for proc in procs:
         try:
@@ -140,6 +186,10 @@ def stop_processes(procs: Sequence[subprocess.Popen], grace_s: float = 10.0) -> 
             codes.append(proc.wait(timeout=grace_s))
         except subprocess.TimeoutExpired:
             codes.append(None)
+    deadline = time.monotonic() + grace_s
+    while any(_alive(pid) for pid in strays) and time.monotonic() < deadline:
+        _signal_pids({pid for pid in strays if _alive(pid)}, signal.SIGKILL)
+        time.sleep(0.1)
     return codes
 
 
@@ -155,7 +205,8 @@ class LocalDeployment:
     """
 
     def __init__(self, out_dir: str | Path, *, num_supernodes: int = 3, app_dir: str | Path | None = None,
-                 config: Mapping[str, Any] | None = None, startup_timeout_s: float = 60.0) -> None:
+                 config: Mapping[str, Any] | None = None, startup_timeout_s: float = 60.0,
+                 sign: bool = True) -> None:
         from feddistill.config import parse_config
 
         if num_supernodes < 1:
@@ -164,8 +215,18 @@ class LocalDeployment:
         self.num_supernodes = num_supernodes
         self.app_dir = Path(app_dir).resolve() if app_dir is not None else find_app_dir()
         self.startup_timeout_s = startup_timeout_s
-        # the run config as Flower will see it (overrides only; the app's pyproject has the rest)
-        self.run_config = {**flat_run_config(config or {}), "fleet.num-clients": num_supernodes}
+        self.sign = sign
+        # the run config as Flower will see it (overrides only; the app's pyproject has the rest).
+        # Devices draw their noise from OS entropy (they refuse seeded noise: the server knows the seed).
+        user = flat_run_config(config or {})
+        self.run_config = {"privacy.noise-source": "os-entropy", **user, "fleet.num-clients": num_supernodes}
+        if sign:
+            mine = [k for k in user if k.startswith("security.")]
+            if mine:
+                raise DeploymentError(f"{', '.join(mine)}: deploy-local signs every download with its own key "
+                                      f"({self.out / 'certs' / RELEASE_SIGNING_KEY}) and pins it on every "
+                                      "SuperNode; drop these keys, or turn signing off (--no-sign)")
+            self.run_config["security.signing-key"] = str(self.out / "certs" / RELEASE_SIGNING_KEY)
         self._app_keys = set(
             tomllib.loads((self.app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"].get("config", {})
         )
@@ -329,6 +390,8 @@ class LocalDeployment:
         home.mkdir(parents=True, exist_ok=True)
         node_config = (f"partition-id={i} num-partitions={self.num_supernodes} "
                        f"data-dir={_toml_string_path(self.device_dir(i))}")
+        if self.sign:  # the device accepts only downloads signed by the deployment's key
+            node_config += f" release-public-key={_toml_string_path(self.creds.release_signing_pub.resolve())}"
         cmd = [
             str(_VENV_BIN / "flower-supernode"),
             "--superlink", self.address,
@@ -372,9 +435,13 @@ class LocalDeployment:
         if unknown:
             raise DeploymentError(f"run-config keys {unknown} are not in [tool.flwr.app.config] of "
                                   f"{self.app_dir / 'pyproject.toml'}: Flower would reject them")
+        from feddistill.runfolder import RunFolderError, prepare_run_folder
+
+        try:  # the ServerApp would refuse it too, but only after Flower has started the run
+            prepare_run_folder(output_dir, ways_out="use a fresh output dir for every run")
+        except RunFolderError as exc:
+            raise DeploymentError(str(exc)) from None
         results_path = output_dir / "results.json"
-        if results_path.exists():
-            raise DeploymentError(f"{results_path} exists already: use a fresh output dir")
         config_file = self.out / f"run-config-{output_dir.name}.toml"
         config_file.write_text("".join(f"{json.dumps(k)} = {_toml_value(v)}\n" for k, v in sorted(run_config.items())))
         cmd = [str(_VENV_BIN / "flwr"), "run", str(self.app_dir), CONNECTION, "--stream",
@@ -438,16 +505,18 @@ class LocalDeployment:
 
 def deploy_local(out_dir: str | Path, *, num_supernodes: int = 3, rounds: int = 2,
                  config_overrides: Mapping[str, Any] | None = None, timeout_s: float = 600.0,
-                 app_dir: str | Path | None = None) -> dict[str, Any]:
-    """Deploy on 127.0.0.1 with TLS + SuperNode auth, run `rounds` rounds, stop everything.
+                 app_dir: str | Path | None = None, sign: bool = True) -> dict[str, Any]:
+    """Deploy on 127.0.0.1 with TLS + SuperNode auth (+ signed downloads and pinned key unless
+    ``sign=False``), run `rounds` rounds, stop everything.
 
     Returns ``{"results": results.json, "out_dir", "results_path", "node_ids", "run_id",
-    "logs": {name: path}, "certs", "device_dirs", "seconds"}``. Raises
+    "logs": {name: path}, "certs", "device_dirs", "signed", "seconds"}``. Raises
     :class:`DeploymentError` (naming the failing step and its log) on failure.
     """
     t0 = time.monotonic()
     deadline = t0 + timeout_s
-    deployment = LocalDeployment(out_dir, num_supernodes=num_supernodes, app_dir=app_dir, config=config_overrides)
+    deployment = LocalDeployment(out_dir, num_supernodes=num_supernodes, app_dir=app_dir, config=config_overrides,
+                                 sign=sign)
     with deployment:
         deployment.start()
         results = deployment.run(rounds=rounds, output_dir=deployment.out / "run",
@@ -462,6 +531,7 @@ def deploy_local(out_dir: str | Path, *, num_supernodes: int = 3, rounds: int = 
         "logs": deployment.log_paths(),
         "certs": str(deployment.creds.out_dir),
         "device_dirs": [str(deployment.device_dir(i)) for i in range(num_supernodes)],
+        "signed": sign,
         "seconds": time.monotonic() - t0,
     }
 
@@ -488,20 +558,30 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="Override a run-config key, e.g. --set teacher.epochs=20")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--app-dir", type=Path, default=None)
+    parser.add_argument("--no-sign", dest="sign", action="store_false",
+                        help="Send unsigned downloads and pin no key on the SuperNodes (signed and pinned by default)")
     args = parser.parse_args(argv)
+    from feddistill.config import ConfigError, read_toml
+
     overrides: dict[str, Any] = {}
-    if args.config is not None:
-        overrides.update(flat_run_config(tomllib.loads(args.config.read_text())))
+    try:
+        if args.config is not None:
+            overrides.update(flat_run_config(read_toml(args.config, "config file")))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     overrides.update(flat_run_config(dict(args.overrides)))
     overrides.pop("output-dir", None)
     try:
         info = deploy_local(args.out_dir, num_supernodes=args.supernodes, rounds=args.rounds,
-                            config_overrides=overrides, timeout_s=args.timeout, app_dir=args.app_dir)
+                            config_overrides=overrides, timeout_s=args.timeout, app_dir=args.app_dir, sign=args.sign)
     except (DeploymentError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for r in info["results"]["rounds"]:
         print(f"round {r['round']}: {r['replies']}/{r['clients']} replies, student accuracy {r['student_accuracy']:.3f}")
+    if info["signed"]:
+        print(f"downloads signed with {Path(info['certs']) / RELEASE_SIGNING_KEY}; every SuperNode pinned its public key")
     print(f"results: {info['results_path']}  logs: {Path(info['out_dir']) / 'logs'}  ({info['seconds']:.0f} s)")
     return 0
 

@@ -575,6 +575,8 @@ def _run_audit(
     run_dir: str | Path, out_dir: str | Path | None, policy_path: str | Path | None, options: AuditOptions
 ) -> tuple[dict[str, Any], int]:
     t_start = time.monotonic()
+    if policy_path is not None and Path(policy_path).is_dir():  # not "not found": it is there, but a folder
+        raise AuditInputError(f"{policy_path}: is a directory, not a policy file (TOML)")
     policy = load_policy(policy_path)
     options.check()
     art = load_run(run_dir)
