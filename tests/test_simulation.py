@@ -98,7 +98,13 @@ def test_cli_simulation_on_flower_engine_completes_and_student_learns(tmp_path):
     # an untrained 10-class student is at ~10 %; the distilled one must be far above
     assert results["final"]["student_accuracy"] > 0.6
     base = results["baselines"]
-    assert {"local_only", "centralized", "fedavg", "public_teacher"} <= set(base)
+    assert {"local_only", "centralized", "fedavg", "public_teacher", "public_control"} <= set(base)
+    final, control = results["final"], base["public_control"]["accuracy"]
+    assert final["private_gain"] == pytest.approx(100 * (final["student_accuracy"] - control))
+    centralized = base["centralized"]["accuracy"]
+    if centralized > control:
+        assert final["gap_closed"] == pytest.approx((final["student_accuracy"] - control) / (centralized - control))
+    assert 0 < final["fleet_labelled_rows"] <= 450  # digits: 450 reference rows, 200 queried per round
     assert base["fedavg"]["bytes_per_client_round"] > results["final"]["bytes_per_client_round"]
     assert len(results["label_histograms"]) == 5
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -133,3 +139,21 @@ def test_run_survives_hostile_clients_and_dropouts(tmp_path):
     assert all(r["replies"] + sum(r["dropped"].values()) == r["clients"] for r in rounds)
     assert rounds[-1]["student_accuracy"] > 0.6
     assert "replies dropped by validation" in proc.stdout
+
+
+def test_a_fleet_that_answers_nothing_gains_nothing_over_its_public_control(tmp_path):
+    """Every sampled client drops out: the run's student goes through exactly the control's
+    pipeline, so the control replays it to the bit and the private gain is 0."""
+    out = tmp_path / "silent"
+    args = [sys.executable, "-m", "feddistill.cli", "simulate", "--no-baselines", "--out", str(out)]
+    for key, value in {**SMALL, "scenario.dropout": 1.0}.items():
+        args += ["--set", f"{key}={value}"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    control = results["baselines"]["public_control"]
+    run_curve = [results["public_only_student"]["test_accuracy"]] + [r["student_accuracy"] for r in results["rounds"]]
+    assert control["per_round"] == run_curve
+    assert results["final"]["private_gain"] == 0.0
+    assert results["final"]["fleet_labelled_rows"] == 0
+    assert all(r["fleet_labelled_rows"] == 0 for r in results["rounds"])

@@ -57,6 +57,9 @@ def print_summary(results: dict[str, Any], console: Console) -> None:
                   _bytes(final["bytes_per_client_round"]))
     table.add_row("public teacher only", _pct(results["public_teacher"]["test_accuracy"]), "-")
     table.add_row("student from public teacher only (round 0)", _pct(results["public_only_student"]["test_accuracy"]), "-")
+    if "public_control" in base:
+        table.add_row("public-only control (same server pipeline, no fleet)", _pct(base["public_control"]["accuracy"]),
+                      "-")
     if "local_only" in base:
         lo = base["local_only"]
         table.add_row(f"local-only (mean of {len(lo['clients_evaluated'])} clients)", _pct(lo["accuracy_mean"]), "-")
@@ -70,6 +73,11 @@ def print_summary(results: dict[str, Any], console: Console) -> None:
         table.add_row(f"Flower DP-FedAvg (client-level eps={dp['privacy']['epsilon']:.2f})", _pct(dp["accuracy"]),
                       _bytes(dp["bytes_per_client_round"]))
     console.print(table)
+    if final.get("private_gain") is not None:
+        closed = final.get("gap_closed")
+        console.print(f"private data's gain over the public-only control: {final['private_gain']:+.1f} points"
+                      + ("" if closed is None else f", {closed:.0%} of the gap to centralized closed")
+                      + f"; {final.get('fleet_labelled_rows', 0)} reference rows labelled by the fleet")
     for key, label in (("client_level", "client-level"), ("record_level", "record-level")):
         p = (results.get("privacy") or {}).get(key)
         if p and p.get("epsilon") is not None:
@@ -104,6 +112,10 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot([0, *rounds], [results["public_only_student"]["test_accuracy"]] + [r["student_accuracy"] for r in results["rounds"]],
             "o-", label="feddistill global student (test)")
+    control = (results.get("baselines") or {}).get("public_control")
+    if control is not None:
+        ax.plot(range(len(control["per_round"])), control["per_round"], "k.-", alpha=0.6,
+                label="public-only control (same pipeline, no fleet)")
     teacher = [(r["round"], r["teacher_accuracy"]) for r in results["rounds"] if r["teacher_accuracy"] is not None]
     if teacher:
         ax.plot(*zip(*teacher), "s--", alpha=0.7, label="ensemble teacher signal (queried reference rows)")
@@ -415,7 +427,12 @@ def build_html_report(results: dict[str, Any], run_dir: Path) -> str:
 
 
 def write_html_report(run_dir: Path, out: Path | None = None) -> Path:
+    """Write the run's HTML report to ``out`` (default RUN_DIR/report.html); ReportError names
+    what is wrong: no readable results, or an ``out`` that cannot be the report file."""
     run_dir = Path(run_dir)
+    target = Path(out) if out is not None else run_dir / "report.html"
+    if target.is_dir():  # checked first: the figures take seconds to draw
+        raise ReportError(f"{target}: is a directory; --out takes the HTML file to write, e.g. {target / 'report.html'}")
     path = run_dir / "results.json"
     results = read_json(path, ReportError, f"is {run_dir} the folder of a finished feddistill run?")
     if not isinstance(results, dict) or results.get("method") != "feddistill" or "rounds" not in results:
@@ -425,9 +442,11 @@ def write_html_report(run_dir: Path, out: Path | None = None) -> Path:
         html = build_html_report(results, run_dir)
     except (KeyError, TypeError) as exc:
         raise ReportError(f"{path}: missing or malformed field {exc} (written by an older feddistill?)") from exc
-    target = Path(out) if out is not None else run_dir / "report.html"
     from feddistill.atomic import atomic_path
 
-    with atomic_path(target) as tmp:
-        tmp.write_text(html, encoding="utf-8")
+    try:
+        with atomic_path(target) as tmp:
+            tmp.write_text(html, encoding="utf-8")
+    except OSError as exc:  # a parent that is a file, a read-only folder, a full disk
+        raise ReportError(f"{target}: cannot write the report ({exc.strerror or type(exc).__name__})") from None
     return target

@@ -33,12 +33,21 @@ from feddistill.models import build_model, count_parameters
 from feddistill.simulations.fleet import as_tensors, load_fleet
 from feddistill.privacy.ledger import PrivacyLedger
 from feddistill.privacy.mechanisms import noise_rng
-from feddistill.privacy.plan import UploadPrivacy, record_mechanism, upload_privacy
+from feddistill.privacy.plan import (
+    NOISE_SOURCES,
+    UploadPrivacy,
+    check_devices_noise_source,
+    client_noise_source,
+    noise_seed,
+    record_mechanism,
+    upload_privacy,
+)
 from feddistill.strategies import (
     AnswerStrategy,
     CentralGaussianAnswers,
     GNMaxVotes,
     ReplyCheck,
+    RoundReplies,
     make_strategy,
     teacher_arrays,
 )
@@ -53,7 +62,8 @@ from feddistill.server.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from feddistill.training import Evaluation, evaluate_probs, predict_logits, train_distill
+from feddistill.server.control import distil_step, private_gain, public_control, round_seed
+from feddistill.training import Evaluation, evaluate_probs, predict_logits
 
 log = logging.getLogger("feddistill")
 
@@ -94,8 +104,10 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from feddistill.runfolder import prepare_run_folder
+
+    # never into another run's folder (its clients' states and ledgers would mix into this run)
+    out = prepare_run_folder(cfg.output_dir, resume=resume)
     if not resume:
         write_json(out / "config.json", cfg.to_dict())  # what `feddistill simulate --resume` reads back
     fleet = load_fleet(cfg.data, cfg.fleet, cfg.seed)
@@ -117,21 +129,13 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
     student = build_student()
     d = cfg.distill
 
-    def distil_student(round_seed: int) -> None:
-        train_distill(
-            student,
-            ref_x,
-            torch_tensor(signal),
-            temperature=d.temperature,
-            epochs=d.server_epochs,
-            batch_size=d.batch_size,
-            lr=d.server_lr,
-            momentum=d.momentum,
-            seed=round_seed,
-        )
+    def distil_student(rnd: int) -> None:
+        # the same step, with the same seeds, as the public-only control (feddistill.server.control)
+        distil_step(student, ref_x, signal, cfg, round_seed(cfg, rnd))
 
     plan = upload_privacy(cfg)
-    noise = noise_rng(cfg.seed + 2)
+    # the server's own DP noise (central, GNMax): seeded only in a seeded simulation
+    noise = noise_rng(noise_seed(cfg, cfg.seed + 2, device=False))
     strategy = build_strategy(cfg, plan, noise)
     ledger = client_ledger(plan)
     participations: dict[int, int] = {}  # local mode: how often each node has answered
@@ -163,7 +167,7 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
         start = state.round + 1
         log.info("resumed from %s after round %d", out / CHECKPOINT, state.round)
     else:
-        distil_student(cfg.seed)
+        distil_student(0)
         public_only, _, predictions = evaluate_student(student, test_x, splits.test.y, ref_x)
         log.info("round 0 (public teacher only): student accuracy %.3f", public_only.accuracy)
         releaser.consider(0, student, signal, test_metrics=public_only.to_dict(),
@@ -174,10 +178,10 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
     # seeded run (and a resumed one) pick the same clients.
     devices_seen: set[int] = set()
     node_partition = identify_nodes(grid, nodes, cfg.simulation.round_timeout, devices=devices_seen)
+    check_devices_noise_source(cfg, len(devices_seen))  # devices refuse seeded noise: one clear error, now
     strategy.node_order = sorted(nodes, key=lambda n: node_partition[n])
     all_nodes = list(strategy.node_order)
     populations = shift_scenario(cfg, fleet, devices_seen)
-    low, high = plan.value_range()
     stop_reason = None
     for rnd in range(start, cfg.rounds + 1):
         t0 = time.monotonic()
@@ -212,14 +216,14 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
             new_signal, collected = secagg_round(grid, messages, cfg, rnd, node_partition)
         else:
             replies = grid.send_and_receive(messages, timeout=cfg.simulation.round_timeout) if messages else []
-            check = ReplyCheck(rnd, splits.reference_digest, d.query_size, num_classes, low=low, high=high,
-                               votes=d.answer_dtype == "vote")
+            # the reply schema of this round, from the privacy plan; senders are Flower node ids
+            check = ReplyCheck.from_plan(plan, round=rnd, digest=splits.reference_digest, num_queries=d.query_size,
+                                         num_classes=num_classes, votes=d.answer_dtype == "vote",
+                                         record_level=cfg.privacy.record_level, nodes=node_partition)
             new_signal, collected = strategy.aggregate_round(replies, check)
         if cfg.audit.keep_artifacts:
             save_uploads(out / "audit" / "uploads" / f"round{rnd:04d}.npz", queries, collected)
-        for pid, metrics in zip(collected.senders, collected.metrics):
-            if "record-epsilon" in metrics:
-                devices[pid] = {k: v for k, v in metrics.items() if k.startswith("record-")}
+        record_device_epsilons(devices, collected)
         teacher_accuracy = None
         answered_queries = 0
         previous_signal = signal.copy()
@@ -233,7 +237,7 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
                 teacher_accuracy = float(
                     (new_signal[answered].argmax(1) == splits.reference.y[queries[answered]]).mean()
                 )
-        distil_student(cfg.seed + rnd)
+        distil_student(rnd)
         ev, test_probs, predictions = evaluate_student(student, test_x, splits.test.y, ref_x)
         agreement = float((predictions.reference_labels == signal.argmax(1)).mean())
         # drift: only rows whose previous value was already the fleet's (a row's first answer
@@ -256,6 +260,7 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
             "dropped": collected.dropped,
             "over_budget_skipped": over_budget,
             "answered_queries": answered_queries,
+            "fleet_labelled_rows": int(fleet_answered.sum()),  # reference rows whose label is the fleet's
             "teacher_accuracy": teacher_accuracy,
             "student_accuracy": ev.accuracy,
             "student_nll": ev.nll,
@@ -306,6 +311,8 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
     if not rounds:
         raise RuntimeError(f"no round could run: {stop_reason}")
     answered = [r for r in rounds if r["replies"]]
+    control = public_control_of(cfg, build_student, teacher.reference_probs, ref_x, test_x, splits.test.y,
+                                rounds[-1]["round"])
     results = {
         "method": "feddistill",
         "config": cfg.to_dict(),
@@ -327,7 +334,12 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
             "bytes_per_client_round": (
                 sum(r["bytes_uploaded"] for r in answered) / max(1, sum(r["replies"] for r in answered))
             ),
+            "fleet_labelled_rows": rounds[-1]["fleet_labelled_rows"],
+            "public_control_accuracy": control["accuracy"],
+            "private_gain": private_gain(rounds[-1]["student_accuracy"], control["accuracy"]),
+            "gap_closed": None,  # needs the centralized baseline: filled in by `feddistill simulate`
         },
+        "baselines": {"public_control": control},
         "stop_reason": stop_reason,
         "validation": {"split": "held-out part of the labelled public sample (never private, never test)",
                        "size": len(validation)},
@@ -357,6 +369,17 @@ def evaluate_student(student, test_x, test_y: np.ndarray, ref_x) -> tuple[Evalua
     test_probs = softmax(test_logits)
     reference_labels = predict_logits(student, ref_x).numpy().argmax(1)
     return evaluate_probs(test_probs, test_y), test_probs, Predictions(reference_labels, test_logits)
+
+
+def public_control_of(cfg: RunConfig, build_student, teacher_signal: np.ndarray, ref_x, test_x, test_y: np.ndarray,
+                      rounds: int) -> dict[str, Any]:
+    """The public-only control of this run (same server pipeline, no fleet answers), cached."""
+    from feddistill.server.teacher import cache_dir
+
+    log.info("public-only control: the server pipeline without the fleet, %d rounds", rounds)
+    control = public_control(cfg, build_student, teacher_signal, ref_x, test_x, test_y, rounds, cache_dir())
+    log.info("public-only control: test accuracy %.3f%s", control["accuracy"], " (cached)" if control["cached"] else "")
+    return control
 
 
 def teacher_and_validation(cfg: RunConfig, splits):
@@ -432,21 +455,69 @@ def client_ledger(plan: UploadPrivacy) -> PrivacyLedger | None:
 
 
 def identify_nodes(grid: Grid, nodes: list[int], timeout: float, devices: set[int] | None = None) -> dict[int, int]:
-    """Ask every node for its partition id (a `query.identify` message). Nodes that say they are
-    devices (reading their own data dir) are added to `devices` when given."""
+    """Ask every node once, at start-up, which client it serves (a `query.identify` message):
+    its partition id (simulation) or device id. Returns Flower node id -> client id. Nodes that
+    say they are devices (reading their own data dir) are added to `devices` when given.
+
+    This table is the only source of a reply's sender for the rest of the run: the server
+    attributes every reply by its Flower node id (an authenticated SuperNode in deployment),
+    never by anything the reply declares. Start-up fails, naming both node ids, when two
+    nodes claim the same client id: keeping the first claimant would let whichever node
+    answered first take the other's place (its participations, its device ledger entry),
+    and running without either would hide a misconfigured or hostile node."""
     messages = [Message(RecordDict(), dst_node_id=n, message_type=protocol.IDENTIFY) for n in nodes]
-    mapping = {}
+    mapping: dict[int, int] = {}
+    holder: dict[int, int] = {}  # client id -> the node that claimed it
     for reply in grid.send_and_receive(messages, timeout=timeout):
-        if reply.has_error():
-            raise RuntimeError(f"node {reply.metadata.src_node_id} did not identify itself: {reply.error.reason}")
-        meta = reply.content.config_records[protocol.REPLY_META]
-        mapping[reply.metadata.src_node_id] = int(meta[protocol.PARTITION])
-        if devices is not None and int(meta.get(protocol.DEVICE, 0)):
-            devices.add(reply.metadata.src_node_id)
+        node = reply.metadata.src_node_id
+        client, is_device = identify_reply(reply)
+        if node in mapping:
+            raise RuntimeError(f"node {node} identified itself twice")
+        if client in holder:
+            raise RuntimeError(f"nodes {holder[client]} and {node} both claim client id {client}: each node must "
+                               "serve its own partition-id / device-id (node config); fix the node configs and restart")
+        mapping[node], holder[client] = client, node
+        if devices is not None and is_device:
+            devices.add(node)
     missing = set(nodes) - set(mapping)
     if missing:
         raise RuntimeError(f"{len(missing)} nodes did not identify themselves within {timeout:.0f} s")
     return mapping
+
+
+def identify_reply(reply: Message) -> tuple[int, bool]:
+    """(client id, is a device) from an identify reply: a `meta` ConfigRecord holding an int
+    partition id >= 0 and optionally a device flag 0/1, nothing else. Raises RuntimeError."""
+    node = reply.metadata.src_node_id
+    if reply.has_error():
+        raise RuntimeError(f"node {node} did not identify itself: {str(reply.error.reason)[:200]}")
+    content = reply.content
+    meta = content.config_records.get(protocol.REPLY_META)
+    fields = {} if meta is None else dict(meta)
+    client, device = fields.get(protocol.PARTITION), fields.get(protocol.DEVICE, 0)
+    well_formed = (
+        set(content) == {protocol.REPLY_META} and meta is not None
+        and set(fields) <= {protocol.PARTITION, protocol.DEVICE}
+        and type(client) is int and 0 <= client < 2**63 and type(device) is int and device in (0, 1)
+    )
+    if not well_formed:
+        raise RuntimeError(f"node {node} sent a malformed identify reply: expected a '{protocol.REPLY_META}' record "
+                           f"with an int '{protocol.PARTITION}' >= 0 and optionally '{protocol.DEVICE}' 0/1, got "
+                           f"{repr({k: content[k] for k in list(content)[:4]})[:200]}")
+    return client, bool(device)
+
+
+def record_device_epsilons(devices: dict[int, dict[str, float]], collected: RoundReplies) -> None:
+    """Update the per-device record-level ledger values (results.json `privacy.record_level.devices`)
+    from this round's validated replies. Keyed by the client id the sender's Flower node id maps
+    to, so no node can write another's entry; a device's epsilon only grows, so its entry keeps
+    the largest it ever reported (a later, lower report cannot lower the worst-device epsilon)."""
+    for client, metrics in zip(collected.senders, collected.metrics):
+        epsilon = metrics.get(protocol.RECORD_EPSILON)
+        if epsilon is None:
+            continue
+        previous = devices.get(client, {}).get(protocol.RECORD_EPSILON)
+        devices[client] = {protocol.RECORD_EPSILON: epsilon if previous is None else max(previous, epsilon)}
 
 
 def charge_local(messages, participations, node_partition, ledger, plan, rnd):
@@ -485,6 +556,7 @@ def privacy_report(cfg: RunConfig, plan: UploadPrivacy, ledger: PrivacyLedger | 
             "client_sampling": "each round, once per participation (q=1)" if plan.mode == "local"
             else f"Poisson, q={plan.sampling_rate}",
             "analysis": "data-independent" if "gnmax" in plan.mode else "worst case",
+            "noise_source": client_noise_source(cfg, plan),
         }
         if plan.distributed:  # SecAgg+ distributed noise: no amplification claimed, delta shared with clipping
             client_level.update({"client_sampling": "none claimed (q=1): the server sees who takes part; every "
@@ -503,7 +575,11 @@ def privacy_report(cfg: RunConfig, plan: UploadPrivacy, ledger: PrivacyLedger | 
             "accountant": "pld",
             "target_epsilon": cfg.privacy.record_target_epsilon or None,
             "protects_against": "everyone, the server included (noise added on the device during training)",
+            "noise_source": NOISE_SOURCES[cfg.privacy.noise_source],
+            "sampling_rate": cfg.privacy.record_sampling_rate,
             "worst_device": worst[0],
+            # the client id each reply's Flower node id maps to (identify_nodes), never an id a reply declares
+            "devices_keyed_by": "client id of the sending Flower node (partition-id / device-id given at start-up)",
             "devices": {str(pid): m for pid, m in sorted(devices.items())},
         }
     report = {"client_level": client_level, "record_level": record_level}
@@ -531,12 +607,6 @@ def save_audit_setup(audit_dir: Path, cfg: RunConfig) -> None:
     if canaries is not None:
         with atomic_path(audit_dir / "canaries.npz") as tmp:
             np.savez_compressed(tmp, x=canaries.x, y=canaries.y, included=canaries.included, client=canaries.client)
-
-
-def torch_tensor(a: np.ndarray):
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
 
 def save_student(model, path: Path, cfg: RunConfig, release: str | None = None, temperature: float = 1.0) -> None:
@@ -568,10 +638,26 @@ def make_server_app(cfg: RunConfig | None = None, resume: bool = False) -> Serve
             handler.setFormatter(logging.Formatter("%(asctime)s feddistill: %(message)s"))
             log.addHandler(handler)
             log.setLevel(logging.INFO)
-        run_cfg = cfg if cfg is not None else parse_config(dict(context.run_config), "run config")
+        if cfg is not None:  # feddistill simulate: its CLI reports errors (and checked the folder already)
+            run_server(grid, cfg, resume)
+            return
+        from feddistill.config import ConfigError
+        from feddistill.runfolder import RunFolderError, prepare_run_folder
+
+        try:
+            run_cfg = parse_config(dict(context.run_config), "run config")
+            prepare_run_folder(run_cfg.output_dir, ways_out=FLWR_WAYS_OUT)  # fedavg too, before anything runs
+        except (ConfigError, RunFolderError) as exc:
+            # one line in the log, and the same line as the run's failure details; a fresh exception
+            # so that Flower's report does not carry the whole stack under it
+            log.error("%s", exc)
+            raise type(exc)(str(exc)) from None
         run_server(grid, run_cfg, resume)
 
     return server_app
+
+
+FLWR_WAYS_OUT = "choose a fresh output-dir (flwr run neither resumes nor overwrites a run)"
 
 
 app = make_server_app()

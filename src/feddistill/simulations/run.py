@@ -55,6 +55,7 @@ def resume_config(run_dir: Path) -> RunConfig:
 def simulate(cfg: RunConfig, *, verbose: bool = False, baselines: bool = True, resume: bool = False) -> dict[str, Any]:
     """The full experiment: feddistill on Flower, plus the configured baselines on the same fleet."""
     from feddistill.server.app import write_json
+    from feddistill.server.control import gap_closed
     from feddistill.simulations import baselines as bl
     from feddistill.simulations.fleet import load_fleet
 
@@ -64,6 +65,7 @@ def simulate(cfg: RunConfig, *, verbose: bool = False, baselines: bool = True, r
     if cfg.method != "feddistill":  # a peer run on its own (fedavg, dp-fedavg): no baselines of its own
         return results
     base: dict[str, Any] = {
+        **results.get("baselines", {}),  # the server's own: the public-only control
         "public_teacher": results["public_teacher"],
         "public_only_student": results["public_only_student"],
     }
@@ -96,5 +98,9 @@ def simulate(cfg: RunConfig, *, verbose: bool = False, baselines: bool = True, r
                 "rounds": dp["rounds"],
             }
     results["baselines"] = base
+    if "centralized" in base and "public_control" in base:
+        final = results["final"]
+        final["gap_closed"] = gap_closed(final["student_accuracy"], base["public_control"]["accuracy"],
+                                         base["centralized"]["accuracy"])
     write_json(out / "results.json", results)
     return results
