@@ -23,6 +23,9 @@ Suites:
   fuzz     10,000 hypothesis-generated distill replies (and issue 15's failing ones) through the
            server path: validation, aggregation, device ledger, report; counts crashes and schema
            violations that reached aggregation (bench/fuzz.py; --set cases=N --set seed=S).
+  semisup  no DP, outside the loop: the public-only control vs a FixMatch student on the same public
+           data, the accuracy of the fleet's consensus labels against the public teacher's on the same
+           rows, and FixMatch with those labels added (bench/semisup.py; --set steps=N).
 
 Suites made of several runs keep each run's folder under runs/; a run whose results.json
 exists is not repeated (rerun with --keep to continue an interrupted suite).
@@ -138,6 +141,11 @@ def _row(results: dict) -> dict:
         "client_level": privacy.get("client_level"),
         "record_level": privacy.get("record_level"),
         "public_only_student_accuracy": (results.get("public_only_student") or {}).get("test_accuracy"),
+        # the private data's gain over the public-only control that went through the same server pipeline
+        "public_control_accuracy": final.get("public_control_accuracy"),
+        "private_gain": final.get("private_gain"),
+        "gap_closed": final.get("gap_closed"),
+        "fleet_labelled_rows": final.get("fleet_labelled_rows"),
     }
 
 
@@ -800,8 +808,14 @@ def fuzz(out: Path, overrides: dict) -> dict:
     return run_fuzz(out, overrides)
 
 
+def semisup(out: Path, overrides: dict) -> dict:
+    from bench.semisup import semisup as run_semisup
+
+    return run_semisup(out, overrides)
+
+
 SUITES = {"core": core, "audit": audit, "deploy": deploy, "privacy": privacy, "faults": faults, "comms": comms, "scale": scale,
-          "frontier": frontier, "profile": profile, "ceiling": ceiling, "fuzz": fuzz}
+          "frontier": frontier, "profile": profile, "ceiling": ceiling, "fuzz": fuzz, "semisup": semisup}
 
 
 def main() -> None:

@@ -35,23 +35,33 @@ def privacy(d: dict[str, Any]) -> str:
     runs = d["runs"]
     lines = [f"Fashion-MNIST, 100 clients, Dirichlet α=0.5, q=0.1, {d['rounds']} rounds, seed 0, one benchmark run;",
              "ε at δ=1e-5 from the PLD accountant (the number `results.json` reports).", "",
-             "| run | unit | ε spent (target) | test accuracy |", "| --- | --- | --- | --- |"]
+             "| run | unit | ε spent (target) | test accuracy | private gain (points) | fleet-labelled rows |",
+             "| --- | --- | --- | --- | --- | --- |"]
+
+    def gain(row: dict) -> str:  # against the public-only control; "–" for runs that predate it
+        g, rows = row.get("private_gain"), row.get("fleet_labelled_rows")
+        return f"{'–' if g is None else f'{g:+.1f}'} | {'–' if rows is None else f'{rows:,}'}"
 
     def spent(row: dict, level: str, name: str) -> str:
         p = row.get(level) or {}
         target = p.get("target_epsilon") or float(name.rsplit("eps", 1)[1])  # DP-FedAvg: calibrated, not enforced
         return f"{_eps(p.get('epsilon'))} ({_eps(target)})" if p else "–"
 
-    lines.append(f"| feddistill, non-private | – | ∞ | {_pct(runs['non-private']['accuracy'])} |")
-    lines.append(f"| Flower FedAvg, non-private | – | ∞ | {_pct(runs['fedavg']['accuracy'])} |")
+    lines.append(f"| feddistill, non-private | – | ∞ | {_pct(runs['non-private']['accuracy'])} | "
+                 f"{gain(runs['non-private'])} |")
+    lines.append(f"| Flower FedAvg, non-private | – | ∞ | {_pct(runs['fedavg']['accuracy'])} | – | – |")
     for name in sorted((n for n in runs if n.startswith("record-")), key=lambda n: float(n[len("record-eps"):])):
         lines.append(f"| feddistill, DP-SGD on devices | record | {spent(runs[name], 'record_level', name)} | "
-                     f"{_pct(runs[name]['accuracy'])} |")
+                     f"{_pct(runs[name]['accuracy'])} | {gain(runs[name])} |")
     for prefix, label in (("client-", "feddistill, GNMax votes"), ("dp-fedavg-", "Flower DP-FedAvg")):
         for name in sorted((n for n in runs if n.startswith(prefix)), key=lambda n: float(n.rsplit("eps", 1)[1])):
-            lines.append(f"| {label} | client | {spent(runs[name], 'client_level', name)} | {_pct(runs[name]['accuracy'])} |")
+            peer = label.startswith("Flower")
+            lines.append(f"| {label} | client | {spent(runs[name], 'client_level', name)} | {_pct(runs[name]['accuracy'])} | "
+                         f"{'– | –' if peer else gain(runs[name])} |")
     public_only = runs["non-private"].get("public_only_student_accuracy")
-    lines += ["", f"Student distilled from the public teacher alone (round 0): {_pct(public_only)}. "
+    lines += ["", "Private gain = student − the public-only control through the same server pipeline; "
+              "\"–\": the run predates that control (rerun the suite to measure it). "
+              f"Student distilled from the public teacher alone (round 0): {_pct(public_only)}. "
               f"Client-level ε≈4: feddistill − DP-FedAvg = {d['gap_points_client_eps4_vs_dp_fedavg']:+.1f} points; "
               f"record-level ε=3: {_pct(d['record_eps3_accuracy'])}."]
     return "\n".join(lines) + "\n"

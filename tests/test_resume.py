@@ -52,17 +52,7 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     expected = json.loads((clean / "results.json").read_text())
 
     killed = tmp_path / "killed"
-    victim = subprocess.Popen(_cmd(*_settings_args(killed)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    try:
-        deadline = time.monotonic() + 400
-        while _checkpoint_round(killed) < 2:  # kill during round 3
-            assert victim.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint after round 2"
-            time.sleep(0.2)
-    finally:
-        os.killpg(victim.pid, signal.SIGKILL)  # the server and its simulation workers, mid-run
-        victim.wait(timeout=60)
+    _kill_after_checkpoint(_cmd(*_settings_args(killed)), killed, 2)  # kill during round 3
     assert not (killed / "results.json").exists()
 
     resumed = subprocess.run(_cmd("--resume", str(killed)), capture_output=True, text=True, timeout=600)
@@ -72,6 +62,22 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert got["final"]["student_accuracy"] == expected["final"]["student_accuracy"]
     assert got["privacy"]["client_level"]["epsilon"] == expected["privacy"]["client_level"]["epsilon"]
     assert got["privacy"]["client_level"]["steps"] == 4  # each round counted once
+
+
+def _kill_after_checkpoint(cmd: list[str], run_dir, rounds: int, cwd=None) -> None:
+    """Start a run, and SIGKILL it (the server and its simulation workers, mid-run) as soon as
+    its checkpoint holds `rounds` rounds."""
+    victim = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 400
+        while _checkpoint_round(run_dir) < rounds:
+            assert victim.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, f"no checkpoint after round {rounds}"
+            time.sleep(0.2)
+    finally:
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait(timeout=60)
 
 
 def test_resume_without_checkpoint_or_config_is_a_clear_error(tmp_path):
@@ -91,17 +97,7 @@ def test_a_moved_run_resumes_by_its_content_not_its_path(tmp_path):
     for key, value in settings.items():
         args += ["--set", f"{key}={json.dumps(value) if isinstance(value, (bool, str)) else value}"]
     started = tmp_path / "started"
-    victim = subprocess.Popen(_cmd(*args), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    try:
-        deadline = time.monotonic() + 400
-        while _checkpoint_round(started) < 1:  # kill during round 2
-            assert victim.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint after round 1"
-            time.sleep(0.2)
-    finally:
-        os.killpg(victim.pid, signal.SIGKILL)
-        victim.wait(timeout=60)
+    _kill_after_checkpoint(_cmd(*args), started, 1, cwd=tmp_path)  # kill during round 2
     assert not (started / "results.json").exists()
     assert json.loads((started / "config.json").read_text())["output_dir"] == "started"
 
