@@ -258,9 +258,34 @@ def ceiling(d: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def semisup(d: dict[str, Any]) -> str:
+    fm, with_fleet = d["public_fixmatch"], d["fixmatch_with_fleet_labels"]
+    lines = ["No DP, outside the federated loop, seed 0; test accuracy on the 10,000 test images.", "",
+             "| student | labelled data | test accuracy |", "| --- | --- | --- |",
+             f"| public teacher (`cnn-large`) | {fm['labelled']} public labels | "
+             f"{_pct(d['public_teacher_test_accuracy'])} |",
+             f"| public-only control (KD from the teacher's signal, the server's schedule) | the teacher's signal | "
+             f"{_pct(d['public_control_kd']['test_accuracy'])} |",
+             f"| FixMatch, public data only ({fm['steps']:,} steps) | {fm['labelled']} public labels + "
+             f"{fm['unlabelled']:,} unlabelled | {_pct(fm['test_accuracy'])} |",
+             f"| FixMatch + the fleet's consensus labels (share ≥ {with_fleet['share_at_least']:g}) | + "
+             f"{with_fleet['fleet_rows']:,} fleet-labelled rows | {_pct(with_fleet['test_accuracy'])} |", ""]
+    lines += ["The fleet's consensus labels (every client trains on its private data alone from the start model, "
+              "then votes on every reference row):", "",
+              "| clients start from | consensus share ≥ | rows labelled | fleet label accuracy | teacher on the same rows "
+              "| fleet right, teacher wrong | teacher right, fleet wrong |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for start, entry in d["fleet_labels"].items():
+        for r in entry["thresholds"]:
+            lines.append(f"| {start} ({_pct(entry['start_test_accuracy'])}) | {r['share_at_least']:g} | {r['rows']:,} | "
+                         f"{_pct(r['fleet_label_accuracy'])} | {_pct(r['teacher_accuracy_on_them'])} | "
+                         f"{r['fleet_right_teacher_wrong']:,} | {r['teacher_right_fleet_wrong']:,} |")
+    return "\n".join(lines) + "\n"
+
+
 RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
     "privacy": privacy, "faults": faults, "comms": comms, "audit": audit, "scale": scale, "deploy": deploy,
-    "frontier": frontier, "profile": profile, "ceiling": ceiling,
+    "frontier": frontier, "profile": profile, "ceiling": ceiling, "semisup": semisup,
 }
 
 
