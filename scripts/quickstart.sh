@@ -3,7 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/feddistill simulate --config configs/digits.toml --out runs/quickstart "$@"
+# --overwrite: the main job replaces its own earlier run (runs/quickstart) each time it is run
+.venv/bin/feddistill simulate --config configs/digits.toml --out runs/quickstart --overwrite "$@"
 .venv/bin/feddistill releases runs/quickstart
 # ... then the privacy officer's view of the same run: membership inference on what left the
 # devices, the local students and the released student, and a canary audit of the DP claim.
