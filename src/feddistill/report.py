@@ -294,6 +294,12 @@ def build_html_report(results: dict[str, Any], run_dir: Path) -> str:
                  ["feddistill last candidate", _pct(final["student_accuracy"])],
                  ["public teacher only", _pct(results["public_teacher"]["test_accuracy"])],
                  ["student from public teacher only (round 0)", _pct(results["public_only_student"]["test_accuracy"])]]
+    if "public_control" in base:
+        closed = final.get("gap_closed")
+        base_rows.append(["public-only control (same server pipeline, no fleet)",
+                          f"{_pct(base['public_control']['accuracy'])}; private gain {final['private_gain']:+.1f} "
+                          f"points" + ("" if closed is None else f", gap to centralized closed {closed:.0%}")
+                          + f"; {final.get('fleet_labelled_rows', 0):,} fleet-labelled rows"])
     if "local_only" in base:
         base_rows.append(["local-only (mean)", _pct(base["local_only"]["accuracy_mean"])])
     if "centralized" in base:
