@@ -74,6 +74,11 @@ class DistillConfig:
     server_student: str = "mlp"  # architecture of the released global student
     server_epochs: int = 5  # server distillation epochs per round (on the reference set)
     server_lr: float = 0.05
+    # How the server trains its student on the reference set each round (the public-only control the same way):
+    # "kd" (KD toward the teacher signal) | "fixmatch" (the signal as soft labels on weak views, plus FixMatch's
+    # consistency on strong views of every reference image: feddistill.semisup)
+    server_training: str = "kd"
+    fixmatch_threshold: float = 0.95  # FixMatch's confidence threshold for a pseudo-label
     # Secure aggregation of the answers with Flower's SecAgg+ (feddistill.server.secagg): "off" | "secagg+".
     # The server then sees only the sum of the surviving clients' answers (mean aggregator only).
     secure_aggregation: str = "off"
@@ -250,6 +255,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "privacy.client_level": ("off", "local", "central", "gnmax", "confident-gnmax"),
     "privacy.bound": ("probs", "votes", "clipped_logits"),
     "privacy.noise_source": ("seeded", "os-entropy"),
+    "distill.server_training": ("kd", "fixmatch"),
     "scenario.attack": ("label-flip", "random", "scaled", "nan", "wrong-shape"),
     "teacher.model": MODEL_NAMES,
     "distill.server_student": MODEL_NAMES,
@@ -281,6 +287,7 @@ _RANGES: dict[str, tuple[float, bool, float | None]] = {
     "distill.momentum": (0, True, 1.0),
     "distill.server_epochs": (0, True, None),
     "distill.server_lr": (0, False, None),
+    "distill.fixmatch_threshold": (0, False, 1.0),
     "distill.secagg_num_shares": (3, True, None),
     "distill.secagg_reconstruction_threshold": (2, True, None),
     "distill.secagg_clipping_range": (0, True, None),

@@ -29,6 +29,7 @@ __all__ = [
     "FASHION_MNIST_DIR",
     "FASHION_MNIST_FILES",
     "DATASET_NAMES",
+    "FLIP_KEEPS_CLASS",
     "read_idx",
     "load_fashion_mnist",
     "load_digits_dataset",
@@ -55,6 +56,8 @@ _FIX_HINT = (
 )
 
 DATASET_NAMES = ("digits", "fashion-mnist")
+#: Whether a horizontal flip keeps an image's class (garments: yes; digits: no), for augmentations.
+FLIP_KEEPS_CLASS = {"digits": False, "fashion-mnist": True}
 
 
 class DataError(ValueError):

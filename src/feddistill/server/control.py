@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,22 +31,36 @@ import torch
 
 from feddistill.atomic import atomic_path
 from feddistill.config import RunConfig
+from feddistill.data.datasets import FLIP_KEEPS_CLASS
+from feddistill.semisup import train_fixmatch
 from feddistill.training import evaluate_model, train_distill
 
 log = logging.getLogger("feddistill")
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def distil_step(student: torch.nn.Module, reference_x: torch.Tensor, signal: np.ndarray, cfg: RunConfig,
                 seed: int) -> None:
-    """One server distillation step: KD toward ``signal`` on the whole reference set
-    (FedDF: Lin et al. 2020, "Ensemble Distillation for Robust Model Fusion in Federated
-    Learning"), ``distill.server-epochs`` epochs, continuing from the student's weights."""
+    """One server distillation step on the whole reference set, continuing from the student's
+    weights (FedDF: Lin et al. 2020, "Ensemble Distillation for Robust Model Fusion in Federated
+    Learning"), as ``distill.server-training`` says:
+
+    - ``"kd"``: KD toward ``signal`` at the KD temperature, ``distill.server-epochs`` epochs;
+    - ``"fixmatch"``: as many steps of FixMatch (Sohn et al. 2020), with ``signal`` as the soft
+      labels of every reference image (weak views) and FixMatch's consistency on strong views
+      of the same images: a semi-supervised student on public images, no privacy cost.
+    """
     d = cfg.distill
-    train_distill(student, reference_x, torch.from_numpy(np.ascontiguousarray(signal, dtype=np.float32)),
-                  temperature=d.temperature, epochs=d.server_epochs, batch_size=d.batch_size, lr=d.server_lr,
-                  momentum=d.momentum, seed=seed)
+    targets = torch.from_numpy(np.ascontiguousarray(signal, dtype=np.float32))
+    if d.server_training == "fixmatch":
+        steps = d.server_epochs * math.ceil(len(reference_x) / d.batch_size)
+        train_fixmatch(student, reference_x, targets, reference_x, steps=steps, batch_size=d.batch_size,
+                       threshold=d.fixmatch_threshold, lr=d.server_lr, momentum=d.momentum,
+                       flip=FLIP_KEEPS_CLASS[cfg.data.dataset], seed=seed)
+        return
+    train_distill(student, reference_x, targets, temperature=d.temperature, epochs=d.server_epochs,
+                  batch_size=d.batch_size, lr=d.server_lr, momentum=d.momentum, seed=seed)
 
 
 def round_seed(cfg: RunConfig, rnd: int) -> int:
@@ -64,7 +79,8 @@ def control_key(cfg: RunConfig, teacher_signal: np.ndarray, reference_x: torch.T
     d = cfg.distill
     blob = json.dumps({
         "v": CACHE_VERSION, "seed": cfg.seed, "rounds": rounds, "student": d.server_student,
-        "schedule": [d.temperature, d.server_epochs, d.batch_size, d.server_lr, d.momentum],
+        "schedule": [d.temperature, d.server_epochs, d.batch_size, d.server_lr, d.momentum, d.server_training,
+                     d.fixmatch_threshold, cfg.data.dataset],
         "signal": _digest(teacher_signal), "reference": _digest(reference_x), "test": _digest(test_x),
         "threads": torch.get_num_threads(),  # float reductions differ with the thread count
     }, sort_keys=True)
