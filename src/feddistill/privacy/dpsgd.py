@@ -135,18 +135,7 @@ def dp_train(
     DPTrainResult with the optimizer steps actually taken, the sampling rate,
     z and C: what the caller records in its ledger.
     """
-    if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
-        raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier!r}")
-    if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
-        raise ValueError(f"max_grad_norm must be finite and > 0, got {max_grad_norm!r}")
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be finite and > 0, got {lr!r}")
-    if not (math.isfinite(momentum) and 0 <= momentum < 1):
-        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x and y must have the same number of records, got {x.shape[0]} and {y.shape[0]}")
-    if x.shape[0] < 1:
-        raise ValueError("x must hold at least one record")
+    _check_arguments(x, y, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, lr=lr, momentum=momentum)
     sampling_rate, planned_steps = dpsgd_schedule(sampling_rate, epochs)
     if loss_fn is None:
         loss_fn = nn.CrossEntropyLoss()
@@ -217,6 +206,22 @@ def dp_train(
         max_grad_norm=float(max_grad_norm),
         mean_loss=loss_sum / loss_records if loss_records else float("nan"),
     )
+
+
+def _check_arguments(x: torch.Tensor, y: torch.Tensor, *, noise_multiplier: float, max_grad_norm: float, lr: float,
+                     momentum: float) -> None:
+    if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+        raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier!r}")
+    if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+        raise ValueError(f"max_grad_norm must be finite and > 0, got {max_grad_norm!r}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be finite and > 0, got {lr!r}")
+    if not (math.isfinite(momentum) and 0 <= momentum < 1):
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must have the same number of records, got {x.shape[0]} and {y.shape[0]}")
+    if x.shape[0] < 1:
+        raise ValueError("x must hold at least one record")
 
 
 def _train_epochs(gsm, dp_optimizer, loader, loss_fn, *, device, epochs: int) -> tuple[int, float, int]:
