@@ -312,6 +312,16 @@ def plot_frontier_alpha(summary: dict, path: Path) -> None:
     _save(fig, path)
 
 
+def panel_pair():
+    """A figure with two side-by-side panels (headless), for the suites that plot two views."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, 2, figsize=(12, 4.5))
+
+
 def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 

@@ -171,14 +171,9 @@ def ceiling(out: Path, overrides: dict) -> dict:
 
 
 def plot_ceiling(summary: dict, path: Path) -> None:
-    import matplotlib
+    from bench.__main__ import _save, panel_pair
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from bench.__main__ import _save
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (left, right) = panel_pair()
     styles = {"mean": "-", "vote": ":", "prior-corrected": "--", "count-weighted": "-."}
     for color, (recipe, by_how) in zip(("C0", "C1", "C2"), summary["ensembles"].items()):
         for how, curve in by_how.items():

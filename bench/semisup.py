@@ -162,14 +162,9 @@ def semisup(out: Path, overrides: dict) -> dict:
 
 
 def plot_semisup(summary: dict, path: Path) -> None:
-    import matplotlib
+    from bench.__main__ import _save, panel_pair
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from bench.__main__ import _save
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (left, right) = panel_pair()
     bars = [("public teacher", summary["public_teacher_test_accuracy"]),
             ("public-only control (KD)", summary["public_control_kd"]["test_accuracy"]),
             ("public FixMatch", summary["public_fixmatch"]["test_accuracy"]),
