@@ -93,7 +93,7 @@ def semisup(out: Path, overrides: dict) -> dict:
     from bench.__main__ import header
     from feddistill.config import load_config, validation_size
     from feddistill.models import build_model
-    from feddistill.server.app import split_validation, teacher_and_validation
+    from feddistill.server.app import public_labels, split_validation, teacher_and_validation
     from feddistill.server.control import distil_step, public_control
     from feddistill.simulations.fleet import as_tensors, load_fleet
     from feddistill.training import evaluate_model
@@ -114,7 +114,8 @@ def semisup(out: Path, overrides: dict) -> dict:
     def student():
         return build_model(cfg.distill.server_student, fleet.image_size, fleet.num_classes, seed=cfg.seed)
 
-    control = public_control(cfg, student, teacher.reference_probs, ref_x, test_x, test[1], cfg.rounds, cache=None)
+    public = public_labels(cfg, splits)
+    control = public_control(cfg, student, teacher.reference_probs, ref_x, test_x, test[1], cfg.rounds, None, public)
     labelled, _ = split_validation(splits, validation_size(cfg), cfg.seed)  # what the teacher trained on
     lx, ly = as_tensors(labelled.public_labelled)
     one_hot = torch.nn.functional.one_hot(ly, fleet.num_classes).float()
@@ -122,7 +123,7 @@ def semisup(out: Path, overrides: dict) -> dict:
     print(f"semisup: control {control['accuracy']:.4f}, FixMatch {public_fixmatch:.4f}", flush=True)
 
     round0 = student()
-    distil_step(round0, ref_x, teacher.reference_probs, cfg, cfg.seed)
+    distil_step(round0, ref_x, teacher.reference_probs, cfg, cfg.seed, public=public)
     starts = {"round-0 student": round0, "FixMatch student": fixmatch_model}
     fleet_labels = {}
     for name, start in starts.items():

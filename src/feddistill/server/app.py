@@ -62,7 +62,7 @@ from feddistill.server.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from feddistill.server.control import distil_step, private_gain, public_control, round_seed
+from feddistill.server.control import PublicLabels, distil_step, private_gain, public_control, round_seed
 from feddistill.training import Evaluation, evaluate_probs, predict_logits
 
 log = logging.getLogger("feddistill")
@@ -129,9 +129,12 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
     student = build_student()
     d = cfg.distill
 
+    public = public_labels(cfg, splits)
+
     def distil_student(rnd: int) -> None:
         # the same step, with the same seeds, as the public-only control (feddistill.server.control)
-        distil_step(student, ref_x, signal, cfg, round_seed(cfg, rnd))
+        distil_step(student, ref_x, signal, cfg, round_seed(cfg, rnd), public=public,
+                    fleet_rows=np.flatnonzero(fleet_answered))
 
     plan = upload_privacy(cfg)
     # the server's own DP noise (central, GNMax): seeded only in a seeded simulation
@@ -312,7 +315,7 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
         raise RuntimeError(f"no round could run: {stop_reason}")
     answered = [r for r in rounds if r["replies"]]
     control = public_control_of(cfg, build_student, teacher.reference_probs, ref_x, test_x, splits.test.y,
-                                rounds[-1]["round"])
+                                rounds[-1]["round"], public)
     results = {
         "method": "feddistill",
         "config": cfg.to_dict(),
@@ -372,14 +375,27 @@ def evaluate_student(student, test_x, test_y: np.ndarray, ref_x) -> tuple[Evalua
 
 
 def public_control_of(cfg: RunConfig, build_student, teacher_signal: np.ndarray, ref_x, test_x, test_y: np.ndarray,
-                      rounds: int) -> dict[str, Any]:
+                      rounds: int, public: PublicLabels) -> dict[str, Any]:
     """The public-only control of this run (same server pipeline, no fleet answers), cached."""
     from feddistill.server.teacher import cache_dir
 
     log.info("public-only control: the server pipeline without the fleet, %d rounds", rounds)
-    control = public_control(cfg, build_student, teacher_signal, ref_x, test_x, test_y, rounds, cache_dir())
+    control = public_control(cfg, build_student, teacher_signal, ref_x, test_x, test_y, rounds, cache_dir(), public)
     log.info("public-only control: test accuracy %.3f%s", control["accuracy"], " (cached)" if control["cached"] else "")
     return control
+
+
+def public_labels(cfg: RunConfig, splits) -> PublicLabels:
+    """The reference rows the public teacher trained on, with their (public) labels: the
+    labelled public sample minus the release gate's validation split."""
+    size = validation_size(cfg) if cfg.release.validation_fraction else 0
+    kept = _validation_picks(len(splits.public_labelled), size, cfg.seed)[1]
+    positions = splits.source_indices["public_labelled"][kept]  # in the data set the splits were cut from
+    reference = splits.source_indices["reference"]
+    rows = np.minimum(np.searchsorted(reference, positions), len(reference) - 1)
+    if not np.array_equal(reference[rows], positions):
+        raise RuntimeError("the labelled public sample is not part of the reference set")
+    return PublicLabels(rows=rows.astype(np.int64), labels=np.asarray(splits.public_labelled.y[kept], dtype=np.int64))
 
 
 def teacher_and_validation(cfg: RunConfig, splits):
@@ -401,9 +417,14 @@ def split_validation(splits, size: int, seed: int):
     labelled = splits.public_labelled
     if size == 0:
         return splits, labelled.subset(np.zeros(0, dtype=np.int64))
-    picked = np.random.default_rng([seed, 0x7A11D]).permutation(len(labelled))
-    val_idx, teacher_idx = np.sort(picked[:size]), np.sort(picked[size:])
+    val_idx, teacher_idx = _validation_picks(len(labelled), size, seed)
     return dataclasses.replace(splits, public_labelled=labelled.subset(teacher_idx)), labelled.subset(val_idx)
+
+
+def _validation_picks(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions in the labelled public sample: (validation, the teacher's), both sorted."""
+    picked = np.random.default_rng([seed, 0x7A11D]).permutation(n)
+    return np.sort(picked[:size]), np.sort(picked[size:])
 
 
 def shift_scenario(cfg: RunConfig, fleet, devices_seen: set[int]):
