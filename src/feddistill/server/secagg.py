@@ -53,7 +53,7 @@ from flwr.serverapp import Grid
 from feddistill import protocol
 from feddistill.config import RunConfig
 from feddistill.privacy.distributed import SecAggNoise, run_secagg_noise
-from feddistill.strategies.base import RoundReplies, normalize_rows
+from feddistill.strategies.base import RoundReplies, normalize_rows, tally
 from feddistill.strategies.validation import Rejected, ReplyCheck, check_metrics
 
 log = logging.getLogger("feddistill")
@@ -189,7 +189,7 @@ def survivor_metrics(out: SecAggReplies, results: list[tuple[Any, FitRes]], cfg:
             epsilon = check_metrics(res.metrics, check)
         except Rejected as exc:
             epsilon, reason = None, str(exc)
-            out.bad_metrics[reason.split(":")[0]] = out.bad_metrics.get(reason.split(":")[0], 0) + 1
+            tally(out.bad_metrics, reason)
             log.warning("round %d: ignored the plain-text metrics of node %d: %s", rnd, proxy.node_id, reason)
         out.senders.append(sender)
         out.metrics.append({} if epsilon is None else {protocol.RECORD_EPSILON: epsilon})

@@ -50,10 +50,16 @@ class RoundReplies:
         self.metrics.append({} if reply.record_epsilon is None else {protocol.RECORD_EPSILON: reply.record_epsilon})
 
     def drop(self, reason: str, node: int, rnd: int) -> None:
-        """Count a bad reply under its reason's fixed phrase (the text before the first ':')."""
-        key = reason.split(":")[0]
-        self.dropped[key] = self.dropped.get(key, 0) + 1
+        """Count a bad reply under its reason's fixed phrase."""
+        tally(self.dropped, reason)
         log.warning("round %d: dropped reply from node %d: %s", rnd, node, reason)
+
+
+def tally(counts: dict[str, int], reason: str) -> None:
+    """Count ``reason`` under its fixed phrase, the text before the first ':' (never a value a
+    client chose, so a hostile client cannot mint new keys)."""
+    key = reason.split(":")[0]
+    counts[key] = counts.get(key, 0) + 1
 
 
 def upload_bytes(msg: Message) -> int:
