@@ -79,6 +79,19 @@ class DistillConfig:
     # consistency on strong views of every reference image: feddistill.semisup)
     server_training: str = "kd"
     fixmatch_threshold: float = 0.95  # FixMatch's confidence threshold for a pseudo-label
+    # What a client answers (feddistill.client.answers). Prior correction subtracts the client's own
+    # log label prior from its logits (logit adjustment); the prior never leaves the device.
+    prior_correction: bool = False
+    abstain_confidence: float = 0.0  # abstain on a row whose top (corrected) probability is below this (0: never)
+    abstain_min_records: int = 0  # abstain where the client holds fewer private records of its predicted class
+    # Which fleet answers become labels (feddistill.server.consensus): "answered" (every answered row, its
+    # latest answer) | "consensus" (rows whose answers, accumulated over rounds, agree at least as much as
+    # the share threshold calibrated on the public labels to reach consensus-precision)
+    fleet_labels: str = "answered"
+    consensus_precision: float = 0.9
+    # Which reference rows a round asks about: "uniform" | "uncertain" (mostly where the released student's
+    # margin is smallest: feddistill.server.consensus.select_queries)
+    query_selection: str = "uniform"
     # Secure aggregation of the answers with Flower's SecAgg+ (feddistill.server.secagg): "off" | "secagg+".
     # The server then sees only the sum of the surviving clients' answers (mean aggregator only).
     secure_aggregation: str = "off"
@@ -256,6 +269,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "privacy.bound": ("probs", "votes", "clipped_logits"),
     "privacy.noise_source": ("seeded", "os-entropy"),
     "distill.server_training": ("kd", "fixmatch"),
+    "distill.fleet_labels": ("answered", "consensus"),
+    "distill.query_selection": ("uniform", "uncertain"),
     "scenario.attack": ("label-flip", "random", "scaled", "nan", "wrong-shape"),
     "teacher.model": MODEL_NAMES,
     "distill.server_student": MODEL_NAMES,
@@ -288,6 +303,9 @@ _RANGES: dict[str, tuple[float, bool, float | None]] = {
     "distill.server_epochs": (0, True, None),
     "distill.server_lr": (0, False, None),
     "distill.fixmatch_threshold": (0, False, 1.0),
+    "distill.abstain_confidence": (0, True, 1.0),
+    "distill.abstain_min_records": (0, True, None),
+    "distill.consensus_precision": (0, False, 1.0),
     "distill.secagg_num_shares": (3, True, None),
     "distill.secagg_reconstruction_threshold": (2, True, None),
     "distill.secagg_clipping_range": (0, True, None),
@@ -478,8 +496,29 @@ def _check_privacy(cfg: RunConfig, source: str) -> None:
             f"{source}: 'privacy.record-level' = true needs 'privacy.record-noise-multiplier' > 0 "
             "or 'privacy.record-target-epsilon' > 0"
         )
+    _check_abstention(cfg, source)
     if p.record_level and cfg.distill.revisit_epochs == 0:
         raise ConfigError(f"{source}: 'privacy.record-level' = true needs 'distill.revisit-epochs' >= 1")
+
+
+def abstains(cfg: RunConfig) -> bool:
+    """Whether clients may send abstentions (an all-zero row; a vote of ``ABSTAIN_VOTE``)."""
+    return cfg.distill.abstain_confidence > 0 or cfg.distill.abstain_min_records > 0
+
+
+def _check_abstention(cfg: RunConfig, source: str) -> None:
+    d, p = cfg.distill, cfg.privacy
+    if d.fleet_labels == "consensus" and cfg.release.validation_fraction == 0:
+        raise ConfigError(f"{source}: 'distill.fleet-labels' = 'consensus' calibrates its threshold on the held-out "
+                          "public labels: 'release.validation-fraction' must be > 0")
+    if abstains(cfg) and (p.bound == "clipped_logits" or d.aggregator != "mean"):
+        raise ConfigError(f"{source}: abstention ('distill.abstain-confidence' / 'distill.abstain-min-records') needs "
+                          "'privacy.bound' = 'probs' or 'votes' and 'distill.aggregator' = 'mean': an abstention is an "
+                          "all-zero row, which only those tell apart from an answer")
+    if p.record_level and (d.prior_correction or d.abstain_min_records > 0):
+        raise ConfigError(f"{source}: 'privacy.record-level' = true cannot be combined with 'distill.prior-correction' "
+                          "or 'distill.abstain-min-records': both read the device's label counts, which DP-SGD does "
+                          "not protect (use 'distill.abstain-confidence', which reads only the DP-trained model)")
 
 
 def _check_secagg(cfg: RunConfig, source: str) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from feddistill.protocol import ABSTAIN_VOTE
+
 ANSWER_DTYPES = ("float32", "float16", "uint8", "vote")
 
 
@@ -19,9 +21,12 @@ def encode_answers(answers: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "uint8":
         return np.rint(np.clip(answers, 0.0, 1.0) * 255).astype(np.uint8)
     if dtype == "vote":
-        if answers.shape[1] > 256:
-            raise ValueError(f"vote answers carry a class index in one byte: at most 256 classes, got {answers.shape[1]}")
-        return np.ascontiguousarray(answers.argmax(axis=1).astype(np.uint8))
+        if answers.shape[1] > ABSTAIN_VOTE:
+            raise ValueError(f"vote answers carry a class index in one byte: at most {ABSTAIN_VOTE} classes, "
+                             f"got {answers.shape[1]}")
+        votes = answers.argmax(axis=1).astype(np.uint8)
+        votes[~(answers > 0).any(axis=1)] = ABSTAIN_VOTE  # an all-zero row is an abstention
+        return np.ascontiguousarray(votes)
     return np.ascontiguousarray(answers.astype(dtype))
 
 
@@ -32,5 +37,9 @@ def decode_answers(answers: np.ndarray) -> np.ndarray:
 
 
 def decode_votes(votes: np.ndarray, num_classes: int) -> np.ndarray:
-    """One-hot rows from class indices (validated by the caller to lie in [0, num_classes))."""
-    return np.eye(num_classes, dtype=np.float32)[votes.astype(np.int64)]
+    """One-hot rows from class indices (validated by the caller to lie in [0, num_classes) or to
+    be ``ABSTAIN_VOTE``, which decodes to an all-zero row)."""
+    rows = np.zeros((len(votes), num_classes), dtype=np.float32)
+    answered = votes != ABSTAIN_VOTE
+    rows[np.flatnonzero(answered), votes[answered].astype(np.int64)] = 1.0
+    return rows

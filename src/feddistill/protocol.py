@@ -21,6 +21,8 @@ SECAGG_ARRAY_NAMES = "feddistill.array-names"
 # sizes) is declared and enforced in feddistill.strategies.validation; anything else is rejected.
 ANSWERS_RECORD = "answers"  # ArrayRecord: exactly one Array ANSWERS, (|Q|, C) or (|Q|,) votes
 ANSWERS = "answers"
+# An abstention (distill.abstain-*): an all-zero answer row, or this one-byte vote (classes are 0..C-1, C <= 255)
+ABSTAIN_VOTE = 255
 METRICS_RECORD = "metrics"  # optional MetricRecord: at most RECORD_EPSILON
 RECORD_EPSILON = "record-epsilon"  # the device's own record-level ledger epsilon (record-level DP only)
 REPLY_META = "meta"  # ConfigRecord: exactly ROUND and DIGEST, echoed back

@@ -52,6 +52,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 
 from feddistill import protocol
+from feddistill.client.answers import abstentions, answer_logits, label_counts
 from feddistill.client.device import client_data, device_id, is_device
 from feddistill.client.state import load_state, save_state, state_dir
 from feddistill.config import RunConfig, parse_config
@@ -151,8 +152,10 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
         train_revisit(student, data.private_x, data.private_y, query_x, signal,
                       kd_weight=float(config["revisit-kd-weight"]), temperature=temperature,
                       epochs=int(config["revisit-epochs"]), seed=seed + 1, **common)
-    answers = answer_matrix(predict_logits(student, query_x).numpy(), upload_privacy(cfg),
-                            None if private is None else private + 2)
+    counts = label_counts(data.private_y.numpy(), num_classes)  # stays on the device
+    logits = answer_logits(predict_logits(student, query_x).numpy(), counts, cfg)
+    answers = answer_matrix(logits, upload_privacy(cfg), None if private is None else private + 2,
+                            abstain=abstentions(logits, counts, cfg))
     answers = _encode(answers, cfg, str(config["answer-dtype"]), -1 if device else partition_id, seed, num_classes)
     save_state(store, partition_id, rnd, student.state_dict(), None if ledger is None else ledger.to_json())
     if cfg.audit.keep_artifacts:  # simulation only: the auditor's target (b), the local student
@@ -221,14 +224,18 @@ def _encode(answers: np.ndarray, cfg: RunConfig, encoding: str, partition_id: in
     return answers
 
 
-def answer_matrix(logits: np.ndarray, plan: UploadPrivacy, seed: int | None) -> np.ndarray:
-    """Bound the answers (probabilities, votes or clipped logits); with local DP, noise them here,
-    on the device, before they leave it (Gaussian mechanism, see ``feddistill.privacy.plan``).
+def answer_matrix(logits: np.ndarray, plan: UploadPrivacy, seed: int | None,
+                  abstain: np.ndarray | None = None) -> np.ndarray:
+    """Bound the answers (probabilities, votes or clipped logits), zero the rows the client
+    abstains on (``feddistill.client.answers``); with local DP, noise them here, on the device,
+    before they leave it (Gaussian mechanism, see ``feddistill.privacy.plan``).
 
     ``seed`` seeds the noise (a seeded simulation only); ``None`` draws it from OS entropy,
     which is what every device does: a seed the server knows would let it subtract the noise.
     """
     answers = bound_answers(logits, plan.bound, clip_norm=plan.clip_norm)
+    if abstain is not None:
+        answers[abstain] = 0.0
     if plan.mode == "local":
         answers = add_gaussian_noise(answers, noise_multiplier=plan.noise_multiplier, sensitivity=plan.sensitivity,
                                      rng=noise_rng(seed))

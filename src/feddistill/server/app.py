@@ -28,7 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from feddistill import protocol
 from feddistill.atomic import atomic_path
-from feddistill.config import RunConfig, parse_config, validation_size
+from feddistill.config import RunConfig, abstains, parse_config, validation_size
 from feddistill.models import build_model, count_parameters
 from feddistill.simulations.fleet import as_tensors, load_fleet
 from feddistill.privacy.ledger import PrivacyLedger
@@ -62,6 +62,7 @@ from feddistill.server.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from feddistill.server.consensus import FleetLabels, select_queries
 from feddistill.server.control import PublicLabels, distil_step, private_gain, public_control, round_seed
 from feddistill.training import Evaluation, evaluate_probs, predict_logits
 
@@ -130,11 +131,12 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
     d = cfg.distill
 
     public = public_labels(cfg, splits)
+    held = validation_labels(cfg, splits)  # calibrates the consensus gate; never trained on
 
     def distil_student(rnd: int) -> None:
         # the same step, with the same seeds, as the public-only control (feddistill.server.control)
         distil_step(student, ref_x, signal, cfg, round_seed(cfg, rnd), public=public,
-                    fleet_rows=np.flatnonzero(fleet_answered))
+                    fleet_rows=np.flatnonzero(accepted))
 
     plan = upload_privacy(cfg)
     # the server's own DP noise (central, GNMax): seeded only in a seeded simulation
@@ -146,7 +148,8 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
     query_rng = np.random.default_rng(cfg.seed + 1)
     rounds: list[dict[str, Any]] = []
     start = 1
-    fleet_answered = np.zeros(len(signal), dtype=bool)  # rows the fleet has answered at least once
+    fleet_labels = FleetLabels(len(signal), num_classes, d.fleet_labels, d.consensus_precision)
+    accepted = np.zeros(len(signal), dtype=bool)  # rows whose training label is the fleet's
     val_x, _ = as_tensors(validation)
     releaser = Releaser(out, cfg, reference_digest=splits.reference_digest, model_name=d.server_student,
                         validation=(val_x, validation.y), reference_x=ref_x, test=(test_x, splits.test.y))
@@ -163,7 +166,8 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
             releaser.history = ReleaseHistory.from_dict(state.extra["releases"])
             releaser.released_state = state.extra["released_state"]
             releaser.released_temperature = state.extra["released_temperature"]
-            fleet_answered = np.asarray(state.extra["fleet_answered"], dtype=bool)
+            fleet_labels.restore(state.extra["fleet_labels"])
+            accepted = fleet_accepted(fleet_labels, held)
         if ledger is not None and plan.mode == "local":
             for rnd in journaled_rounds_after(out, state.round):  # answers that may have reached us
                 ledger.record(plan.event(), rnd, sensitivity=plan.sensitivity)
@@ -200,7 +204,8 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
 
             eligible = set(eligible_partitions(rnd, cfg.scenario.shift_round, populations))
             strategy.node_order = [n for n in all_nodes if node_partition[n] in eligible]
-        queries = np.sort(query_rng.choice(len(signal), size=d.query_size, replace=False))
+        margin = reference_margin(student, ref_x) if d.query_selection == "uncertain" else None
+        queries = select_queries(query_rng, d.query_size, d.query_selection, margin, accepted)
         download = teacher_arrays(signal[queries], queries, student.state_dict() if d.client_start == "global" else None)
         config = round_config(cfg, splits.reference_digest)
         if cfg.security.signing_key:
@@ -222,7 +227,8 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
             # the reply schema of this round, from the privacy plan; senders are Flower node ids
             check = ReplyCheck.from_plan(plan, round=rnd, digest=splits.reference_digest, num_queries=d.query_size,
                                          num_classes=num_classes, votes=d.answer_dtype == "vote",
-                                         record_level=cfg.privacy.record_level, nodes=node_partition)
+                                         record_level=cfg.privacy.record_level, nodes=node_partition,
+                                         abstain=abstains(cfg))
             new_signal, collected = strategy.aggregate_round(replies, check)
         if cfg.audit.keep_artifacts:
             save_uploads(out / "audit" / "uploads" / f"round{rnd:04d}.npz", queries, collected)
@@ -230,22 +236,24 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
         teacher_accuracy = None
         answered_queries = 0
         previous_signal = signal.copy()
-        fleet_before = fleet_answered.copy()
+        fleet_before = fleet_labels.times > 0
         if new_signal is not None:
             answered = np.isfinite(new_signal).all(axis=1)  # Confident-GNMax leaves some unanswered
             answered_queries = int(answered.sum())
             signal[queries[answered]] = new_signal[answered]
-            fleet_answered[queries[answered]] = True
+            fleet_labels.add(queries[answered], new_signal[answered])
             if answered.any():
                 teacher_accuracy = float(
                     (new_signal[answered].argmax(1) == splits.reference.y[queries[answered]]).mean()
                 )
+        accepted = fleet_accepted(fleet_labels, held)
+        fleet_labels.apply(signal, teacher.reference_probs, accepted)
         distil_student(rnd)
         ev, test_probs, predictions = evaluate_student(student, test_x, splits.test.y, ref_x)
         agreement = float((predictions.reference_labels == signal.argmax(1)).mean())
         # drift: only rows whose previous value was already the fleet's (a row's first answer
         # replaces the public teacher's opinion: a change by design, not drift)
-        compared = fleet_before & fleet_answered & np.any(signal != previous_signal, axis=1)
+        compared = fleet_before & np.any(signal != previous_signal, axis=1)
         drift_kl = signal_kl(signal[compared], previous_signal[compared]) if compared.any() else None
         alert = drift_alert(drift_kl, cfg.drift.kl_threshold)
         if alert:
@@ -263,7 +271,8 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
             "dropped": collected.dropped,
             "over_budget_skipped": over_budget,
             "answered_queries": answered_queries,
-            "fleet_labelled_rows": int(fleet_answered.sum()),  # reference rows whose label is the fleet's
+            "fleet_labelled_rows": int(accepted.sum()),  # reference rows whose training label is the fleet's
+            "consensus_threshold": fleet_labels.threshold,
             "teacher_accuracy": teacher_accuracy,
             "student_accuracy": ev.accuracy,
             "student_nll": ev.nll,
@@ -307,7 +316,7 @@ def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[s
                 devices=devices,
                 rounds=rounds,
                 public_only=public_only.__dict__,
-                extra={**releaser.checkpoint_state(), "fleet_answered": fleet_answered.copy()},
+                extra={**releaser.checkpoint_state(), "fleet_labels": fleet_labels.state()},
             ),
         )
 
@@ -389,13 +398,17 @@ def public_labels(cfg: RunConfig, splits) -> PublicLabels:
     """The reference rows the public teacher trained on, with their (public) labels: the
     labelled public sample minus the release gate's validation split."""
     size = validation_size(cfg) if cfg.release.validation_fraction else 0
-    kept = _validation_picks(len(splits.public_labelled), size, cfg.seed)[1]
-    positions = splits.source_indices["public_labelled"][kept]  # in the data set the splits were cut from
+    return _reference_rows(splits, _validation_picks(len(splits.public_labelled), size, cfg.seed)[1])
+
+
+def _reference_rows(splits, picks: np.ndarray) -> PublicLabels:
+    """Picked positions of the labelled public sample as reference rows, with their labels."""
+    positions = splits.source_indices["public_labelled"][picks]  # in the data set the splits were cut from
     reference = splits.source_indices["reference"]
     rows = np.minimum(np.searchsorted(reference, positions), len(reference) - 1)
     if not np.array_equal(reference[rows], positions):
         raise RuntimeError("the labelled public sample is not part of the reference set")
-    return PublicLabels(rows=rows.astype(np.int64), labels=np.asarray(splits.public_labelled.y[kept], dtype=np.int64))
+    return PublicLabels(rows=rows.astype(np.int64), labels=np.asarray(splits.public_labelled.y[picks], dtype=np.int64))
 
 
 def teacher_and_validation(cfg: RunConfig, splits):
@@ -419,6 +432,27 @@ def split_validation(splits, size: int, seed: int):
         return splits, labelled.subset(np.zeros(0, dtype=np.int64))
     val_idx, teacher_idx = _validation_picks(len(labelled), size, seed)
     return dataclasses.replace(splits, public_labelled=labelled.subset(teacher_idx)), labelled.subset(val_idx)
+
+
+def validation_labels(cfg: RunConfig, splits) -> PublicLabels:
+    """The release gate's validation rows in the reference set, with their (public) labels."""
+    size = validation_size(cfg) if cfg.release.validation_fraction else 0
+    return _reference_rows(splits, _validation_picks(len(splits.public_labelled), size, cfg.seed)[0])
+
+
+def fleet_accepted(fleet_labels: FleetLabels, held: PublicLabels) -> np.ndarray:
+    """Rows whose fleet label the student trains on; the validation rows never (they judge it)."""
+    accepted = fleet_labels.accepted(held.rows, held.labels)
+    accepted[held.rows] = False
+    return accepted
+
+
+def reference_margin(student, ref_x) -> np.ndarray:
+    """The student's top-1 minus top-2 probability on every reference row (public)."""
+    from feddistill.calibration import softmax
+
+    probs = np.sort(softmax(predict_logits(student, ref_x).numpy()), axis=1)
+    return probs[:, -1] - probs[:, -2]
 
 
 def _validation_picks(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -461,7 +495,7 @@ def build_strategy(cfg: RunConfig, plan: UploadPrivacy, noise: np.random.Generat
                           sigma_threshold=plan.threshold_std)
     inner = make_strategy(cfg.distill.aggregator, era_temperature=cfg.distill.era_temperature,
                           trim_beta=cfg.distill.trim_beta, keep_fraction=cfg.distill.keep_fraction,
-                          probabilities=cfg.privacy.bound != "clipped_logits", **common)
+                          probabilities=cfg.privacy.bound != "clipped_logits", abstain=abstains(cfg), **common)
     if plan.mode == "central":
         expected = cfg.fleet.fraction * cfg.fleet.num_clients
         return CentralGaussianAnswers(inner, noise_std=plan.noise_std, expected_clients=expected, rng=noise)

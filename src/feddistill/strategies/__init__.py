@@ -33,11 +33,12 @@ __all__ = [
 
 
 def make_strategy(aggregator: str, *, sampling_rate: float, sampling: str, seed: int, era_temperature: float = 0.1,
-                  trim_beta: float = 0.2, keep_fraction: float = 0.7, probabilities: bool = True):
-    """Build the configured aggregator."""
+                  trim_beta: float = 0.2, keep_fraction: float = 0.7, probabilities: bool = True,
+                  abstain: bool = False):
+    """Build the configured aggregator (``abstain``: clients may send all-zero rows, mean only)."""
     common = dict(sampling_rate=sampling_rate, sampling=sampling, seed=seed)
     if aggregator == "mean":
-        return MeanAnswers(**common)
+        return MeanAnswers(**common, abstain=abstain)
     if aggregator == "era":
         return EntropyReducedMean(**common, temperature=era_temperature)
     if aggregator == "median":

@@ -14,9 +14,23 @@ from feddistill.strategies.base import AnswerStrategy, normalize_rows
 
 class MeanAnswers(AnswerStrategy):
     """Consensus = the plain mean of the answers (FedMD). Unweighted: a reply carries no
-    example count (it would reveal the size of the private set), so ``weights`` are ignored."""
+    example count (it would reveal the size of the private set), so ``weights`` are ignored.
+
+    Abstentions (all-zero rows, ``distill.abstain-*``) are left out of their row's mean; a row
+    every client abstained on comes back NaN (unanswered: the server keeps its signal)."""
 
     name = "mean"
 
+    def __init__(self, *args, abstain: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.abstain = abstain  # whether an all-zero row means "no answer" (never true for clipped logits)
+
     def aggregate_answers(self, answers: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        return normalize_rows(answers.mean(axis=0, dtype=np.float64))
+        answering = (answers != 0).any(axis=2)  # (K, |Q|)
+        if not self.abstain or answering.all():
+            return normalize_rows(answers.mean(axis=0, dtype=np.float64))
+        counts = answering.sum(axis=0)
+        mean = answers.sum(axis=0, dtype=np.float64) / np.maximum(counts, 1)[:, None]
+        signal = normalize_rows(mean)
+        signal[counts == 0] = np.nan
+        return signal

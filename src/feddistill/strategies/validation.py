@@ -17,6 +17,8 @@ Nothing else: no other record of any kind, no other key. The values must also li
 the configured bound puts them: every entry finite and inside the bound's range, and,
 without local noise, every probability row summing to 1 (within what the wire dtype's
 rounding allows), every vote row one-hot, every clipped-logit row inside the clip norm.
+When the run lets clients abstain (``distill.abstain-*``), an exactly all-zero row (a vote
+of ``protocol.ABSTAIN_VOTE``) is also legal: "no answer on this row".
 
 The sender is never a value the reply declares: it is Flower's node id
 (``msg.metadata.src_node_id``, an authenticated SuperNode in deployment), mapped to a
@@ -89,6 +91,7 @@ class ReplyCheck:
     local_noise: bool = False  # privacy.client-level = local: rows are noised, only finiteness and range apply
     record_level: bool = False  # record-level DP: `record-epsilon` may be sent
     nodes: Mapping[int, int] | None = None  # Flower node id -> client id (identify_nodes)
+    abstain: bool = False  # distill.abstain-*: an all-zero row (a vote of ABSTAIN_VOTE) is a legal "no answer"
 
     def __post_init__(self) -> None:
         if self.bound not in BOUNDS:  # a server misconfiguration, not a client's fault
@@ -96,12 +99,12 @@ class ReplyCheck:
 
     @classmethod
     def from_plan(cls, plan: Any, *, round: int, digest: str, num_queries: int, num_classes: int, votes: bool,
-                  record_level: bool, nodes: Mapping[int, int] | None) -> ReplyCheck:
+                  record_level: bool, nodes: Mapping[int, int] | None, abstain: bool = False) -> ReplyCheck:
         """The round's check from the run's privacy plan (:class:`feddistill.privacy.plan.UploadPrivacy`)."""
         low, high = plan.value_range()
         return cls(round, digest, num_queries, num_classes, low=low, high=high, votes=votes, bound=plan.bound,
                    clip_norm=plan.clip_norm, local_noise=plan.mode == "local", record_level=record_level,
-                   nodes=nodes)
+                   nodes=nodes, abstain=abstain)
 
 
 @dataclass(frozen=True)
@@ -241,8 +244,9 @@ def _answers(record: ArrayRecord, check: ReplyCheck) -> np.ndarray:
                        f"{' votes' if check.votes else ''})")
     wire = parse_npy(array, WIRE_DTYPES[array.dtype], expected)
     if check.votes:
-        if wire.size and int(wire.max()) >= check.num_classes:
-            raise Rejected(f"vote out of range: vote for class {int(wire.max())} "
+        cast = wire[wire != protocol.ABSTAIN_VOTE] if check.abstain else wire
+        if cast.size and int(cast.max()) >= check.num_classes:
+            raise Rejected(f"vote out of range: vote for class {int(cast.max())} "
                            f"(classes are 0..{check.num_classes - 1})")
         return decode_votes(wire, check.num_classes)
     answers = decode_answers(wire)
@@ -309,11 +313,17 @@ def _check_rows(wire: np.ndarray, answers: np.ndarray, check: ReplyCheck) -> Non
     rel, abs_ = row_tolerance(wire.dtype)
     rows = answers.astype(np.float64)
     if check.bound in ("probs", "votes"):
+        index = np.arange(len(rows))
+        if check.abstain:  # an abstention is an exactly all-zero row
+            index = np.flatnonzero((rows != 0).any(axis=1))
+            rows = rows[index]
+            if not len(rows):
+                return
         sums = rows.sum(axis=1)
         worst = int(np.argmax(np.abs(sums - 1.0)))
         slack = rel + check.num_classes * abs_
         if abs(sums[worst] - 1.0) > slack:
-            raise Rejected(f"rows not probability distributions: row {worst} sums to {sums[worst]:.6g} "
+            raise Rejected(f"rows not probability distributions: row {int(index[worst])} sums to {sums[worst]:.6g} "
                            f"(1 +- {slack:.3g})")
         if check.bound == "votes" and not np.isin(rows, (0.0, 1.0)).all():
             raise Rejected("rows not one-hot votes")
