@@ -15,9 +15,11 @@ from rich.logging import RichHandler
 from rich.text import Text
 
 from feddistill.config import ConfigError, load_config
+from feddistill.console import make_console
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated, privacy-preserving knowledge distillation on Flower.")
-console = Console()
+console = make_console()  # tables and results: plain and complete when stdout is not a terminal
+# log lines and one-line errors: rich's own console (its log layout pads every line to the width)
 err_console = Console(stderr=True)
 
 

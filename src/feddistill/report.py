@@ -265,6 +265,20 @@ def _f(x: Any, fmt: str = "{:.3f}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
+def _calibration_decision(cal: dict[str, Any]) -> str:
+    """Whether the fitted T was kept, on what evidence (empty for results written before the
+    decision was recorded)."""
+    crit = cal.get("criterion") or {}
+    if "kept" not in cal or "before" not in crit:
+        return ""
+    n = cal.get("validation_size", "?")
+    held_out = (f"held-out {crit['name'].upper()} ({crit['estimate']}, {n} examples) "
+                f"{crit['before']:.3f} at T = 1, {crit['after']:.3f} at the fitted T")
+    if cal["kept"]:
+        return f"; kept: {held_out}"
+    return f"; the fitted T = {cal['fitted_temperature']:.3f} was not kept (T = 1): {held_out}"
+
+
 def build_html_report(results: dict[str, Any], run_dir: Path) -> str:
     """The report as one HTML string: every figure is an inline PNG data URI, no external asset."""
     from html import escape
@@ -383,7 +397,7 @@ def build_html_report(results: dict[str, Any], run_dir: Path) -> str:
         fig = _reliability_figure(cal)
         sections["calibration"] = (
             f"<p>Temperature scaling of release {escape(str(final.get('released_id')))}: T = {cal['temperature']:.3f}, "
-            f"fitted on the {escape(cal['fitted_on'])}.</p>"
+            f"fitted on the {escape(cal['fitted_on'])}{_calibration_decision(cal)}.</p>"
             + _table(["split", "ECE before", "ECE after", "NLL before", "NLL after"], cal_rows)
             + (f'<img alt="reliability diagram" src="{fig}">' if fig else ""))
     else:

@@ -23,6 +23,9 @@ def simulate_flower(cfg: RunConfig, *, verbose: bool = False, resume: bool = Fal
 
     from feddistill.client.app import make_client_app
     from feddistill.server.app import make_server_app
+    from feddistill.simulations.quiet import silence_simulation_noise
+
+    silence_simulation_noise()  # Flower's run_simulation banner and fraction_evaluate warning, Ray's tip
 
     backend_config = {
         "client_resources": {"num_cpus": cfg.simulation.cpus_per_client, "num_gpus": 0.0},
