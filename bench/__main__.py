@@ -824,7 +824,13 @@ def semisup(out: Path, overrides: dict) -> dict:
     return run_semisup(out, overrides)
 
 
-SUITES = {"core": core, "audit": audit, "deploy": deploy, "privacy": privacy, "faults": faults, "comms": comms, "scale": scale,
+def headline(out: Path, overrides: dict) -> dict:
+    from bench.headline import headline as run_headline
+
+    return run_headline(out, overrides)
+
+
+SUITES = {"headline": headline, "core": core, "audit": audit, "deploy": deploy, "privacy": privacy, "faults": faults, "comms": comms, "scale": scale,
           "frontier": frontier, "profile": profile, "ceiling": ceiling, "fuzz": fuzz, "semisup": semisup}
 
 
