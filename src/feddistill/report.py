@@ -283,12 +283,22 @@ def build_html_report(results: dict[str, Any], run_dir: Path) -> str:
     """The report as one HTML string: every figure is an inline PNG data URI, no external asset."""
     from html import escape
 
-    rounds = results["rounds"]
-    xs = [r["round"] for r in rounds]
-    cfg = results["config"]
-    sections: dict[str, str] = {}
+    sections = {key: _SECTION_BUILDERS[key](results, Path(run_dir)) for key in REPORT_SECTIONS}
+    titles = {"summary": "Summary", "accuracy": "Accuracy per round", "privacy": "Privacy: epsilon spent per round",
+              "communication": "Bytes uploaded", "faults": "Dropped replies and dropouts",
+              "releases": "Releases and rollbacks", "drift": "Drift", "calibration": "Calibration",
+              "export": "Device export", "audit": "Audit"}
+    body = "".join(f'<section id="{key}"><h2>{titles[key]}</h2>{sections[key]}</section>' for key in REPORT_SECTIONS)
+    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:0.5em 0;font-size:0.85em}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}img{max-width:100%}")
+    title = f"feddistill run report: {escape(str(run_dir))}"
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+            f"<style>{style}</style></head><body><h1>{title}</h1>{body}</body></html>")
 
-    final = results["final"]
+
+def _summary_section(results: dict[str, Any], run_dir: Path) -> str:
+    rounds, cfg, final = results["rounds"], results["config"], results["final"]
     summary_rows = [
         ["dataset / clients", f"{cfg['data']['dataset']}, {cfg['fleet']['num_clients']} clients "
                               f"({cfg['fleet']['partition']}), {len(rounds)} rounds"],
@@ -301,8 +311,11 @@ def build_html_report(results: dict[str, Any], run_dir: Path) -> str:
     ]
     if results.get("stop_reason"):
         summary_rows.append(["stopped early", results["stop_reason"]])
-    sections["summary"] = _table(["", ""], summary_rows)
+    return _table(["", ""], summary_rows)
 
+
+def _accuracy_section(results: dict[str, Any], run_dir: Path) -> str:
+    final = results["final"]
     base = results.get("baselines", {})
     base_rows = [["feddistill released student", _pct(final.get("released_accuracy"))],
                  ["feddistill last candidate", _pct(final["student_accuracy"])],
@@ -321,9 +334,15 @@ def build_html_report(results: dict[str, Any], run_dir: Path) -> str:
     for key, label in (("fedavg", "Flower FedAvg"), ("dp_fedavg", "Flower DP-FedAvg")):
         if key in base:
             base_rows.append([label, _pct(base[key]["accuracy"])])
-    sections["accuracy"] = (f'<img alt="accuracy per round" src="{_accuracy_figure(results)}">'
-                            + _table(["method", "test accuracy"], base_rows))
+    return (f'<img alt="accuracy per round" src="{_accuracy_figure(results)}">'
+            + _table(["method", "test accuracy"], base_rows))
 
+
+def _privacy_section(results: dict[str, Any], run_dir: Path) -> str:
+    from html import escape
+
+    rounds = results["rounds"]
+    xs = [r["round"] for r in rounds]
     privacy = results.get("privacy") or {}
     lines = []
     for key, label in (("client_level", "client-level"), ("record_level", "record-level")):
@@ -335,48 +354,67 @@ def build_html_report(results: dict[str, Any], run_dir: Path) -> str:
     eps_series = {}
     if any(r.get("client_epsilon") is not None for r in rounds):
         eps_series["client-level epsilon (cumulative)"] = [r.get("client_epsilon") for r in rounds]
-    releases = (results.get("releases") or {}).get("releases", [])
+    releases = _releases(results)
     by_round = {rel["round"]: rel for rel in releases}
     if any(rel.get("record_epsilon") is not None for rel in releases):
         eps_series["record-level epsilon (largest device)"] = [by_round.get(x, {}).get("record_epsilon") for x in xs]
     if eps_series:
-        sections["privacy"] = "".join(lines) + f'<img alt="epsilon per round" src="{_series_figure(xs, eps_series, "epsilon")}">'
-    else:
-        sections["privacy"] = "<p>No differential privacy in this run (privacy.client-level = off, no record-level DP): no &epsilon; is claimed.</p>"
+        return "".join(lines) + f'<img alt="epsilon per round" src="{_series_figure(xs, eps_series, "epsilon")}">'
+    return "<p>No differential privacy in this run (privacy.client-level = off, no record-level DP): no &epsilon; is claimed.</p>"
 
-    sections["communication"] = (
+
+def _releases(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return (results.get("releases") or {}).get("releases", [])
+
+
+def _communication_section(results: dict[str, Any], run_dir: Path) -> str:
+    rounds, final = results["rounds"], results["final"]
+    xs = [r["round"] for r in rounds]
+    return (
         f'<img alt="bytes per round" src="{_series_figure(xs, {"bytes uploaded": [r["bytes_uploaded"] for r in rounds]}, "bytes", kind="bar")}">'
         f"<p>total {_bytes(final.get('bytes_uploaded_total'))}, {_bytes(final.get('bytes_per_client_round'))} per client-round</p>")
 
+
+def _faults_section(results: dict[str, Any], run_dir: Path) -> str:
+    rounds = results["rounds"]
+    xs = [r["round"] for r in rounds]
     reasons = sorted({k for r in rounds for k in r["dropped"]})
     fault_series = {reason: [r["dropped"].get(reason, 0) for r in rounds] for reason in reasons}
     if any(r.get("over_budget_skipped") for r in rounds):
         fault_series["skipped: over budget"] = [r.get("over_budget_skipped", 0) for r in rounds]
     fault_rows = [[r["round"], r["clients"], r["replies"], sum(r["dropped"].values()), r.get("over_budget_skipped", 0)]
                   for r in rounds]
-    sections["faults"] = ((f'<img alt="drops per round" src="{_series_figure(xs, fault_series, "replies", kind="bar")}">'
-                           if fault_series else "<p>No reply was dropped and no client dropped out.</p>")
-                          + (_table(["reason", "replies (all rounds)"], [[k, sum(v)] for k, v in fault_series.items()])
-                             if fault_series else "")
-                          + _table(["round", "clients asked", "answers kept", "dropped (incl. dropouts)",
-                                    "skipped (budget)"], fault_rows))
+    return ((f'<img alt="drops per round" src="{_series_figure(xs, fault_series, "replies", kind="bar")}">'
+             if fault_series else "<p>No reply was dropped and no client dropped out.</p>")
+            + (_table(["reason", "replies (all rounds)"], [[k, sum(v)] for k, v in fault_series.items()])
+               if fault_series else "")
+            + _table(["round", "clients asked", "answers kept", "dropped (incl. dropouts)",
+                      "skipped (budget)"], fault_rows))
 
-    if releases:
-        rel_rows = [[rel["id"], rel["round"], rel.get("parent") or "-", rel["status"], _f(rel["validation"].get("accuracy")),
-                     _f(rel["validation"].get("ece")), _f(rel["validation"].get("agreement")), _f(rel["test"].get("accuracy")),
-                     _f((rel.get("calibration") or {}).get("temperature"), "{:.2f}"), _f(rel.get("client_epsilon")),
-                     rel["reason"]] for rel in releases]
-        rollbacks = [rel["id"] for rel in releases if rel["status"] != "promoted"]
-        sections["releases"] = (
-            f"<p>Released now: <b>{escape(str(results['releases'].get('current')))}</b>. "
-            f"{len(releases) - len(rollbacks)} promoted, {len(rollbacks)} rejected (rollback to the previous release)"
-            f"{': ' + escape(', '.join(rollbacks)) if rollbacks else ''}. Validation = "
-            f"{escape(str((results.get('validation') or {}).get('split', 'public validation split')))}.</p>"
-            + _table(["id", "round", "parent", "status", "val acc", "val ECE", "agreement", "test acc", "T",
-                      "client eps", "gate's reason"], rel_rows))
-    else:
-        sections["releases"] = "<p>This run has no release history.</p>"
 
+def _releases_section(results: dict[str, Any], run_dir: Path) -> str:
+    from html import escape
+
+    releases = _releases(results)
+    if not releases:
+        return "<p>This run has no release history.</p>"
+    rel_rows = [[rel["id"], rel["round"], rel.get("parent") or "-", rel["status"], _f(rel["validation"].get("accuracy")),
+                 _f(rel["validation"].get("ece")), _f(rel["validation"].get("agreement")), _f(rel["test"].get("accuracy")),
+                 _f((rel.get("calibration") or {}).get("temperature"), "{:.2f}"), _f(rel.get("client_epsilon")),
+                 rel["reason"]] for rel in releases]
+    rollbacks = [rel["id"] for rel in releases if rel["status"] != "promoted"]
+    return (
+        f"<p>Released now: <b>{escape(str(results['releases'].get('current')))}</b>. "
+        f"{len(releases) - len(rollbacks)} promoted, {len(rollbacks)} rejected (rollback to the previous release)"
+        f"{': ' + escape(', '.join(rollbacks)) if rollbacks else ''}. Validation = "
+        f"{escape(str((results.get('validation') or {}).get('split', 'public validation split')))}.</p>"
+        + _table(["id", "round", "parent", "status", "val acc", "val ECE", "agreement", "test acc", "T",
+                  "client eps", "gate's reason"], rel_rows))
+
+
+def _drift_section(results: dict[str, Any], run_dir: Path) -> str:
+    rounds = results["rounds"]
+    xs = [r["round"] for r in rounds]
     drift = results.get("drift") or {}
     threshold = drift.get("kl_threshold")
     alerts = [r["round"] for r in rounds if r.get("drift_alert")]
@@ -388,62 +426,63 @@ def build_html_report(results: dict[str, Any], run_dir: Path) -> str:
         drift_html += f'<img alt="per-class accuracy" src="{per_class}">'
     drift_html += (_table(["round", "alert"], [[r["round"], r["drift_alert"]] for r in rounds if r.get("drift_alert")])
                    if alerts else f"<p>No drift alert (threshold {_f(threshold, '{:g}')}).</p>")
-    sections["drift"] = drift_html
+    return drift_html
+
+
+def _calibration_section(results: dict[str, Any], run_dir: Path) -> str:
+    from html import escape
 
     cal = results.get("calibration")
-    if cal:
-        cal_rows = [[split, _f(cal["before"][split]["ece"]), _f(cal["after"][split]["ece"]),
-                     _f(cal["before"][split]["nll"]), _f(cal["after"][split]["nll"])] for split in cal["before"]]
-        fig = _reliability_figure(cal)
-        sections["calibration"] = (
-            f"<p>Temperature scaling of release {escape(str(final.get('released_id')))}: T = {cal['temperature']:.3f}, "
-            f"fitted on the {escape(cal['fitted_on'])}{_calibration_decision(cal)}.</p>"
-            + _table(["split", "ECE before", "ECE after", "NLL before", "NLL after"], cal_rows)
-            + (f'<img alt="reliability diagram" src="{fig}">' if fig else ""))
-    else:
-        sections["calibration"] = "<p>The released student was not calibrated (release.calibrate = false).</p>"
+    if not cal:
+        return "<p>The released student was not calibrated (release.calibrate = false).</p>"
+    cal_rows = [[split, _f(cal["before"][split]["ece"]), _f(cal["after"][split]["ece"]),
+                 _f(cal["before"][split]["nll"]), _f(cal["after"][split]["nll"])] for split in cal["before"]]
+    fig = _reliability_figure(cal)
+    return (
+        f"<p>Temperature scaling of release {escape(str(results['final'].get('released_id')))}: "
+        f"T = {cal['temperature']:.3f}, fitted on the {escape(cal['fitted_on'])}{_calibration_decision(cal)}.</p>"
+        + _table(["split", "ECE before", "ECE after", "NLL before", "NLL after"], cal_rows)
+        + (f'<img alt="reliability diagram" src="{fig}">' if fig else ""))
 
-    exports = sorted(Path(run_dir).glob("exports/*/export.json"))
-    if exports:
-        rows = []
-        for path in exports:
-            try:
-                meta = json.loads(path.read_text())
-                for name, form in meta["forms"].items():
-                    rows.append([meta["release"], name, f"{form['bytes'] / 1000:.1f} KB", _f(form["test_accuracy"]),
-                                 f"{form['accuracy_delta_vs_fp32']:+.3f}", _f(form["latency"]["p50_ms"]),
-                                 _f(form["latency"]["p95_ms"])])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                rows.append([path.parent.name, "unreadable export.json", "", "", "", "", ""])
-        sections["export"] = _table(["release", "form", "size", "test acc", "delta vs fp32", "p50 ms", "p95 ms"], rows)
-    else:
-        sections["export"] = "<p>No device export yet: <code>feddistill export RUN_DIR --release ID</code>.</p>"
 
-    audit_dir = Path(run_dir) / "audit-report"
-    if (audit_dir / "report.md").is_file():
-        verdict = ""
+def _export_section(results: dict[str, Any], run_dir: Path) -> str:
+    exports = sorted(run_dir.glob("exports/*/export.json"))
+    if not exports:
+        return "<p>No device export yet: <code>feddistill export RUN_DIR --release ID</code>.</p>"
+    rows = []
+    for path in exports:
         try:
-            audit = json.loads((audit_dir / "audit.json").read_text())
-            passed = (audit.get("verdict") or {}).get("passed")
-            verdict = "" if passed is None else (" Policy: <b>passed</b>." if passed else " Policy: <b>FAILED</b>.")
-        except (OSError, json.JSONDecodeError, AttributeError):
-            pass
-        sections["audit"] = (f'<p>Membership-inference audit: <a href="audit-report/report.md">audit-report/report.md</a>'
-                             f' (<a href="audit-report/audit.json">audit.json</a>).{verdict}</p>')
-    else:
-        sections["audit"] = "<p>No audit has run on this folder: <code>feddistill audit RUN_DIR</code>.</p>"
+            meta = json.loads(path.read_text())
+            for name, form in meta["forms"].items():
+                rows.append([meta["release"], name, f"{form['bytes'] / 1000:.1f} KB", _f(form["test_accuracy"]),
+                             f"{form['accuracy_delta_vs_fp32']:+.3f}", _f(form["latency"]["p50_ms"]),
+                             _f(form["latency"]["p95_ms"])])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            rows.append([path.parent.name, "unreadable export.json", "", "", "", "", ""])
+    return _table(["release", "form", "size", "test acc", "delta vs fp32", "p50 ms", "p95 ms"], rows)
 
-    titles = {"summary": "Summary", "accuracy": "Accuracy per round", "privacy": "Privacy: epsilon spent per round",
-              "communication": "Bytes uploaded", "faults": "Dropped replies and dropouts",
-              "releases": "Releases and rollbacks", "drift": "Drift", "calibration": "Calibration",
-              "export": "Device export", "audit": "Audit"}
-    body = "".join(f'<section id="{key}"><h2>{titles[key]}</h2>{sections[key]}</section>' for key in REPORT_SECTIONS)
-    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;margin:0.5em 0;font-size:0.85em}"
-             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}img{max-width:100%}")
-    title = f"feddistill run report: {escape(str(run_dir))}"
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-            f"<style>{style}</style></head><body><h1>{title}</h1>{body}</body></html>")
+
+def _audit_section(results: dict[str, Any], run_dir: Path) -> str:
+    audit_dir = run_dir / "audit-report"
+    if not (audit_dir / "report.md").is_file():
+        return "<p>No audit has run on this folder: <code>feddistill audit RUN_DIR</code>.</p>"
+    verdict = ""
+    try:
+        audit = json.loads((audit_dir / "audit.json").read_text())
+        passed = (audit.get("verdict") or {}).get("passed")
+        verdict = "" if passed is None else (" Policy: <b>passed</b>." if passed else " Policy: <b>FAILED</b>.")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        pass
+    return (f'<p>Membership-inference audit: <a href="audit-report/report.md">audit-report/report.md</a>'
+            f' (<a href="audit-report/audit.json">audit.json</a>).{verdict}</p>')
+
+
+# one builder per section of REPORT_SECTIONS, called in that order: (results, run_dir) -> HTML
+_SECTION_BUILDERS = {
+    "summary": _summary_section, "accuracy": _accuracy_section, "privacy": _privacy_section,
+    "communication": _communication_section, "faults": _faults_section, "releases": _releases_section,
+    "drift": _drift_section, "calibration": _calibration_section, "export": _export_section, "audit": _audit_section,
+}
 
 
 def write_html_report(run_dir: Path, out: Path | None = None) -> Path:

@@ -419,12 +419,7 @@ def generate_credentials(
     is replaced atomically, and stale ``supernode-<i>.key/.pub`` files with
     ``i >= num_supernodes`` are removed.
     """
-    if isinstance(num_supernodes, bool) or not isinstance(num_supernodes, int):
-        raise TypeError("num_supernodes must be an int")
-    if num_supernodes < 0:
-        raise ValueError("num_supernodes must be >= 0")
-    if valid_days < 1:
-        raise ValueError("valid_days must be >= 1")
+    _check_request(num_supernodes, valid_days)
     host_list = _normalize_hosts(hosts)
 
     out_dir = Path(out_dir).expanduser()
@@ -439,6 +434,33 @@ def generate_credentials(
                     "pass --force (force=True) to regenerate all credentials"
                 )
 
+    for path, data, private in _credential_contents(paths, host_list, valid_days, num_supernodes):
+        if force:
+            _write_atomic(path, data, private=private)
+        else:
+            _write_new(path, data, private=private)
+
+    if force:
+        for stale in out_dir.iterdir():
+            match = _SUPERNODE_RE.match(stale.name)
+            if match and int(match.group(1)) >= num_supernodes:
+                stale.unlink()
+    return paths
+
+
+def _check_request(num_supernodes: int, valid_days: int) -> None:
+    if isinstance(num_supernodes, bool) or not isinstance(num_supernodes, int):
+        raise TypeError("num_supernodes must be an int")
+    if num_supernodes < 0:
+        raise ValueError("num_supernodes must be >= 0")
+    if valid_days < 1:
+        raise ValueError("valid_days must be >= 1")
+
+
+def _credential_contents(
+    paths: CredentialPaths, host_list: list[str], valid_days: int, num_supernodes: int
+) -> list[tuple[Path, bytes, bool]]:
+    """(path, bytes, is private) of every credential file: CA, server TLS, release signing, SuperNodes."""
     now = _dt.datetime.now(_dt.timezone.utc)
     ca_key, ca_cert = _build_ca(now, valid_days)
     server_key, server_cert = _build_server(ca_key, ca_cert, host_list, now, valid_days)
@@ -460,41 +482,32 @@ def generate_credentials(
         ),
     ]
     for i in range(num_supernodes):
-        node_key = ec.generate_private_key(ec.SECP384R1())
-        contents.append(
-            (
-                paths.supernode_private_keys[i],
-                node_key.private_bytes(
-                    encoding=serialization.Encoding.PEM,
-                    format=serialization.PrivateFormat.OpenSSH,
-                    encryption_algorithm=serialization.NoEncryption(),
-                ),
-                True,
-            )
-        )
-        contents.append(
-            (
-                paths.supernode_public_keys[i],
-                node_key.public_key().public_bytes(
-                    serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-                )
-                + f" feddistill-supernode-{i}\n".encode(),
-                False,
-            )
-        )
+        contents.extend(_supernode_contents(paths, i))
+    return contents
 
-    for path, data, private in contents:
-        if force:
-            _write_atomic(path, data, private=private)
-        else:
-            _write_new(path, data, private=private)
 
-    if force:
-        for stale in out_dir.iterdir():
-            match = _SUPERNODE_RE.match(stale.name)
-            if match and int(match.group(1)) >= num_supernodes:
-                stale.unlink()
-    return paths
+def _supernode_contents(paths: CredentialPaths, i: int) -> list[tuple[Path, bytes, bool]]:
+    """SuperNode ``i``'s auth key pair (OpenSSH format): the private key and its public key."""
+    node_key = ec.generate_private_key(ec.SECP384R1())
+    return [
+        (
+            paths.supernode_private_keys[i],
+            node_key.private_bytes(
+                encoding=serialization.Encoding.PEM,
+                format=serialization.PrivateFormat.OpenSSH,
+                encryption_algorithm=serialization.NoEncryption(),
+            ),
+            True,
+        ),
+        (
+            paths.supernode_public_keys[i],
+            node_key.public_key().public_bytes(
+                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+            )
+            + f" feddistill-supernode-{i}\n".encode(),
+            False,
+        ),
+    ]
 
 
 def supernode_public_keys(out_dir: Path) -> list[Path]:

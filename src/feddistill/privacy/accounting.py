@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -400,24 +400,7 @@ def noise_multiplier_for_epsilon(
             raise ValueError(f"target_epsilon={target_epsilon} needs a noise multiplier > {_MAX_NOISE_MULTIPLIER:g}")
 
     # 1. A cheap guess z0 and the local slope of log ε against log z.
-    if q == 1:
-        # n compositions of N(0, z²) are one Gaussian with z / sqrt(n); exact calibration.
-        z0 = dp_accounting.get_sigma_gaussian(target_epsilon, delta) * math.sqrt(n)
-        slope = None
-    else:
-        def rdp(z: float) -> float:
-            return _epsilon_cached("rdp", ((z, q, n),), float(delta), 0.0)
-
-        z0 = 1.0
-        while rdp(z0) > target_epsilon:
-            z0 *= 2.0
-            too_large(z0)
-        lo_r = z0 / 2.0
-        while z0 - lo_r > 1e-2 * z0:
-            mid = 0.5 * (lo_r + z0)
-            lo_r, z0 = (mid, z0) if rdp(mid) > target_epsilon else (lo_r, mid)
-        e_a, e_b = rdp(z0), rdp(z0 * 0.99)
-        slope = math.log(e_a / e_b) / math.log(1 / 0.99) if e_a > 0 and e_b > e_a else None
+    z0, slope = _noise_multiplier_guess(target_epsilon, delta, q, n, too_large)
 
     # 2. Correct the guess with one PLD evaluation (RDP over-reports, so PLD's z is
     #    smaller), then grow a bracket eps(hi) <= target < eps(lo) around it.
@@ -440,6 +423,39 @@ def noise_multiplier_for_epsilon(
             return hi
 
     # 3. Illinois regula falsi on f(z) = log ε(z) − log target (decreasing in z).
+    return _illinois_noise_multiplier(pld, target_epsilon, lo, e_lo, hi, e_hi, rtol)
+
+
+def _noise_multiplier_guess(
+    target_epsilon: float, delta: float, q: float, n: int, too_large: Callable[[float], None]
+) -> tuple[float, float | None]:
+    """A cheap first z for :func:`noise_multiplier_for_epsilon`, and the local slope of
+    log ε against log z (None when unsubsampled: the guess is then exact)."""
+    if q == 1:
+        # n compositions of N(0, z²) are one Gaussian with z / sqrt(n); exact calibration.
+        return dp_accounting.get_sigma_gaussian(target_epsilon, delta) * math.sqrt(n), None
+
+    def rdp(z: float) -> float:
+        return _epsilon_cached("rdp", ((z, q, n),), float(delta), 0.0)
+
+    z0 = 1.0
+    while rdp(z0) > target_epsilon:
+        z0 *= 2.0
+        too_large(z0)
+    lo_r = z0 / 2.0
+    while z0 - lo_r > 1e-2 * z0:
+        mid = 0.5 * (lo_r + z0)
+        lo_r, z0 = (mid, z0) if rdp(mid) > target_epsilon else (lo_r, mid)
+    e_a, e_b = rdp(z0), rdp(z0 * 0.99)
+    slope = math.log(e_a / e_b) / math.log(1 / 0.99) if e_a > 0 and e_b > e_a else None
+    return z0, slope
+
+
+def _illinois_noise_multiplier(
+    pld: Callable[[float], float], target_epsilon: float, lo: float, e_lo: float, hi: float, e_hi: float, rtol: float
+) -> float:
+    """Shrink the bracket ``ε(hi) <= target < ε(lo)`` by Illinois regula falsi on
+    f(z) = log ε(z) − log target (decreasing in z) until ``hi - lo <= rtol * hi``; returns hi."""
     f_lo, f_hi = math.log(e_lo / target_epsilon), math.log(max(e_hi, 1e-300) / target_epsilon)
     side = 0
     while hi - lo > rtol * hi:

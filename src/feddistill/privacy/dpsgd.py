@@ -149,37 +149,10 @@ def dp_train(
         raise
     device = next(model.parameters()).device
 
-    sample_gen = torch.Generator()
-    noise_gen = torch.Generator(device=device)
-    if seed is not None:
-        sample_gen.manual_seed(int(seed))
-        noise_gen.manual_seed(int(seed) + 1)
-    else:
-        sample_gen.seed()
-        noise_gen.seed()
-
-    # We build the Poisson loader ourselves so that q is exactly the public rate
-    # (make_private's own conversion derives q from n and a batch size); hence
-    # poisson_sampling=False below, which only means "leave my loader alone".
-    loader = DPDataLoader(TensorDataset(x, y), sample_rate=sampling_rate, generator=sample_gen)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    with warnings.catch_warnings():
-        # "Secure RNG turned off": intended, see the `seed` parameter.
-        warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
-        engine = PrivacyEngine(secure_mode=False)
-    gsm, dp_optimizer, loader = engine.make_private(
-        module=model,
-        optimizer=optimizer,
-        data_loader=loader,
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm,
-        poisson_sampling=False,
-        noise_generator=noise_gen,
-        grad_sample_mode="hooks",
-    )
-    gsm.forbid_grad_accumulation()
-    # Average over the expected batch size q·n (a float; make_private rounds it down).
-    dp_optimizer.expected_batch_size = sampling_rate * int(x.shape[0])
+    sample_gen, noise_gen = _generators(seed, device)
+    gsm, dp_optimizer, loader = _make_private(model, x, y, sampling_rate=sampling_rate, lr=lr, momentum=momentum,
+                                              noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                                              sample_gen=sample_gen, noise_gen=noise_gen)
 
     try:
         with warnings.catch_warnings():
@@ -206,6 +179,49 @@ def dp_train(
         max_grad_norm=float(max_grad_norm),
         mean_loss=loss_sum / loss_records if loss_records else float("nan"),
     )
+
+
+def _generators(seed: int | None, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """The Poisson sampling generator and the noise generator: seeded (``seed`` and
+    ``seed + 1``) in a reproducible simulation, from OS entropy when ``seed`` is None."""
+    sample_gen = torch.Generator()
+    noise_gen = torch.Generator(device=device)
+    if seed is not None:
+        sample_gen.manual_seed(int(seed))
+        noise_gen.manual_seed(int(seed) + 1)
+    else:
+        sample_gen.seed()
+        noise_gen.seed()
+    return sample_gen, noise_gen
+
+
+def _make_private(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, sampling_rate: float, lr: float,
+                  momentum: float, noise_multiplier: float, max_grad_norm: float, sample_gen: torch.Generator,
+                  noise_gen: torch.Generator):
+    """Opacus' GradSampleModule, DP optimizer and Poisson loader for ``model`` on (x, y)."""
+    # We build the Poisson loader ourselves so that q is exactly the public rate
+    # (make_private's own conversion derives q from n and a batch size); hence
+    # poisson_sampling=False below, which only means "leave my loader alone".
+    loader = DPDataLoader(TensorDataset(x, y), sample_rate=sampling_rate, generator=sample_gen)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    with warnings.catch_warnings():
+        # "Secure RNG turned off": intended, see dp_train's `seed` parameter.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+        engine = PrivacyEngine(secure_mode=False)
+    gsm, dp_optimizer, loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        poisson_sampling=False,
+        noise_generator=noise_gen,
+        grad_sample_mode="hooks",
+    )
+    gsm.forbid_grad_accumulation()
+    # Average over the expected batch size q·n (a float; make_private rounds it down).
+    dp_optimizer.expected_batch_size = sampling_rate * int(x.shape[0])
+    return gsm, dp_optimizer, loader
 
 
 def _check_arguments(x: torch.Tensor, y: torch.Tensor, *, noise_multiplier: float, max_grad_norm: float, lr: float,

@@ -19,7 +19,8 @@ from feddistill.config import RunConfig
 from feddistill.models import build_model, count_parameters
 from feddistill.privacy.accounting import GaussianEvent, noise_multiplier_for_epsilon
 from feddistill.privacy.ledger import PrivacyLedger
-from feddistill.server.app import wait_for_nodes, write_json
+from feddistill.server.nodes import wait_for_nodes
+from feddistill.server.outputs import write_json
 from feddistill.simulations.fleet import as_tensors, load_fleet
 from feddistill.training import evaluate_model, train_supervised
 

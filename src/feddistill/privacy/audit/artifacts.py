@@ -196,9 +196,8 @@ def _load_canaries(path: Path, cfg: RunConfig, image_size: int, num_classes: int
     return Canaries(x=x, y=y, included=inc, client=int(np.asarray(arrays["client"]).ravel()[0]))
 
 
-def load_run(run_dir: str | Path) -> RunArtifacts:
-    """Read and validate a run directory; raise :class:`AuditInputError` naming what is missing."""
-    run_dir = Path(run_dir)
+def _load_results(run_dir: Path) -> tuple[dict[str, Any], RunConfig]:
+    """results.json of a feddistill run, and its parsed config."""
     if not run_dir.is_dir():
         raise AuditInputError(f"{run_dir}: not a directory (expected a finished run's output directory)")
     results_path = run_dir / "results.json"
@@ -215,9 +214,13 @@ def load_run(run_dir: str | Path) -> RunArtifacts:
             f"{results_path}: method {results.get('method')!r}; the audit targets federated-distillation runs"
         )
     try:
-        cfg = parse_config(results["config"], str(results_path))
+        return results, parse_config(results["config"], str(results_path))
     except ConfigError as exc:
         raise AuditInputError(str(exc)) from exc
+
+
+def _rebuild_fleet(cfg: RunConfig, results: dict[str, Any], results_path: Path) -> Fleet:
+    """The run's data rebuilt from its config: who was a member, checked against the recorded digest."""
     try:
         fleet = load_fleet(cfg.data, cfg.fleet, cfg.seed)
     except (DataError, OSError) as exc:
@@ -228,8 +231,36 @@ def load_run(run_dir: str | Path) -> RunArtifacts:
             f"{results_path}: reference_digest differs from the data rebuilt from its config "
             "(the data set changed since the run); membership ground truth would be wrong"
         )
+    return fleet
+
+
+def _load_client_students(clients_dir: Path, uploads: dict[int, ClientUploads], num_clients: int, size: int,
+                          classes: int, warnings: list[str]) -> dict[int, tuple[str, dict[str, torch.Tensor]]]:
+    """Every uploader's final local student (required), then any other client's that was kept."""
+    if not clients_dir.is_dir():
+        raise AuditInputError(f"{clients_dir}: missing (the clients' local students, target (b)); {KEEP_HINT}")
+    client_students: dict[int, tuple[str, dict[str, torch.Tensor]]] = {}
+    for pid in uploads:
+        path = clients_dir / f"client{pid}.pt"
+        if not path.is_file():
+            raise AuditInputError(f"{path}: missing: client {pid} uploaded answers but its local student was not kept; {KEEP_HINT}")
+        client_students[pid] = _load_model_file(path, f"client {pid}'s local student", size, classes)
+    for path in sorted(clients_dir.iterdir()):
+        m = _CLIENT_FILE.match(path.name)
+        if m and int(m.group(1)) not in client_students and int(m.group(1)) < num_clients:
+            pid = int(m.group(1))
+            client_students[pid] = _load_model_file(path, f"client {pid}'s local student", size, classes)
+            warnings.append(f"client {pid} has a local student but no accepted upload")
+    return client_students
+
+
+def load_run(run_dir: str | Path) -> RunArtifacts:
+    """Read and validate a run directory; raise :class:`AuditInputError` naming what is missing."""
+    run_dir = Path(run_dir)
+    results, cfg = _load_results(run_dir)
+    fleet = _rebuild_fleet(cfg, results, run_dir / "results.json")
     warnings: list[str] = []
-    privacy = _privacy_claims(results, results_path, warnings)
+    privacy = _privacy_claims(results, run_dir / "results.json", warnings)
 
     size, classes = fleet.image_size, fleet.num_classes
     student_path = run_dir / "global_student.pt"
@@ -246,22 +277,8 @@ def load_run(run_dir: str | Path) -> RunArtifacts:
     for pid in uploads:
         if pid >= cfg.fleet.num_clients:
             raise AuditInputError(f"{audit_dir / 'uploads'}: client{pid} is not in a fleet of {cfg.fleet.num_clients}")
-
     clients_dir = audit_dir / "clients"
-    if not clients_dir.is_dir():
-        raise AuditInputError(f"{clients_dir}: missing (the clients' local students, target (b)); {KEEP_HINT}")
-    client_students: dict[int, tuple[str, dict[str, torch.Tensor]]] = {}
-    for pid in uploads:
-        path = clients_dir / f"client{pid}.pt"
-        if not path.is_file():
-            raise AuditInputError(f"{path}: missing: client {pid} uploaded answers but its local student was not kept; {KEEP_HINT}")
-        client_students[pid] = _load_model_file(path, f"client {pid}'s local student", size, classes)
-    for path in sorted(clients_dir.iterdir()):
-        m = _CLIENT_FILE.match(path.name)
-        if m and int(m.group(1)) not in client_students and int(m.group(1)) < cfg.fleet.num_clients:
-            pid = int(m.group(1))
-            client_students[pid] = _load_model_file(path, f"client {pid}'s local student", size, classes)
-            warnings.append(f"client {pid} has a local student but no accepted upload")
+    client_students = _load_client_students(clients_dir, uploads, cfg.fleet.num_clients, size, classes, warnings)
 
     canaries = _load_canaries(audit_dir / "canaries.npz", cfg, size, classes)
     if canaries is not None and canaries.client not in client_students:

@@ -167,6 +167,15 @@ def _client_summary(audit: dict[str, Any]) -> list[str]:
 
 
 def write_report(path: Path, audit: dict[str, Any]) -> None:
+    """report.md: the verdict, the claims, the bounds against them, every target, the method."""
+    lines = (_verdict_lines(audit) + _claims_lines(audit) + _bounds_lines(audit) + _client_summary(audit)
+             + _targets_lines(audit) + _canary_lines(audit) + _label_lines(audit) + _method_lines(audit))
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, path)
+
+
+def _verdict_lines(audit: dict[str, Any]) -> list[str]:
     v = audit["verdict"]
     lines = [
         f"# Privacy audit of `{audit['run_dir']}`",
@@ -177,24 +186,29 @@ def write_report(path: Path, audit: dict[str, Any]) -> None:
     for r in v["rules"]:
         lines.append(f"- VERDICT: {'PASS' if r['passed'] else '**FAIL**'} — `{r['rule']}`: {r['detail']}")
     lines.append("")
+    return lines
 
-    lines += ["## Privacy claims of the run", ""]
+
+def _claims_lines(audit: dict[str, Any]) -> list[str]:
+    lines = ["## Privacy claims of the run", ""]
     claims = audit["privacy_claims"]
     if not any(claims.values()):
-        lines += ["The run claims no differential privacy: the attacks below measure leakage, there is no claim to violate.", ""]
-    else:
-        lines += ["| unit | ε | δ | mechanism | accountant | neighbouring |", "| --- | --- | --- | --- | --- | --- |"]
-        for unit, c in claims.items():
-            if c:
-                lines.append(f"| {unit} | {_f(c['epsilon'])} | {c['delta']:.3g} | {c.get('mechanism', '–')} | "
-                             f"{c.get('accountant', '–')} | {c.get('neighbouring', 'add/remove (assumed)')} |")
-        lines.append("")
-        for name, c in audit["claims_per_target"].items():
-            lines.append(f"- applies to one record of `{name}`: {_claim_text(c)}")
-        lines.append("")
+        return lines + ["The run claims no differential privacy: the attacks below measure leakage, there is no claim to violate.", ""]
+    lines += ["| unit | ε | δ | mechanism | accountant | neighbouring |", "| --- | --- | --- | --- | --- | --- |"]
+    for unit, c in claims.items():
+        if c:
+            lines.append(f"| {unit} | {_f(c['epsilon'])} | {c['delta']:.3g} | {c.get('mechanism', '–')} | "
+                         f"{c.get('accountant', '–')} | {c.get('neighbouring', 'add/remove (assumed)')} |")
+    lines.append("")
+    for name, c in audit["claims_per_target"].items():
+        lines.append(f"- applies to one record of `{name}`: {_claim_text(c)}")
+    lines.append("")
+    return lines
 
+
+def _bounds_lines(audit: dict[str, Any]) -> list[str]:
     conf = audit["confidence"]
-    lines += [
+    lines = [
         "## Empirical ε lower bounds vs claimed ε",
         "",
         f"Each bound holds at confidence 1 − {conf['alpha']:g}/{conf['n_bounds']} (Bonferroni), so all of them hold jointly "
@@ -215,50 +229,61 @@ def write_report(path: Path, audit: dict[str, Any]) -> None:
         lines.append(f"| {b['source']} | {_f(b['epsilon_lower_bound'])} | {_f(b['max_certifiable_epsilon'])} | "
                      f"{b['delta']:.3g} | {_f(b['claimed_epsilon'])} | {res} |")
     lines.append("")
+    return lines
 
-    lines += _client_summary(audit)
-    lines += ["## Membership inference per target", ""]
+
+def _targets_lines(audit: dict[str, Any]) -> list[str]:
+    lines = ["## Membership inference per target", ""]
     for name, t in audit["targets"].items():
         lines += _target_section(name, t, audit.get("plots", {}).get(name))
+    return lines
 
+
+def _canary_lines(audit: dict[str, Any]) -> list[str]:
     can = audit.get("canary_audit")
-    lines += ["## Canary audit (one run, Steinke, Nasr & Jagielski 2023)", ""]
+    lines = ["## Canary audit (one run, Steinke, Nasr & Jagielski 2023)", ""]
     if not can:
-        lines += ["The run has no canaries (set `audit.canaries` > 0 to check the DP implementation itself).", ""]
-    else:
-        lines += [
-            f"{can['m']} canaries, {can['n_included']} included in client {can['client']}'s data (each with probability ½); "
-            f"score: {can['score']}.",
-            "",
-            "| target | guesses | correct | ε lower bound | cap (all correct) | claimed ε | result |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for kind, r in can["results"].items():
-            claim = r.get("claimed")
-            res = "no claim" if not claim else ("**DP VIOLATION**" if r["violation"] else "ok")
-            lines.append(f"| {kind} | {r['n_guesses']} | {r['n_correct']} | {_f(r['epsilon_lower_bound'])} | "
-                         f"{_f(r['max_cap'])} | {_f(claim['epsilon']) if claim else '–'} | {res} |")
-        lines.append("")
+        return lines + ["The run has no canaries (set `audit.canaries` > 0 to check the DP implementation itself).", ""]
+    lines += [
+        f"{can['m']} canaries, {can['n_included']} included in client {can['client']}'s data (each with probability ½); "
+        f"score: {can['score']}.",
+        "",
+        "| target | guesses | correct | ε lower bound | cap (all correct) | claimed ε | result |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for kind, r in can["results"].items():
+        claim = r.get("claimed")
+        res = "no claim" if not claim else ("**DP VIOLATION**" if r["violation"] else "ok")
+        lines.append(f"| {kind} | {r['n_guesses']} | {r['n_correct']} | {_f(r['epsilon_lower_bound'])} | "
+                     f"{_f(r['max_cap'])} | {_f(claim['epsilon']) if claim else '–'} | {res} |")
+    lines.append("")
+    return lines
 
+
+def _label_lines(audit: dict[str, Any]) -> list[str]:
     li = audit["label_inference"]
-    lines += ["## Label-distribution inference from uploads (Shi, Ouyang & Wang 2025)", "",
-              f"Estimate: {li['method']}. Lower TV = more leakage; baselines: {li['baselines']}.", ""]
-    if li["clients"]:
-        s = li["summary"]
-        lines += [
-            f"Mean TV {_f(s['mean_tv'])} vs uniform guess {_f(s['mean_tv_uniform_guess'])} and population prior "
-            f"{_f(s['mean_tv_population_prior'])}; the uploads beat the prior for {s['clients_better_than_prior']} of "
-            f"{s['n_clients']} clients.",
-            "",
-            "| client | private examples | TV | KL (nats) | TV uniform guess | TV population prior |",
-            "| --- | --- | --- | --- | --- | --- |",
-        ]
-        for pid, r in li["clients"].items():
-            lines.append(f"| {pid} | {r['n_private']} | {_f(r['tv'])} | {_f(r['kl'])} | {_f(r['tv_uniform_guess'])} | "
-                         f"{_f(r['tv_population_prior'])} |")
-        lines.append("")
+    lines = ["## Label-distribution inference from uploads (Shi, Ouyang & Wang 2025)", "",
+             f"Estimate: {li['method']}. Lower TV = more leakage; baselines: {li['baselines']}.", ""]
+    if not li["clients"]:
+        return lines
+    s = li["summary"]
+    lines += [
+        f"Mean TV {_f(s['mean_tv'])} vs uniform guess {_f(s['mean_tv_uniform_guess'])} and population prior "
+        f"{_f(s['mean_tv_population_prior'])}; the uploads beat the prior for {s['clients_better_than_prior']} of "
+        f"{s['n_clients']} clients.",
+        "",
+        "| client | private examples | TV | KL (nats) | TV uniform guess | TV population prior |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for pid, r in li["clients"].items():
+        lines.append(f"| {pid} | {r['n_private']} | {_f(r['tv'])} | {_f(r['kl'])} | {_f(r['tv_uniform_guess'])} | "
+                     f"{_f(r['tv_population_prior'])} |")
+    lines.append("")
+    return lines
 
-    lines += ["## Method", ""]
+
+def _method_lines(audit: dict[str, Any]) -> list[str]:
+    lines = ["## Method", ""]
     for k, text in audit["methodology"].items():
         lines.append(f"- **{k.replace('_', ' ')}**: {text}.")
     lines.append("")
@@ -267,6 +292,4 @@ def write_report(path: Path, audit: dict[str, Any]) -> None:
     t = audit.get("timings_s", {})
     if t:
         lines += [f"Audit time: {t.get('total', 0):.1f} s.", ""]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
+    return lines

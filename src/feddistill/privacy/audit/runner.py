@@ -1,7 +1,7 @@
 """`feddistill audit RUN_DIR`: the membership-inference and DP-claim audit of a finished run.
 
-Targets (DESIGN.md, "Membership-inference audit")
--------------------------------------------------
+Targets (docs/design.md, "Membership-inference audit")
+------------------------------------------------------
 (a) ``uploads_client{pid}``: what left the device.  The auditor sees what the server saw:
     it distils a mimic model from the client's answers on the reference-set queries and
     attacks the mimic; the reference models go through the same mimicry, which makes
@@ -575,6 +575,34 @@ def _run_audit(
     run_dir: str | Path, out_dir: str | Path | None, policy_path: str | Path | None, options: AuditOptions
 ) -> tuple[dict[str, Any], int]:
     t_start = time.monotonic()
+    policy, art, out = _audit_inputs(run_dir, out_dir, policy_path, options)
+    run = _AuditRun(art, options)
+    run.audit_clients()
+    run.audit_global()
+    canary = run.audit_canaries()
+    t0 = time.monotonic()
+    labels = _label_inference(run.ctx)
+    run.timings["label_inference"] = time.monotonic() - t0
+
+    audit = run.audit_record(run_dir, policy, canary, labels)
+    rules, code = evaluate_policy(audit, policy)
+    audit["verdict"] = {"passed": code == 0, "exit_code": code, "rules": rules}
+    t0 = time.monotonic()
+    plots = write_roc_plots(out, run.curves, run.targets)
+    audit["plots"] = plots
+    run.timings["report"] = time.monotonic() - t0
+    run.timings["total"] = time.monotonic() - t_start
+    audit["timings_s"] = run.timings
+    audit = sanitize(audit)
+    write_json(out / "audit.json", audit)
+    write_report(out / "report.md", audit)
+    return audit, code
+
+
+def _audit_inputs(
+    run_dir: str | Path, out_dir: str | Path | None, policy_path: str | Path | None, options: AuditOptions
+) -> tuple[Any, RunArtifacts, Path]:
+    """The policy, the run's artefacts and the output folder, every one checked before anything trains."""
     if policy_path is not None and Path(policy_path).is_dir():  # not "not found": it is there, but a folder
         raise AuditInputError(f"{policy_path}: is a directory, not a policy file (TOML)")
     policy = load_policy(policy_path)
@@ -585,149 +613,166 @@ def _run_audit(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise AuditInputError(f"{out}: cannot create the output directory ({exc})") from exc
+    return policy, art, out
 
-    rng = np.random.default_rng([options.seed, 0xA0D17])
-    ev_idx, pop_idx = split_test(art.fleet.splits.test.y, options.seed)
-    plan = _UploadPlan.of(art.cfg)
-    ctx = _Context(art, options, rng, ev_idx, pop_idx, plan)
-    local_noise = plan.mode == "local" if plan.mode != "off" else None
-    clients = _select_clients(art, options.target_clients)
-    warnings = list(art.warnings)
-    cli_claim = art.privacy.get("client_level")
-    if cli_claim and not (local_noise or _noise_is_local(cli_claim)):
-        warnings.append(
-            "the client-level noise is not added on the device (the run's privacy.client-level is "
-            f"{plan.mode!r}): the server saw un-noised replies, so that claim does not cover the uploads target"
-        )
-    claims_by_target: dict[str, dict[str, Any] | None] = {}
 
-    n_bounds = 2 * len(clients) + 1 + (3 if art.canaries is not None else 0)
-    alpha_each = options.alpha / n_bounds
-    timings: dict[str, float] = {}
-    targets: dict[str, Any] = {}
-    curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
-    bounds: list[dict[str, Any]] = []
-    mimics: dict[int, Any] = {}
+class _AuditRun:
+    """One audit: its targets, ROC curves and epsilon lower bounds as they are found.
 
-    def add_target(name: str, kind: str, desc: str, probs: tuple, info: dict[str, Any], extra: dict[str, Any],
+    The targets are audited in a fixed order (the clients, the global student, the canaries)
+    that draws from the one generator ``rng`` in the same sequence every time."""
+
+    def __init__(self, art: RunArtifacts, options: AuditOptions) -> None:
+        self.art, self.options = art, options
+        self.rng = np.random.default_rng([options.seed, 0xA0D17])
+        ev_idx, pop_idx = split_test(art.fleet.splits.test.y, options.seed)
+        self.plan = _UploadPlan.of(art.cfg)
+        self.ctx = _Context(art, options, self.rng, ev_idx, pop_idx, self.plan)
+        self.local_noise = self.plan.mode == "local" if self.plan.mode != "off" else None
+        self.clients = _select_clients(art, options.target_clients)
+        self.warnings = list(art.warnings)
+        cli_claim = art.privacy.get("client_level")
+        if cli_claim and not (self.local_noise or _noise_is_local(cli_claim)):
+            self.warnings.append(
+                "the client-level noise is not added on the device (the run's privacy.client-level is "
+                f"{self.plan.mode!r}): the server saw un-noised replies, so that claim does not cover the uploads target"
+            )
+        self.claims_by_target: dict[str, dict[str, Any] | None] = {}
+        self.n_bounds = 2 * len(self.clients) + 1 + (3 if art.canaries is not None else 0)
+        self.alpha_each = options.alpha / self.n_bounds
+        self.timings: dict[str, float] = {}
+        self.targets: dict[str, Any] = {}
+        self.curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+        self.bounds: list[dict[str, Any]] = []
+        self.mimics: dict[int, Any] = {}
+
+    def add_target(self, name: str, kind: str, desc: str, probs: tuple, info: dict[str, Any], extra: dict[str, Any],
                    owner: int | None) -> None:
-        claim = claims_for_targets(art.privacy, owner, local_noise)[kind]
-        claims_by_target[name] = claim
+        """Attack one target; keep its result, its ROC curves and its epsilon lower bound."""
+        options = self.options
+        claim = claims_for_targets(self.art.privacy, owner, self.local_noise)[kind]
+        self.claims_by_target[name] = claim
         delta = claim["delta"] if claim else options.default_delta
         points: TargetPoints = info["points"]
         mx, mz = info["mask"]
         scores, skipped = attack_scores(probs[0], probs[1], probs[2], probs[3], points.y, info["pop_y"], mx, mz)
-        res, cv = _evaluate(scores, skipped, points, delta, alpha_each, options.fit_fraction, rng)
+        res, cv = _evaluate(scores, skipped, points, delta, self.alpha_each, options.fit_fraction, self.rng)
         res.update({"kind": kind, "description": desc, "claimed": claim, "delta": delta, **extra})
         res["violation"] = bool(claim is not None and res["epsilon_lower_bound"] > claim["epsilon"])
         if kind == "global":
             best = _finite(scores[res["best_attack"]])
             res["per_client"] = _per_client(best, points)
-        targets[name] = res
-        curves[name] = cv
+        self.targets[name] = res
+        self.curves[name] = cv
         ee = res["attacks"][res["best_attack"]]["empirical_epsilon"]
-        bounds.append(_bound_entry(f"{name} (membership inference, {res['best_attack']})", ee["epsilon_lower_bound"],
-                                   ee["max_certifiable_epsilon"], claim, delta))
+        self.bounds.append(_bound_entry(f"{name} (membership inference, {res['best_attack']})",
+                                        ee["epsilon_lower_bound"], ee["max_certifiable_epsilon"], claim, delta))
 
-    for i, pid in enumerate(clients):
+    def audit_clients(self) -> None:
+        """Targets (a) and (b) of every selected client: its uploads and its local student."""
+        options = self.options
+        for i, pid in enumerate(self.clients):
+            t0 = time.monotonic()
+            info = _audit_client(self.ctx, pid, recipe_seed=options.seed * 1_000_003 + 101 * (i + 1))
+            if "skipped" in info:
+                for kind in ("uploads", "local"):
+                    self.targets[f"{kind}_client{pid}"] = {"skipped": True, "reason": info["skipped"], "kind": kind}
+                continue
+            common = {"client": pid, "architecture": self.art.client_students[pid][0],
+                      "reference_recipe": asdict(info["recipe"]), "reference_models": options.reference_models}
+            if "uploads" in info:
+                self.mimics[pid] = info["mimic"]
+                self.add_target(
+                    f"uploads_client{pid}", "uploads",
+                    f"(a) client {pid}'s uploads: mimic distilled from its answers on {info['n_queries']} reference-set "
+                    f"queries over rounds {info['rounds']}; reference models mimicked the same way (distillation-based LiRA)",
+                    info["uploads"], info,
+                    {**common, "mimic_recipe": asdict(_mimic_recipe(self.ctx)), "rounds": info["rounds"]},
+                    owner=pid,
+                )
+            self.add_target(f"local_client{pid}", "local", f"(b) client {pid}'s final local student", info["local"],
+                            info, common, owner=pid)
+            self.timings[f"client{pid}"] = time.monotonic() - t0
+
+    def audit_global(self) -> None:
+        """Target (c): the released global student; members are every uploader's private data."""
+        art, options = self.art, self.options
         t0 = time.monotonic()
-        info = _audit_client(ctx, pid, recipe_seed=options.seed * 1_000_003 + 101 * (i + 1))
-        if "skipped" in info:
-            for kind in ("uploads", "local"):
-                targets[f"{kind}_client{pid}"] = {"skipped": True, "reason": info["skipped"], "kind": kind}
-            continue
-        common = {"client": pid, "architecture": ctx.art.client_students[pid][0],
-                  "reference_recipe": asdict(info["recipe"]), "reference_models": options.reference_models}
-        if "uploads" in info:
-            mimics[pid] = info["mimic"]
-            add_target(
-                f"uploads_client{pid}", "uploads",
-                f"(a) client {pid}'s uploads: mimic distilled from its answers on {info['n_queries']} reference-set "
-                f"queries over rounds {info['rounds']}; reference models mimicked the same way (distillation-based LiRA)",
-                info["uploads"], info, {**common, "mimic_recipe": asdict(_mimic_recipe(ctx)), "rounds": info["rounds"]},
-                owner=pid,
-            )
-        add_target(f"local_client{pid}", "local", f"(b) client {pid}'s final local student", info["local"], info, common,
-                   owner=pid)
-        timings[f"client{pid}"] = time.monotonic() - t0
+        ginfo = _audit_global(self.ctx, seed=options.seed * 1_000_003 + 99_991)
+        if "skipped" in ginfo:
+            self.targets["global"] = {"skipped": True, "reason": ginfo["skipped"], "kind": "global"}
+        else:
+            self.add_target("global", "global",
+                            f"(c) the released global student; members: private data of the {len(art.participants)} "
+                            "clients that uploaded",
+                            ginfo["global"], ginfo,
+                            {"architecture": art.global_student[0], "reference_recipe": asdict(ginfo["recipe"]),
+                             "reference_distillation": asdict(ginfo["server_recipe"]),
+                             "reference_models": options.reference_models},
+                            owner=None)
+        self.timings["global"] = time.monotonic() - t0
 
-    t0 = time.monotonic()
-    ginfo = _audit_global(ctx, seed=options.seed * 1_000_003 + 99_991)
-    if "skipped" in ginfo:
-        targets["global"] = {"skipped": True, "reason": ginfo["skipped"], "kind": "global"}
-    else:
-        add_target("global", "global",
-                   f"(c) the released global student; members: private data of the {len(art.participants)} clients that uploaded",
-                   ginfo["global"], ginfo,
-                   {"architecture": art.global_student[0], "reference_recipe": asdict(ginfo["recipe"]),
-                    "reference_distillation": asdict(ginfo["server_recipe"]), "reference_models": options.reference_models},
-                   owner=None)
-    timings["global"] = time.monotonic() - t0
-
-    canary = None
-    if art.canaries is not None:
+    def audit_canaries(self) -> dict[str, Any] | None:
+        """The one-run canary audit of the canary client's local student, uploads and the global student."""
+        art = self.art
+        if art.canaries is None:
+            return None
         t0 = time.monotonic()
         cpid = art.canaries.client
-        models = {"local": ctx.model(*art.client_students[cpid])}
+        models = {"local": self.ctx.model(*art.client_students[cpid])}
         if cpid in art.uploads:
-            if cpid not in mimics:
-                uq, soft, _ = _upload_queries(ctx, cpid)
-                mimics[cpid] = mimic_from_answers(art.client_students[cpid][0], art.fleet.image_size,
-                                                  art.fleet.num_classes, art.fleet.splits.reference.x[uq], soft,
-                                                  _mimic_recipe(ctx), seed=options.seed * 1_000_003 + 17)
-            models["uploads"] = mimics[cpid]
+            models["uploads"] = self._uploads_mimic(cpid)
         else:
-            warnings.append(f"the canary client {cpid} uploaded nothing: no canary audit of its uploads")
-        models["global"] = ctx.model(*art.global_student)
-        canary = _canary_rows(ctx, models, claims_for_targets(art.privacy, cpid, local_noise), alpha_each)
+            self.warnings.append(f"the canary client {cpid} uploaded nothing: no canary audit of its uploads")
+        models["global"] = self.ctx.model(*art.global_student)
+        canary = _canary_rows(self.ctx, models, claims_for_targets(art.privacy, cpid, self.local_noise),
+                              self.alpha_each)
         for kind, res in canary["results"].items():
-            bounds.append(_bound_entry(f"canaries vs {kind} (client {cpid}, one-run audit)", res["epsilon_lower_bound"],
-                                       res["max_cap"], res["claimed"], res["delta"]))
-        timings["canaries"] = time.monotonic() - t0
+            self.bounds.append(_bound_entry(f"canaries vs {kind} (client {cpid}, one-run audit)",
+                                            res["epsilon_lower_bound"], res["max_cap"], res["claimed"], res["delta"]))
+        self.timings["canaries"] = time.monotonic() - t0
+        return canary
 
-    t0 = time.monotonic()
-    labels = _label_inference(ctx)
-    timings["label_inference"] = time.monotonic() - t0
+    def _uploads_mimic(self, pid: int) -> Any:
+        """The mimic of `pid`'s uploads: the one its uploads target trained, or a new one."""
+        if pid not in self.mimics:
+            art = self.art
+            uq, soft, _ = _upload_queries(self.ctx, pid)
+            self.mimics[pid] = mimic_from_answers(art.client_students[pid][0], art.fleet.image_size,
+                                                  art.fleet.num_classes, art.fleet.splits.reference.x[uq], soft,
+                                                  _mimic_recipe(self.ctx), seed=self.options.seed * 1_000_003 + 17)
+        return self.mimics[pid]
 
-    violations = [b for b in bounds if b["violation"]]
-    audit: dict[str, Any] = {
-        "run_dir": str(Path(run_dir)),
-        "config_digest": art.results.get("config_digest"),
-        "reference_digest": art.fleet.splits.reference_digest,
-        "options": asdict(options),
-        "policy": policy.to_dict(),
-        "privacy_claims": art.privacy,
-        "claims_per_target": claims_by_target,
-        "upload_mechanism": asdict(plan),
-        "is_dp": art.is_dp,
-        "target_clients": clients,
-        "participants": art.participants,
-        "confidence": {
-            "alpha": options.alpha,
-            "n_bounds": n_bounds,
-            "alpha_per_bound": alpha_each,
-            "note": "every epsilon lower bound holds at 1 - alpha/n_bounds, so all of them hold jointly at 1 - alpha",
-        },
-        "methodology": METHODOLOGY,
-        "targets": targets,
-        "canary_audit": canary,
-        "label_inference": labels,
-        "epsilon_lower_bounds": bounds,
-        "dp_violations": violations,
-        "warnings": warnings,
-    }
-    rules, code = evaluate_policy(audit, policy)
-    audit["verdict"] = {"passed": code == 0, "exit_code": code, "rules": rules}
-    t0 = time.monotonic()
-    plots = write_roc_plots(out, curves, targets)
-    audit["plots"] = plots
-    timings["report"] = time.monotonic() - t0
-    timings["total"] = time.monotonic() - t_start
-    audit["timings_s"] = timings
-    audit = sanitize(audit)
-    write_json(out / "audit.json", audit)
-    write_report(out / "report.md", audit)
-    return audit, code
+    def audit_record(self, run_dir: str | Path, policy: Any, canary: dict[str, Any] | None,
+                     labels: dict[str, Any]) -> dict[str, Any]:
+        """audit.json without its verdict, plots and timings."""
+        art, options = self.art, self.options
+        return {
+            "run_dir": str(Path(run_dir)),
+            "config_digest": art.results.get("config_digest"),
+            "reference_digest": art.fleet.splits.reference_digest,
+            "options": asdict(options),
+            "policy": policy.to_dict(),
+            "privacy_claims": art.privacy,
+            "claims_per_target": self.claims_by_target,
+            "upload_mechanism": asdict(self.plan),
+            "is_dp": art.is_dp,
+            "target_clients": self.clients,
+            "participants": art.participants,
+            "confidence": {
+                "alpha": options.alpha,
+                "n_bounds": self.n_bounds,
+                "alpha_per_bound": self.alpha_each,
+                "note": "every epsilon lower bound holds at 1 - alpha/n_bounds, so all of them hold jointly at 1 - alpha",
+            },
+            "methodology": METHODOLOGY,
+            "targets": self.targets,
+            "canary_audit": canary,
+            "label_inference": labels,
+            "epsilon_lower_bounds": self.bounds,
+            "dp_violations": [b for b in self.bounds if b["violation"]],
+            "warnings": self.warnings,
+        }
 
 
 METHODOLOGY = {

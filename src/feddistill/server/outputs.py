@@ -1,0 +1,107 @@
+"""What a distillation run writes besides its checkpoint: JSON files, the audit's artefacts,
+the students, the reliability diagram, and results.json's "privacy" block."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from feddistill.atomic import atomic_path
+from feddistill.config import RunConfig
+from feddistill.privacy.ledger import PrivacyLedger
+from feddistill.privacy.plan import NOISE_SOURCES, UploadPrivacy, client_noise_source, record_mechanism
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2))
+
+
+def save_student(model, path: Path, cfg: RunConfig, release: str | None = None, temperature: float = 1.0) -> None:
+    import torch
+
+    blob = {"model": cfg.distill.server_student, "state_dict": model.state_dict(), "temperature": float(temperature)}
+    if release is not None:
+        blob["release"] = release
+    with atomic_path(path) as tmp:
+        torch.save(blob, tmp)
+
+
+def save_reliability(calibration: dict[str, Any], path: Path, rid: str | None) -> None:
+    from feddistill.calibration import plot_reliability
+
+    rel = calibration["reliability_test"]
+    t = calibration["temperature"]
+    plot_reliability({"before (T = 1)": rel["before"], f"after (T = {t:.2f})": rel["after"]}, path,
+                     title=f"release {rid}: reliability on the test split (T fitted on public validation)")
+
+
+def save_audit_setup(audit_dir: Path, cfg: RunConfig) -> None:
+    from feddistill.simulations.fleet import fleet_canaries
+
+    audit_dir.mkdir(parents=True, exist_ok=True)
+    canaries = fleet_canaries(cfg)
+    if canaries is not None:
+        with atomic_path(audit_dir / "canaries.npz") as tmp:
+            np.savez_compressed(tmp, x=canaries.x, y=canaries.y, included=canaries.included, client=canaries.client)
+
+
+def save_uploads(path: Path, queries: np.ndarray, collected) -> None:
+    """The uploads as the server received them (after validation), for the auditor."""
+    arrays = {"queries": queries}
+    for pid, answers in zip(collected.senders, collected.answers):
+        arrays[f"client{pid}"] = answers
+    with atomic_path(path) as tmp:
+        np.savez_compressed(tmp, **arrays)
+
+
+def privacy_report(cfg: RunConfig, plan: UploadPrivacy, ledger: PrivacyLedger | None,
+                   devices: dict[int, dict[str, float]]) -> dict[str, Any]:
+    """results.json's "privacy": every epsilon with its unit, mechanism, accountant and delta."""
+    client_level = None
+    if ledger is not None:
+        client_level = {
+            **ledger.summary(),
+            "epsilon_rdp": ledger.epsilon_rdp(),
+            "protects_against": plan.protects_against,
+            "sensitivity": plan.sensitivity,
+            "noise_std": plan.noise_std,
+            "query_size": cfg.distill.query_size,
+            "client_sampling": "each round, once per participation (q=1)" if plan.mode == "local"
+            else f"Poisson, q={plan.sampling_rate}",
+            "analysis": "data-independent" if "gnmax" in plan.mode else "worst case",
+            "noise_source": client_noise_source(cfg, plan),
+        }
+        if plan.distributed:  # SecAgg+ distributed noise: no amplification claimed, delta shared with clipping
+            client_level.update({"client_sampling": "none claimed (q=1): the server sees who takes part; every "
+                                 "round charged as if every client answered", "delta_accountant": plan.delta,
+                                 "delta_clipping_failure": plan.clip_failure, "delta": cfg.privacy.delta})
+    record_level = None
+    if cfg.privacy.record_level:
+        worst = max(devices.items(), key=lambda kv: kv[1]["record-epsilon"], default=(None, None))
+        record_level = {
+            "epsilon": None if worst[1] is None else worst[1]["record-epsilon"],
+            "epsilon_is": "the largest epsilon of any device (each device accounts its own)",
+            "delta": cfg.privacy.record_delta,
+            "unit": "record",
+            "neighbouring": "add/remove",
+            "mechanism": record_mechanism(cfg),
+            "accountant": "pld",
+            "target_epsilon": cfg.privacy.record_target_epsilon or None,
+            "protects_against": "everyone, the server included (noise added on the device during training)",
+            "noise_source": NOISE_SOURCES[cfg.privacy.noise_source],
+            "sampling_rate": cfg.privacy.record_sampling_rate,
+            "worst_device": worst[0],
+            # the client id each reply's Flower node id maps to (identify_nodes), never an id a reply declares
+            "devices_keyed_by": "client id of the sending Flower node (partition-id / device-id given at start-up)",
+            "devices": {str(pid): m for pid, m in sorted(devices.items())},
+        }
+    report = {"client_level": client_level, "record_level": record_level}
+    if cfg.distill.secure_aggregation != "off":
+        from feddistill.server.secagg import secagg_report
+
+        report["secure_aggregation"] = secagg_report(cfg)
+    return report
