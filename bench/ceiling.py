@@ -92,7 +92,7 @@ def aggregate(logits: np.ndarray, counts: np.ndarray, how: str) -> np.ndarray:
 def ceiling(out: Path, overrides: dict) -> dict:
     import torch
 
-    from bench.__main__ import header, settings
+    from bench.common import header, settings
     from feddistill.config import load_config
     from feddistill.models import build_model
     from feddistill.server.app import teacher_and_validation
@@ -171,7 +171,7 @@ def ceiling(out: Path, overrides: dict) -> dict:
 
 
 def plot_ceiling(summary: dict, path: Path) -> None:
-    from bench.__main__ import _save, panel_pair
+    from bench.common import panel_pair, save_figure
 
     fig, (left, right) = panel_pair()
     styles = {"mean": "-", "vote": ":", "prior-corrected": "--", "count-weighted": "-."}
@@ -192,4 +192,4 @@ def plot_ceiling(summary: dict, path: Path) -> None:
     right.set(xlabel="server epochs on the reference set", ylabel="student test accuracy (%)",
               title="The student ends where its signal is")
     right.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)

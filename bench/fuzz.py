@@ -882,7 +882,7 @@ def _task_identity() -> None:
 
 def fuzz(out: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     """`python -m bench fuzz [--set cases=N] [--set seed=S]`: writes fuzz.json."""
-    from bench.__main__ import header
+    from bench.common import header
 
     n, seed = int(overrides.get("cases", FULL)), int(overrides.get("seed", 0))
     t0 = time.monotonic()

@@ -114,7 +114,7 @@ def headline(out: Path, overrides: dict) -> dict:
 
 
 def _summary(out: Path, overrides: dict, knobs: dict, methods: list[str], runs: dict) -> dict:
-    from bench.__main__ import header
+    from bench.common import header
 
     rows = []
     for method in methods:
@@ -152,7 +152,7 @@ def plot_headline(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from bench.__main__ import _save
+    from bench.common import save_figure as _save
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     rows = summary["rows"]

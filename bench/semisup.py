@@ -90,7 +90,7 @@ def fixmatch_student(cfg, fleet, x, targets, unlabelled, steps: int, test):
 def semisup(out: Path, overrides: dict) -> dict:
     import torch
 
-    from bench.__main__ import header
+    from bench.common import header
     from feddistill.config import load_config, validation_size
     from feddistill.models import build_model
     from feddistill.server.app import public_labels, split_validation, teacher_and_validation
@@ -163,7 +163,7 @@ def semisup(out: Path, overrides: dict) -> dict:
 
 
 def plot_semisup(summary: dict, path: Path) -> None:
-    from bench.__main__ import _save, panel_pair
+    from bench.common import panel_pair, save_figure as _save
 
     fig, (left, right) = panel_pair()
     bars = [("public teacher", summary["public_teacher_test_accuracy"]),

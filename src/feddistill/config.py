@@ -20,11 +20,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from feddistill.bounds import row_norm_bound
+from feddistill.errors import ConfigError  # defined below the config; the rest of the code imports it from here
 from feddistill.models import MODEL_NAMES
-
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown, of the wrong type or impossible."""
+from feddistill.secagg_shares import run_shares
 
 
 @dataclass(frozen=True)
@@ -523,7 +522,8 @@ def _check_abstention(cfg: RunConfig, source: str) -> None:
 
 def _check_secagg(cfg: RunConfig, source: str) -> None:
     """SecAgg+ (feddistill.server.secagg): the server sees only a sum, so everything that needs
-    single replies is refused here; the DP parameters are checked by feddistill.privacy.distributed."""
+    single replies is refused here; the noise shares against clipping range and quantization step by
+    feddistill.secagg_shares (the rule: feddistill.privacy.distributed)."""
     d, p = cfg.distill, cfg.privacy
     if d.secure_aggregation == "off":
         return
@@ -560,8 +560,6 @@ def _check_secagg(cfg: RunConfig, source: str) -> None:
         raise ConfigError(f"{source}: {mode} and 'audit.keep-artifacts' = true: the server never sees a single "
                           "upload, so there are none to keep for the uploads audit")
     if d.secagg_clipping_range:
-        from feddistill.privacy.mechanisms import row_norm_bound
-
         bound = row_norm_bound(p.bound, clip_norm=p.clip_norm)
         if d.secagg_clipping_range < bound:
             raise ConfigError(
@@ -576,10 +574,8 @@ def _check_secagg(cfg: RunConfig, source: str) -> None:
     # Shares against clipping range and quantization step. Calibrating z to a target epsilon takes
     # seconds (dp-accounting), too slow for every parse: then the server checks it when the run starts.
     if p.client_level != "off" and p.noise_multiplier:
-        from feddistill.privacy.distributed import run_secagg_noise
-
         try:
-            run_secagg_noise(cfg)  # clipping range and quantization step against the noise shares
+            run_shares(cfg, p.noise_multiplier)  # clipping range and quantization step against the noise shares
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
 

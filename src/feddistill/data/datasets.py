@@ -28,6 +28,7 @@ __all__ = [
     "ArrayDataset",
     "FASHION_MNIST_DIR",
     "FASHION_MNIST_FILES",
+    "DATASET_CLASSES",
     "DATASET_NAMES",
     "FLIP_KEEPS_CLASS",
     "read_idx",
@@ -56,6 +57,8 @@ _FIX_HINT = (
 )
 
 DATASET_NAMES = ("digits", "fashion-mnist")
+#: Classes of each data set: the columns of an answer (the SecAgg+ union bound counts its entries).
+DATASET_CLASSES = {"digits": 10, "fashion-mnist": 10}
 #: Whether a horizontal flip keeps an image's class (garments: yes; digits: no), for augmentations.
 FLIP_KEEPS_CLASS = {"digits": False, "fashion-mnist": True}
 

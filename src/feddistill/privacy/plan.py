@@ -43,11 +43,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-
 from typing import TYPE_CHECKING
 
 from feddistill.config import ConfigError, RunConfig
 from feddistill.privacy.mechanisms import reply_sensitivity, row_norm_bound
+from feddistill.secagg_shares import CLIP_FAILURE_SHARE, SecAggNoise, run_shares
 
 if TYPE_CHECKING:  # dp-accounting is imported only when an epsilon is computed
     from feddistill.privacy.accounting import GaussianEvent
@@ -138,8 +138,6 @@ class UploadPrivacy:
 def upload_privacy(cfg: RunConfig) -> UploadPrivacy:
     p = cfg.privacy
     if cfg.distill.secure_aggregation != "off" and p.client_level in ("central", "gnmax"):
-        from feddistill.privacy.distributed import secagg_privacy
-
         return secagg_privacy(cfg)[0]
     q = cfg.distill.query_size
     sensitivity = reply_sensitivity(p.bound, q, neighbouring="add/remove", clip_norm=p.clip_norm)
@@ -170,6 +168,25 @@ def upload_privacy(cfg: RunConfig) -> UploadPrivacy:
         z2 = 1 / math.sqrt(rest)
     combined = 1 / math.sqrt(1 / z1**2 + 1 / z2**2)
     return UploadPrivacy(noise_multiplier=z2, accounted_noise_multiplier=combined, sampling_rate=rate, **common)
+
+
+def secagg_privacy(cfg: RunConfig) -> tuple[UploadPrivacy, SecAggNoise]:
+    """The run's :class:`UploadPrivacy` under SecAgg+ with distributed DP (``privacy.client-level``
+    central or gnmax) and its :class:`~feddistill.secagg_shares.SecAggNoise`; the rule is
+    :mod:`feddistill.privacy.distributed`'s docstring."""
+    p = cfg.privacy
+    q = cfg.distill.query_size
+    sensitivity = reply_sensitivity(p.bound, q, neighbouring="replace-one", clip_norm=p.clip_norm)
+    delta_clip = CLIP_FAILURE_SHARE * p.delta
+    delta = p.delta - delta_clip  # the accountant's delta; the clipping failure takes the rest
+    z = p.noise_multiplier or _calibrate(p.target_epsilon, delta, 1.0, cfg.rounds)
+    noise = run_shares(cfg, z)  # the sum carries N(0, (z * sensitivity)^2), clipped w.p. <= delta_clip
+    plan = UploadPrivacy(mode=p.client_level, bound=p.bound, clip_norm=p.clip_norm, sensitivity=sensitivity,
+                         noise_multiplier=z, threshold_noise_multiplier=p.threshold_noise_multiplier,
+                         accounted_noise_multiplier=z, sampling_rate=1.0, delta=delta,
+                         target_epsilon=p.target_epsilon or None, secure_aggregation=cfg.distill.secure_aggregation,
+                         clip_failure=noise.clip_failure)
+    return plan, noise
 
 
 @lru_cache(maxsize=256)
