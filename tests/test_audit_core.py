@@ -209,7 +209,7 @@ def test_one_run_monotone_and_zero():
     assert bounds[1] >= 0.0
     assert one_run_epsilon_lower_bound(m, r, 0, delta) == 0.0
     assert one_run_epsilon_lower_bound(m, r, r // 2, delta) == 0.0
-    # REFERENCES: ~5.8 with 1,000 canaries all guessed right
+    # docs/references.md ("Test vectors"): ~5.8 with 1,000 canaries all guessed right
     assert one_run_epsilon_lower_bound(1000, 1000, 1000, 0.0) == pytest.approx(5.8, abs=0.1)
 
 

@@ -1,6 +1,6 @@
 """Tests for feddistill.privacy: mechanisms, accountants, the ledger, DP-SGD.
 
-Reference numbers come from /work/shared/REFERENCES.md ("Differential privacy");
+Reference numbers come from docs/references.md ("Test vectors");
 independent computations use dp-accounting's PLD objects directly, Opacus' PRV
 bounds, scipy, and closed forms.
 """
