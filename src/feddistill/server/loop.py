@@ -84,7 +84,7 @@ class RoundOutcome:
     answered_queries: int = 0
     teacher_accuracy: float | None = None
     previous_signal: np.ndarray | None = None  # the teacher signal before this round's answers
-    fleet_before: np.ndarray | None = None  # rows the fleet had answered before this round
+    fleet_before: np.ndarray | None = None  # rows whose training signal was already the fleet's before this round
     evaluation: Evaluation | None = None
     test_probs: np.ndarray | None = None
     predictions: Predictions | None = None
@@ -320,7 +320,9 @@ class DistillationRun:
         """The answered queries into the teacher signal; the rows whose training label is the fleet's."""
         new_signal, queries = r.new_signal, r.queries
         r.previous_signal = self.signal.copy()
-        r.fleet_before = self.fleet_labels.times > 0
+        # "answered": every answered row; "consensus": the accepted rows (a row entering the
+        # consensus swaps the teacher's soft label for the fleet's hard one: by design, not drift)
+        r.fleet_before = self.accepted.copy()
         if new_signal is not None:
             answered = np.isfinite(new_signal).all(axis=1)  # Confident-GNMax leaves some unanswered
             r.answered_queries = int(answered.sum())
@@ -344,7 +346,7 @@ class DistillationRun:
         """KL of the teacher signal against the previous round's; an alert above the threshold."""
         # drift: only rows whose previous value was already the fleet's (a row's first answer
         # replaces the public teacher's opinion: a change by design, not drift)
-        compared = r.fleet_before & np.any(self.signal != r.previous_signal, axis=1)
+        compared = r.fleet_before & self.accepted & np.any(self.signal != r.previous_signal, axis=1)
         r.drift_kl = signal_kl(self.signal[compared], r.previous_signal[compared]) if compared.any() else None
         r.drift_alert = drift_alert(r.drift_kl, self.cfg.drift.kl_threshold)
         if r.drift_alert:
