@@ -3,6 +3,11 @@
 ``python -m bench readme`` rewrites every block between ``<!-- bench:NAME -->`` and
 ``<!-- /bench:NAME -->`` in README.md from ``bench/results/NAME/NAME.json``;
 ``tests/test_readme_results.py`` checks that the README still says what the files say.
+
+The digits quick start's table is one of them: ``bash scripts/quickstart.sh --record`` runs the
+quick start, then ``python -m bench.readme --quickstart runs/quickstart`` reads its figures from
+the run folder into ``bench/results/quickstart/quickstart.json`` (:func:`record_quickstart`) and
+rewrites the blocks.
 """
 
 from __future__ import annotations
@@ -283,9 +288,130 @@ def semisup(d: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --------------------------------------------------------------------------- the digits quick start
+QUICKSTART_RUN = ROOT / "runs" / "quickstart"
+
+
+def quickstart_summary(run_dir: Path, seconds: float | None = None) -> dict[str, Any]:
+    """The README's quick-start figures, read from a finished quick-start run folder
+    (``results.json``, and ``audit-report/audit.json`` when the audit ran); nothing else.
+    ``seconds``: the wall time of the whole quick start, as scripts/quickstart.sh measured it."""
+    from bench.common import environment
+
+    run_dir = Path(run_dir)
+    r = json.loads((run_dir / "results.json").read_text())
+    if r.get("method") != "feddistill" or "centralized" not in r.get("baselines", {}):
+        raise ValueError(f"{run_dir} is not a finished quick start with its baselines (bash scripts/quickstart.sh)")
+    final, base, cfg = r["final"], r["baselines"], r["config"]
+    out: dict[str, Any] = {
+        "suite": "quickstart",
+        "command": "bash scripts/quickstart.sh --record",
+        "environment": environment(),
+        "wall_seconds": seconds,
+        "config": cfg,
+        "config_digest": r.get("config_digest"),
+        "validation_size": (r.get("validation") or {}).get("size", 0),
+        "global_student": {"released_id": final.get("released_id"), "released_accuracy": final.get("released_accuracy"),
+                           "final_accuracy": final["student_accuracy"],
+                           "bytes_per_client_round": final["bytes_per_client_round"]},
+        "public_teacher": {"model": r["public_teacher"]["model"], "accuracy": r["public_teacher"]["test_accuracy"]},
+        "round0_student": {"accuracy": r["public_only_student"]["test_accuracy"]},
+        "public_control": {"accuracy": base["public_control"]["accuracy"], "rounds": base["public_control"]["rounds"]},
+        "local_only": {"accuracy": base["local_only"]["accuracy_mean"],
+                       "clients": len(base["local_only"]["clients_evaluated"])},
+        "centralized": {"accuracy": base["centralized"]["accuracy"]},
+        "fedavg": {"accuracy": base["fedavg"]["accuracy"], "init": base["fedavg"]["init"],
+                   "bytes_per_client_round": base["fedavg"]["bytes_per_client_round"]} if "fedavg" in base else None,
+        "private_gain_points": final["private_gain"],
+        "gap_closed": final.get("gap_closed"),
+        "fleet_labelled_rows": final.get("fleet_labelled_rows"),
+        "audit": _quickstart_audit(run_dir / "audit-report" / "audit.json"),
+    }
+    return out
+
+
+def _quickstart_audit(path: Path) -> dict[str, Any] | None:
+    """The audit's headline figures: the best AUC and TPR at 0.1 % FPR over its targets, the
+    largest empirical epsilon lower bound, DP violations and the policy's verdict."""
+    if not path.is_file():
+        return None
+    a = json.loads(path.read_text())
+    best = {name: t["attacks"][t["best_auc_attack"]]["summary"] for name, t in a["targets"].items() if not t.get("skipped")}
+    top = max(best, key=lambda n: best[n]["auc"])
+    return {"targets": len(best), "best_auc": best[top]["auc"], "best_auc_target": top,
+            "max_tpr_at_0.1pct_fpr": max(s["tpr_at_fpr"]["0.001"]["tpr"] for s in best.values()),
+            "max_epsilon_lower_bound": max(b["epsilon_lower_bound"] for b in a["epsilon_lower_bounds"]),
+            "is_dp": a["is_dp"], "dp_violations": len(a["dp_violations"]), "passed": a["verdict"]["passed"],
+            "seconds": a["timings_s"]["total"]}
+
+
+def record_quickstart(run_dir: Path = QUICKSTART_RUN, results: Path = RESULTS, seconds: float | None = None) -> Path:
+    """Write ``bench/results/quickstart/quickstart.json`` from a finished quick-start run folder."""
+    path = results / "quickstart" / "quickstart.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(quickstart_summary(run_dir, seconds), indent=2) + "\n")
+    return path
+
+
+def quickstart(d: dict[str, Any]) -> str:
+    c, g, fed = d["config"], d["global_student"], d["fedavg"]
+    labelled, held = c["data"]["public_labelled_size"], d["validation_size"]
+    acc = g["released_accuracy"] if g["released_id"] else g["final_accuracy"]
+    took = f"{d['wall_seconds'] / 60:.1f} min" if d.get("wall_seconds") else "time not recorded"
+    lines = [f"`{d['command']}` (seed {c['seed']}, {c['fleet']['num_clients']} clients, Dirichlet "
+             f"α={c['fleet']['alpha']:g}, q={c['fleet']['fraction']:g}, {c['rounds']} rounds, "
+             f"{c['distill']['server_student'].upper()} student; {d['environment']['cpus']} CPU cores, {took} "
+             "for the recorded run, baselines, audit and report included):", "",
+             "| method | test accuracy | upload / client-round |", "| --- | --- | --- |",
+             f"| **feddistill global student** (released: {g['released_id'] or 'none'}) | **{_pct(acc)}** | "
+             f"{_kb(g['bytes_per_client_round'])} |",
+             f"| public teacher only (`{d['public_teacher']['model']}` on {labelled - held} labelled"
+             + (f"; {held} held out for the release gate" if held else "") + f") | {_pct(d['public_teacher']['accuracy'])} | – |",
+             f"| student distilled from the public teacher alone (round 0) | {_pct(d['round0_student']['accuracy'])} | – |",
+             f"| **public-only control** (the same server pipeline, {d['public_control']['rounds']} rounds, no fleet "
+             f"answers) | {_pct(d['public_control']['accuracy'])} | – |",
+             f"| local-only (mean of {d['local_only']['clients']} clients) | {_pct(d['local_only']['accuracy'])} | – |",
+             f"| centralized (pooled private data) | {_pct(d['centralized']['accuracy'])} | – |"]
+    if fed:
+        init = f"pretrained on all {labelled} labelled" if fed["init"] == "public" else "from scratch"
+        lines.append(f"| Flower FedAvg ({init}, same fleet and rounds) | {_pct(fed['accuracy'])} | "
+                     f"{_kb(fed['bytes_per_client_round'])} |")
+    lines += ["", _quickstart_prose(d, acc)]
+    return "\n".join(lines) + "\n"
+
+
+def _quickstart_prose(d: dict[str, Any], acc: float) -> str:
+    g, fed, c = d["global_student"], d["fedavg"], d["config"]
+    text = (f"Private gain (the global student − the public-only control): **{d['private_gain_points']:+.1f} points**"
+            + (f"; gap closed between the control and pooling all private data: {100 * d['gap_closed']:.0f} %"
+               if d.get("gap_closed") is not None else "")
+            + (f"; {d['fleet_labelled_rows']:,} of the {c['data']['reference_size']:,} reference rows carry the fleet's "
+               "label" if d.get("fleet_labelled_rows") is not None else "") + ". "
+            f"The global student is {100 * (acc - d['local_only']['accuracy']):.1f} points above a client alone and "
+            f"{100 * (d['centralized']['accuracy'] - acc):.1f} points below pooling all private data")
+    if fed:
+        text += (f", and uploads {fed['bytes_per_client_round'] / g['bytes_per_client_round']:.1f}× less than FedAvg "
+                 "per client-round (FedAvg's accuracy moves between runs: Flower's FedAvg samples its clients at "
+                 "random; ours are seeded)")
+    text += "."
+    if g["released_id"] and g["released_accuracy"] != g["final_accuracy"]:
+        text += (f" The last round's student scored {_pct(g['final_accuracy'])}; the release gate kept "
+                 f"{g['released_id']} (private gain and gap closed are the last round's).")
+    a = d.get("audit")
+    if a:
+        verdict = "passed" if a["passed"] else "failed"
+        claim = "" if a["is_dp"] else "; the run is not DP, so nothing is claimed"
+        text += (f" The audit of the same run ({a['targets']} targets, {a['seconds']:.0f} s): best AUC {a['best_auc']:.2f} "
+                 f"({a['best_auc_target']}), TPR at 0.1 % FPR ≤ {a['max_tpr_at_0.1pct_fpr']:.3f}, largest empirical ε "
+                 f"lower bound {a['max_epsilon_lower_bound']:.2f} (membership targets and canaries), "
+                 f"{a['dp_violations']} DP violations{claim}; "
+                 f"policy {verdict}.")
+    return text
+
+
 RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
     "privacy": privacy, "faults": faults, "comms": comms, "audit": audit, "scale": scale, "deploy": deploy,
-    "frontier": frontier, "profile": profile, "ceiling": ceiling, "semisup": semisup,
+    "frontier": frontier, "profile": profile, "ceiling": ceiling, "semisup": semisup, "quickstart": quickstart,
 }
 
 
@@ -307,3 +433,22 @@ def update(readme: Path = ROOT / "README.md", results: Path = RESULTS) -> list[s
 
     readme.write_text(BLOCK.sub(sub, text))
     return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m bench.readme [--quickstart RUN_DIR [--seconds S]]``: record the quick start's
+    figures from its run folder (scripts/quickstart.sh --record does), then rewrite the README's blocks."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.readme")
+    parser.add_argument("--quickstart", type=Path, default=None, metavar="RUN_DIR",
+                        help="first write bench/results/quickstart/quickstart.json from this finished quick start")
+    parser.add_argument("--seconds", type=float, default=None, help="the quick start's wall time, to record with it")
+    args = parser.parse_args(argv)
+    if args.quickstart is not None:
+        print("written:", record_quickstart(args.quickstart, seconds=args.seconds).relative_to(ROOT))
+    print("README blocks written:", ", ".join(update()) or "none")
+
+
+if __name__ == "__main__":
+    main()

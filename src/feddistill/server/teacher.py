@@ -20,6 +20,7 @@ import torch
 
 from feddistill.atomic import atomic_path
 from feddistill.config import TeacherConfig
+from feddistill.console import training_progress
 from feddistill.data import Splits
 from feddistill.models import build_model
 from feddistill.simulations.fleet import as_tensors
@@ -66,7 +67,10 @@ def public_teacher(cfg: TeacherConfig, splits: Splits, seed: int) -> PublicTeach
             log.warning("public teacher: ignoring unreadable cache %s (%s)", path, exc)
             path.unlink(missing_ok=True)
     x, y = as_tensors(splits.public_labelled)
-    train_supervised(model, x, y, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed)
+    # minutes for a large teacher on Fashion-MNIST: a bar on a terminal, a few lines in a log
+    with training_progress(model, f"public teacher ({cfg.model}, {len(x)} labelled)", epochs=cfg.epochs,
+                           rows=len(x), batch_size=cfg.batch_size):
+        train_supervised(model, x, y, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed)
     ref_x, _ = as_tensors(splits.reference)
     test_x, _ = as_tensors(splits.test)
     # the teacher's outputs are cached with its weights: inference with a large net on the

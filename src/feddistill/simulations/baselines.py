@@ -1,7 +1,8 @@
 """Baselines trained in the same harness on the same fleet: local-only and centralized.
 
 These need the clients' private data pooled in one process, so they exist only
-in simulation (a deployed server never sees private data).
+in simulation (a deployed server never sees private data). Each shows its progress
+(feddistill.console: a bar on a terminal, a few lines in a log).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from feddistill.config import RunConfig
+from feddistill.console import progress, training_progress
 from feddistill.models import build_model
 from feddistill.simulations.fleet import Fleet, as_tensors
 from feddistill.training import evaluate_model, train_supervised
@@ -25,13 +27,16 @@ def local_only(cfg: RunConfig, fleet: Fleet) -> dict[str, Any]:
     clients = np.sort(rng.choice(n, size=min(n, cfg.baselines.max_local_clients), replace=False))
     test_x, _ = as_tensors(fleet.splits.test)
     accs = []
-    for pid in clients:
-        data = fleet.private_data(int(pid))
-        model = build_model(cfg.student_for(int(pid)), fleet.image_size, fleet.num_classes, seed=cfg.seed + int(pid))
-        x, y = as_tensors(data)
-        train_supervised(model, x, y, epochs=cfg.baselines.local_epochs, batch_size=cfg.distill.batch_size,
-                         lr=cfg.distill.lr, momentum=cfg.distill.momentum, seed=cfg.seed + int(pid))
-        accs.append(evaluate_model(model, test_x, fleet.splits.test.y).accuracy)
+    with progress(f"baseline local-only ({cfg.baselines.local_epochs} epochs each)", len(clients),
+                  unit="clients") as bar:
+        for pid in clients:
+            data = fleet.private_data(int(pid))
+            model = build_model(cfg.student_for(int(pid)), fleet.image_size, fleet.num_classes, seed=cfg.seed + int(pid))
+            x, y = as_tensors(data)
+            train_supervised(model, x, y, epochs=cfg.baselines.local_epochs, batch_size=cfg.distill.batch_size,
+                             lr=cfg.distill.lr, momentum=cfg.distill.momentum, seed=cfg.seed + int(pid))
+            accs.append(evaluate_model(model, test_x, fleet.splits.test.y).accuracy)
+            bar.advance()
     return {
         "accuracy_mean": float(np.mean(accs)),
         "accuracy_std": float(np.std(accs)),
@@ -46,7 +51,9 @@ def centralized(cfg: RunConfig, fleet: Fleet) -> dict[str, Any]:
     model = build_model(cfg.distill.server_student, fleet.image_size, fleet.num_classes, seed=cfg.seed)
     pool = fleet.splits.private_pool.subset(np.concatenate(fleet.parts))
     x, y = as_tensors(pool)
-    train_supervised(model, x, y, epochs=cfg.baselines.local_epochs, batch_size=cfg.distill.batch_size,
-                     lr=cfg.distill.lr, momentum=cfg.distill.momentum, seed=cfg.seed)
+    with training_progress(model, f"baseline centralized ({len(x):,} pooled rows)", epochs=cfg.baselines.local_epochs,
+                           rows=len(x), batch_size=cfg.distill.batch_size):
+        train_supervised(model, x, y, epochs=cfg.baselines.local_epochs, batch_size=cfg.distill.batch_size,
+                         lr=cfg.distill.lr, momentum=cfg.distill.momentum, seed=cfg.seed)
     test_x, _ = as_tensors(fleet.splits.test)
     return evaluate_model(model, test_x, fleet.splits.test.y).to_dict()

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from feddistill.console import ProgressTask, progress
 from feddistill.models import build_model
 
 from .artifacts import AuditInputError, RunArtifacts, load_run
@@ -577,20 +578,30 @@ def _run_audit(
     t_start = time.monotonic()
     policy, art, out = _audit_inputs(run_dir, out_dir, policy_path, options)
     run = _AuditRun(art, options)
-    run.audit_clients()
-    run.audit_global()
-    canary = run.audit_canaries()
-    t0 = time.monotonic()
-    labels = _label_inference(run.ctx)
-    run.timings["label_inference"] = time.monotonic() - t0
+    # one step per audited client, the global student, the canaries, and label inference + report
+    steps = len(run.clients) + 1 + (art.canaries is not None) + 1
+    with progress(f"audit of {Path(run_dir).name or run_dir}", steps, unit="steps", lines=0) as bar:
+        run.audit_clients(bar)
+        bar.phase("global student")
+        run.audit_global()
+        bar.advance()
+        if art.canaries is not None:
+            bar.phase(f"canaries (client {art.canaries.client})")
+        canary = run.audit_canaries()
+        if art.canaries is not None:
+            bar.advance()
+        bar.phase("label inference and report")
+        t0 = time.monotonic()
+        labels = _label_inference(run.ctx)
+        run.timings["label_inference"] = time.monotonic() - t0
 
-    audit = run.audit_record(run_dir, policy, canary, labels)
-    rules, code = evaluate_policy(audit, policy)
-    audit["verdict"] = {"passed": code == 0, "exit_code": code, "rules": rules}
-    t0 = time.monotonic()
-    plots = write_roc_plots(out, run.curves, run.targets)
-    audit["plots"] = plots
-    run.timings["report"] = time.monotonic() - t0
+        audit = run.audit_record(run_dir, policy, canary, labels)
+        rules, code = evaluate_policy(audit, policy)
+        audit["verdict"] = {"passed": code == 0, "exit_code": code, "rules": rules}
+        t0 = time.monotonic()
+        plots = write_roc_plots(out, run.curves, run.targets)
+        audit["plots"] = plots
+        run.timings["report"] = time.monotonic() - t0
     run.timings["total"] = time.monotonic() - t_start
     audit["timings_s"] = run.timings
     audit = sanitize(audit)
@@ -668,31 +679,40 @@ class _AuditRun:
         self.bounds.append(_bound_entry(f"{name} (membership inference, {res['best_attack']})",
                                         ee["epsilon_lower_bound"], ee["max_certifiable_epsilon"], claim, delta))
 
-    def audit_clients(self) -> None:
-        """Targets (a) and (b) of every selected client: its uploads and its local student."""
-        options = self.options
+    def audit_clients(self, bar: ProgressTask | None = None) -> None:
+        """Targets (a) and (b) of every selected client: its uploads and its local student
+        (``bar``: one step of it per client)."""
         for i, pid in enumerate(self.clients):
-            t0 = time.monotonic()
-            info = _audit_client(self.ctx, pid, recipe_seed=options.seed * 1_000_003 + 101 * (i + 1))
-            if "skipped" in info:
-                for kind in ("uploads", "local"):
-                    self.targets[f"{kind}_client{pid}"] = {"skipped": True, "reason": info["skipped"], "kind": kind}
-                continue
-            common = {"client": pid, "architecture": self.art.client_students[pid][0],
-                      "reference_recipe": asdict(info["recipe"]), "reference_models": options.reference_models}
-            if "uploads" in info:
-                self.mimics[pid] = info["mimic"]
-                self.add_target(
-                    f"uploads_client{pid}", "uploads",
-                    f"(a) client {pid}'s uploads: mimic distilled from its answers on {info['n_queries']} reference-set "
-                    f"queries over rounds {info['rounds']}; reference models mimicked the same way (distillation-based LiRA)",
-                    info["uploads"], info,
-                    {**common, "mimic_recipe": asdict(_mimic_recipe(self.ctx)), "rounds": info["rounds"]},
-                    owner=pid,
-                )
-            self.add_target(f"local_client{pid}", "local", f"(b) client {pid}'s final local student", info["local"],
-                            info, common, owner=pid)
-            self.timings[f"client{pid}"] = time.monotonic() - t0
+            if bar is not None:
+                bar.phase(f"client {pid} (uploads, local student)")
+            self.audit_client(i, pid)
+            if bar is not None:
+                bar.advance()
+
+    def audit_client(self, i: int, pid: int) -> None:
+        """Targets (a) and (b) of client ``pid``, the ``i``-th audited."""
+        options = self.options
+        t0 = time.monotonic()
+        info = _audit_client(self.ctx, pid, recipe_seed=options.seed * 1_000_003 + 101 * (i + 1))
+        if "skipped" in info:
+            for kind in ("uploads", "local"):
+                self.targets[f"{kind}_client{pid}"] = {"skipped": True, "reason": info["skipped"], "kind": kind}
+            return
+        common = {"client": pid, "architecture": self.art.client_students[pid][0],
+                  "reference_recipe": asdict(info["recipe"]), "reference_models": options.reference_models}
+        if "uploads" in info:
+            self.mimics[pid] = info["mimic"]
+            self.add_target(
+                f"uploads_client{pid}", "uploads",
+                f"(a) client {pid}'s uploads: mimic distilled from its answers on {info['n_queries']} reference-set "
+                f"queries over rounds {info['rounds']}; reference models mimicked the same way (distillation-based LiRA)",
+                info["uploads"], info,
+                {**common, "mimic_recipe": asdict(_mimic_recipe(self.ctx)), "rounds": info["rounds"]},
+                owner=pid,
+            )
+        self.add_target(f"local_client{pid}", "local", f"(b) client {pid}'s final local student", info["local"],
+                        info, common, owner=pid)
+        self.timings[f"client{pid}"] = time.monotonic() - t0
 
     def audit_global(self) -> None:
         """Target (c): the released global student; members are every uploader's private data."""
