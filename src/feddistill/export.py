@@ -17,7 +17,6 @@ as int8 and quantizes activations on the fly; convolutions stay fp32.
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 import warnings
@@ -31,11 +30,14 @@ import torch
 from torch import nn
 
 from feddistill.atomic import atomic_path
+from feddistill.atomic import write_json as _write_json
 from feddistill.calibration import softmax
+from feddistill.runfolder import EXPORT_FP32 as FP32_FILE
+from feddistill.runfolder import EXPORT_INT8 as INT8_FILE
+from feddistill.runfolder import EXPORT_META as META_FILE
 
-FP32_FILE = "student_fp32.torchscript.pt"
-INT8_FILE = "student_int8.torchscript.pt"
-META_FILE = "export.json"
+__all__ = ["FP32_FILE", "INT8_FILE", "META_FILE", "CalibratedStudent", "export_model", "export_release", "latency_ms",
+           "predict", "quantize_int8", "to_torchscript"]
 
 
 class CalibratedStudent(nn.Module):
@@ -149,8 +151,7 @@ def export_model(model: nn.Module, temperature: float, test_x: torch.Tensor, tes
         "environment": {"torch": torch.__version__,
                         "quantized_engine": torch.backends.quantized.engine, "machine": platform.machine()},
     }
-    with atomic_path(out_dir / META_FILE) as tmp:
-        tmp.write_text(json.dumps(meta, indent=2))
+    _write_json(out_dir / META_FILE, meta)
     return meta
 
 
@@ -159,23 +160,24 @@ def export_release(run_dir: Path, rid: str, out_dir: Path | None = None, *, late
     (unknown or rejected release, no history), ConfigError, DataError or RunFolderError (the
     export folder is a file or cannot be written) with a clear message."""
     from feddistill.models import build_model
-    from feddistill.runfolder import check_output_folder
+    from feddistill.runfolder import RunFolder, check_output_folder, model_of_blob
     from feddistill.server.gate import load_release_model
     from feddistill.simulations.fleet import as_tensors, load_fleet
     from feddistill.simulations.run import resume_config
 
     run_dir = Path(run_dir)
     release, blob = load_release_model(run_dir, rid)
-    out = Path(out_dir) if out_dir is not None else run_dir / "exports" / rid
+    saved = model_of_blob(blob, f"release {rid}")
+    out = Path(out_dir) if out_dir is not None else RunFolder(run_dir).export(rid)
     check_output_folder(out)  # before the timing runs, not after them
     cfg = resume_config(run_dir)
     fleet = load_fleet(cfg.data, cfg.fleet, cfg.seed)
-    model = build_model(blob["model"], fleet.image_size, fleet.num_classes)
-    model.load_state_dict(blob["state_dict"])
+    model = build_model(saved.model, fleet.image_size, fleet.num_classes)
+    model.load_state_dict(saved.state_dict)
     test_x, _ = as_tensors(fleet.splits.test)
     meta = {"release": release.id, "round": release.round, "parent": release.parent, "model": release.model,
             "reference_digest": release.reference_digest, "config_digest": release.config_digest,
             "client_epsilon": release.client_epsilon, "record_epsilon": release.record_epsilon,
             "test_split": f"{cfg.data.dataset} test split ({len(fleet.splits.test.y)} examples)"}
-    return export_model(model, float(blob.get("temperature", 1.0)), test_x, fleet.splits.test.y, out,
+    return export_model(model, float(saved.metadata.get("temperature", 1.0)), test_x, fleet.splits.test.y, out,
                         metadata=meta, latency_runs=latency_runs)

@@ -1,4 +1,5 @@
-"""Readable summaries and plots of a run's results.json."""
+"""Readable summaries and plots of a run's results.json, read through its typed records
+(``feddistill.runfolder.RunResults``: the rounds, the final block, the baselines, privacy)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,18 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from feddistill.atomic import atomic_path
 from feddistill.atomic import read_json
+from feddistill.runfolder import (
+    AUDIT_JSON,
+    AUDIT_MARKDOWN,
+    REPORT_HTML,
+    Baselines,
+    ResultsFormatError,
+    RoundRecord,
+    RunFolder,
+    RunResults,
+)
 
 
 def _pct(x: float | None) -> str:
@@ -26,8 +38,17 @@ def _bytes(n: float | None) -> str:
     return "-"
 
 
-def print_summary(results: dict[str, Any], console: Console) -> None:
-    cfg = results["config"]
+def _baselines(res: RunResults) -> Baselines:
+    return res.baselines if "baselines" in res else Baselines()
+
+
+def _claims(res: RunResults) -> dict[str, Any]:
+    return res.privacy.claims() if res.privacy is not None else {}
+
+
+def print_summary(results: RunResults | dict[str, Any], console: Console) -> None:
+    res = RunResults.coerce(results)
+    cfg = res.config
     console.rule(
         f"feddistill: {cfg['data']['dataset']}, {cfg['fleet']['num_clients']} clients "
         f"({cfg['fleet']['partition']}, alpha={cfg['fleet']['alpha']}), aggregator {cfg['distill']['aggregator']}"
@@ -35,105 +56,106 @@ def print_summary(results: dict[str, Any], console: Console) -> None:
     rounds = Table(title="Rounds", show_edge=False)
     for col in ("round", "clients", "answers", "teacher signal acc", "student acc", "student ECE", "agreement", "uploaded"):
         rounds.add_column(col, justify="right")
-    for r in results["rounds"]:
+    for r in res.rounds:
         rounds.add_row(
-            str(r["round"]),
-            str(r["clients"]),
-            str(r["replies"]),
-            _pct(r["teacher_accuracy"]),
-            _pct(r["student_accuracy"]),
-            f"{r['student_ece']:.3f}",
-            _pct(r["agreement"]),
-            _bytes(r["bytes_uploaded"]),
+            str(r.round),
+            str(r.clients),
+            str(r.replies),
+            _pct(r.teacher_accuracy),
+            _pct(r.student_accuracy),
+            f"{r.student_ece:.3f}",
+            _pct(r.agreement),
+            _bytes(r.bytes_uploaded),
         )
     console.print(rounds)
 
-    final, base = results["final"], results.get("baselines", {})
+    final, base = res.final, _baselines(res)
     table = Table(title="Global student vs baselines (test accuracy)", show_edge=False)
     table.add_column("method")
     table.add_column("accuracy", justify="right")
     table.add_column("upload / client-round", justify="right")
-    table.add_row("[bold]feddistill global student[/]", f"[bold]{_pct(final['student_accuracy'])}[/]",
-                  _bytes(final["bytes_per_client_round"]))
-    table.add_row("public teacher only", _pct(results["public_teacher"]["test_accuracy"]), "-")
-    table.add_row("student from public teacher only (round 0)", _pct(results["public_only_student"]["test_accuracy"]), "-")
+    table.add_row("[bold]feddistill global student[/]", f"[bold]{_pct(final.student_accuracy)}[/]",
+                  _bytes(final.bytes_per_client_round))
+    table.add_row("public teacher only", _pct(res.public_teacher["test_accuracy"]), "-")
+    table.add_row("student from public teacher only (round 0)", _pct(res.public_only_student["test_accuracy"]), "-")
     if "public_control" in base:
-        table.add_row("public-only control (same server pipeline, no fleet)", _pct(base["public_control"]["accuracy"]),
+        table.add_row("public-only control (same server pipeline, no fleet)", _pct(base.public_control["accuracy"]),
                       "-")
     if "local_only" in base:
-        lo = base["local_only"]
+        lo = base.local_only
         table.add_row(f"local-only (mean of {len(lo['clients_evaluated'])} clients)", _pct(lo["accuracy_mean"]), "-")
     if "centralized" in base:
-        table.add_row("centralized (pooled private data)", _pct(base["centralized"]["accuracy"]), "-")
+        table.add_row("centralized (pooled private data)", _pct(base.centralized["accuracy"]), "-")
     if "fedavg" in base:
-        fa = base["fedavg"]
+        fa = base.fedavg
         table.add_row(f"Flower FedAvg ({fa['init']} init)", _pct(fa["accuracy"]), _bytes(fa["bytes_per_client_round"]))
     if "dp_fedavg" in base:
-        dp = base["dp_fedavg"]
+        dp = base.dp_fedavg
         table.add_row(f"Flower DP-FedAvg (client-level eps={dp['privacy']['epsilon']:.2f})", _pct(dp["accuracy"]),
                       _bytes(dp["bytes_per_client_round"]))
     console.print(table)
-    if final.get("private_gain") is not None:
-        closed = final.get("gap_closed")
-        console.print(f"private data's gain over the public-only control: {final['private_gain']:+.1f} points"
+    if final.private_gain is not None:
+        closed = final.gap_closed
+        console.print(f"private data's gain over the public-only control: {final.private_gain:+.1f} points"
                       + ("" if closed is None else f", {closed:.0%} of the gap to centralized closed")
                       + f"; {final.get('fleet_labelled_rows', 0)} reference rows labelled by the fleet")
     for key, label in (("client_level", "client-level"), ("record_level", "record-level")):
-        p = (results.get("privacy") or {}).get(key)
-        if p and p.get("epsilon") is not None:
-            console.print(f"privacy ({label}): epsilon = {p['epsilon']:.3f} at delta = {p['delta']:g}, unit: {p['unit']}, "
-                          f"accountant: {p['accountant']}, mechanism: {p['mechanism']}")
-    if "fedavg" in base and final["bytes_per_client_round"]:
-        ratio = base["fedavg"]["bytes_per_client_round"] / final["bytes_per_client_round"]
+        p = _claims(res).get(key)
+        if p is not None and p.epsilon is not None:
+            console.print(f"privacy ({label}): epsilon = {p.epsilon:.3f} at delta = {p.delta:g}, unit: {p.unit}, "
+                          f"accountant: {p.accountant}, mechanism: {p.mechanism}")
+    if "fedavg" in base and final.bytes_per_client_round:
+        ratio = base.fedavg["bytes_per_client_round"] / final.bytes_per_client_round
         console.print(f"upload per client-round: {ratio:.1f}x less than FedAvg")
-    dropped = sum(sum(r["dropped"].values()) for r in results["rounds"])
+    dropped = sum(sum(r.dropped.values()) for r in res.rounds)
     if dropped:
         console.print(f"[yellow]{dropped} replies dropped by validation (reasons in results.json)[/]")
 
 
-def _reference_lines(ax, results: dict[str, Any], base: dict[str, Any]) -> None:
+def _reference_lines(ax, res: RunResults, base: Baselines) -> None:
     """Horizontal lines for the public teacher and the local-only and centralized baselines."""
-    lines = [("public teacher only", results["public_teacher"]["test_accuracy"], "gray")]
+    lines = [("public teacher only", res.public_teacher["test_accuracy"], "gray")]
     if "local_only" in base:
-        lines.append(("local-only (mean)", base["local_only"]["accuracy_mean"], "red"))
+        lines.append(("local-only (mean)", base.local_only["accuracy_mean"], "red"))
     if "centralized" in base:
-        lines.append(("centralized", base["centralized"]["accuracy"], "green"))
+        lines.append(("centralized", base.centralized["accuracy"], "green"))
     for label, value, color in lines:
         ax.axhline(value, color=color, linestyle=":", label=label)
 
 
-def plot_accuracy(results: dict[str, Any], path: Path) -> Path:
+def plot_accuracy(results: RunResults | dict[str, Any], path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rounds = [r["round"] for r in results["rounds"]]
+    res = RunResults.coerce(results)
+    rounds = [r.round for r in res.rounds]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot([0, *rounds], [results["public_only_student"]["test_accuracy"]] + [r["student_accuracy"] for r in results["rounds"]],
+    ax.plot([0, *rounds], [res.public_only_student["test_accuracy"]] + [r.student_accuracy for r in res.rounds],
             "o-", label="feddistill global student (test)")
-    control = (results.get("baselines") or {}).get("public_control")
+    base = _baselines(res)
+    control = base.public_control
     if control is not None:
         ax.plot(range(len(control["per_round"])), control["per_round"], "k.-", alpha=0.6,
                 label="public-only control (same pipeline, no fleet)")
-    teacher = [(r["round"], r["teacher_accuracy"]) for r in results["rounds"] if r["teacher_accuracy"] is not None]
+    teacher = [(r.round, r.teacher_accuracy) for r in res.rounds if r.teacher_accuracy is not None]
     if teacher:
         ax.plot(*zip(*teacher), "s--", alpha=0.7, label="ensemble teacher signal (queried reference rows)")
-    base = results.get("baselines", {})
-    if "fedavg" in base and base["fedavg"]["rounds"]:
-        ax.plot([r["round"] for r in base["fedavg"]["rounds"]], [r["student_accuracy"] for r in base["fedavg"]["rounds"]],
+    if "fedavg" in base and base.fedavg["rounds"]:
+        ax.plot([r["round"] for r in base.fedavg["rounds"]], [r["student_accuracy"] for r in base.fedavg["rounds"]],
                 "^-", label="Flower FedAvg (test)")
-    _reference_lines(ax, results, base)
+    _reference_lines(ax, res, base)
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    cfg = results["config"]
+    cfg = res.config
     ax.set_title(f"{cfg['data']['dataset']}, {cfg['fleet']['num_clients']} clients, {cfg['fleet']['partition']} alpha={cfg['fleet']['alpha']}")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return path
 
@@ -143,6 +165,9 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> Path:
 class ReportError(RuntimeError):
     """The run folder has no readable results.json."""
 
+
+# the blocks of results.json every section reads (besides the rounds)
+_REPORT_NEEDS = ("final", "public_teacher", "public_only_student")
 
 REPORT_SECTIONS = ("summary", "accuracy", "privacy", "communication", "faults", "releases", "drift", "calibration",
                    "export", "audit")
@@ -170,25 +195,25 @@ def _plt():
     return plt
 
 
-def _accuracy_figure(results: dict[str, Any]) -> str:
+def _accuracy_figure(res: RunResults) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
-    rounds = results["rounds"]
-    xs = [r["round"] for r in rounds]
-    ax.plot([0, *xs], [results["public_only_student"]["test_accuracy"]] + [r["student_accuracy"] for r in rounds],
+    rounds = res.rounds
+    xs = [r.round for r in rounds]
+    ax.plot([0, *xs], [res.public_only_student["test_accuracy"]] + [r.student_accuracy for r in rounds],
             "o-", label="candidate global student (test)")
     if all("released_accuracy" in r for r in rounds):
-        ax.step(xs, [r["released_accuracy"] for r in rounds], where="post", color="black", linewidth=2, alpha=0.6,
+        ax.step(xs, [r.released_accuracy for r in rounds], where="post", color="black", linewidth=2, alpha=0.6,
                 label="released student (test)")
-    teacher = [(r["round"], r["teacher_accuracy"]) for r in rounds if r["teacher_accuracy"] is not None]
+    teacher = [(r.round, r.teacher_accuracy) for r in rounds if r.teacher_accuracy is not None]
     if teacher:
         ax.plot(*zip(*teacher), "s--", alpha=0.7, label="teacher signal (queried reference rows)")
-    base = results.get("baselines", {})
+    base = _baselines(res)
     for key, label in (("fedavg", "Flower FedAvg"), ("dp_fedavg", "Flower DP-FedAvg")):
         if key in base and base[key].get("rounds"):
             ax.plot([r["round"] for r in base[key]["rounds"]], [r["student_accuracy"] for r in base[key]["rounds"]],
                     "^-", alpha=0.8, label=f"{label} (test)")
-    _reference_lines(ax, results, base)
+    _reference_lines(ax, res, base)
     ax.set(xlabel="round", ylabel="accuracy", ylim=(0, 1))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
@@ -219,8 +244,8 @@ def _series_figure(xs, series: dict[str, list], ylabel: str, *, kind: str = "lin
     return _figure_data_uri(fig)
 
 
-def _per_class_figure(rounds: list[dict[str, Any]]) -> str | None:
-    rows = [r.get("per_class_accuracy") for r in rounds]
+def _per_class_figure(rounds: list[RoundRecord]) -> str | None:
+    rows = [r.per_class_accuracy for r in rounds]
     if not rows or any(r is None for r in rows):
         return None
     import numpy as np
@@ -229,7 +254,7 @@ def _per_class_figure(rounds: list[dict[str, Any]]) -> str | None:
     data = np.array([[np.nan if a is None else a for a in r] for r in rows], dtype=float).T
     fig, ax = plt.subplots(figsize=(7, 3.2))
     im = ax.imshow(data, aspect="auto", vmin=0, vmax=1, cmap="viridis",
-                   extent=(rounds[0]["round"] - 0.5, rounds[-1]["round"] + 0.5, data.shape[0] - 0.5, -0.5))
+                   extent=(rounds[0].round - 0.5, rounds[-1].round + 0.5, data.shape[0] - 0.5, -0.5))
     ax.set(xlabel="round", ylabel="class", title="student per-class test accuracy")
     fig.colorbar(im, ax=ax)
     return _figure_data_uri(fig)
@@ -279,11 +304,12 @@ def _calibration_decision(cal: dict[str, Any]) -> str:
     return f"; the fitted T = {cal['fitted_temperature']:.3f} was not kept (T = 1): {held_out}"
 
 
-def build_html_report(results: dict[str, Any], run_dir: Path) -> str:
+def build_html_report(results: RunResults | dict[str, Any], run_dir: Path) -> str:
     """The report as one HTML string: every figure is an inline PNG data URI, no external asset."""
     from html import escape
 
-    sections = {key: _SECTION_BUILDERS[key](results, Path(run_dir)) for key in REPORT_SECTIONS}
+    res = RunResults.coerce(results)
+    sections = {key: _SECTION_BUILDERS[key](res, RunFolder(run_dir)) for key in REPORT_SECTIONS}
     titles = {"summary": "Summary", "accuracy": "Accuracy per round", "privacy": "Privacy: epsilon spent per round",
               "communication": "Bytes uploaded", "faults": "Dropped replies and dropouts",
               "releases": "Releases and rollbacks", "drift": "Drift", "calibration": "Calibration",
@@ -297,64 +323,64 @@ def build_html_report(results: dict[str, Any], run_dir: Path) -> str:
             f"<style>{style}</style></head><body><h1>{title}</h1>{body}</body></html>")
 
 
-def _summary_section(results: dict[str, Any], run_dir: Path) -> str:
-    rounds, cfg, final = results["rounds"], results["config"], results["final"]
+def _summary_section(res: RunResults, run: RunFolder) -> str:
+    rounds, cfg, final = res.rounds, res.config, res.final
     summary_rows = [
         ["dataset / clients", f"{cfg['data']['dataset']}, {cfg['fleet']['num_clients']} clients "
                               f"({cfg['fleet']['partition']}), {len(rounds)} rounds"],
         ["aggregator", cfg["distill"]["aggregator"]],
-        ["released student", f"{final.get('released_id', '-')} (test accuracy {_pct(final.get('released_accuracy'))})"],
-        ["last candidate student", f"test accuracy {_pct(final['student_accuracy'])}"],
-        ["public teacher only", _pct(results["public_teacher"]["test_accuracy"])],
-        ["config hash", results.get("config_digest", "-")],
-        ["reference-set digest", results.get("reference_digest", "-")],
+        ["released student", f"{final.get('released_id', '-')} (test accuracy {_pct(final.released_accuracy)})"],
+        ["last candidate student", f"test accuracy {_pct(final.student_accuracy)}"],
+        ["public teacher only", _pct(res.public_teacher["test_accuracy"])],
+        ["config hash", res.get("config_digest", "-")],
+        ["reference-set digest", res.get("reference_digest", "-")],
     ]
-    if results.get("stop_reason"):
-        summary_rows.append(["stopped early", results["stop_reason"]])
+    if res.stop_reason:
+        summary_rows.append(["stopped early", res.stop_reason])
     return _table(["", ""], summary_rows)
 
 
-def _accuracy_section(results: dict[str, Any], run_dir: Path) -> str:
-    final = results["final"]
-    base = results.get("baselines", {})
-    base_rows = [["feddistill released student", _pct(final.get("released_accuracy"))],
-                 ["feddistill last candidate", _pct(final["student_accuracy"])],
-                 ["public teacher only", _pct(results["public_teacher"]["test_accuracy"])],
-                 ["student from public teacher only (round 0)", _pct(results["public_only_student"]["test_accuracy"])]]
+def _accuracy_section(res: RunResults, run: RunFolder) -> str:
+    final = res.final
+    base = _baselines(res)
+    base_rows = [["feddistill released student", _pct(final.released_accuracy)],
+                 ["feddistill last candidate", _pct(final.student_accuracy)],
+                 ["public teacher only", _pct(res.public_teacher["test_accuracy"])],
+                 ["student from public teacher only (round 0)", _pct(res.public_only_student["test_accuracy"])]]
     if "public_control" in base:
-        closed = final.get("gap_closed")
+        closed = final.gap_closed
         base_rows.append(["public-only control (same server pipeline, no fleet)",
-                          f"{_pct(base['public_control']['accuracy'])}; private gain {final['private_gain']:+.1f} "
+                          f"{_pct(base.public_control['accuracy'])}; private gain {final['private_gain']:+.1f} "
                           f"points" + ("" if closed is None else f", gap to centralized closed {closed:.0%}")
                           + f"; {final.get('fleet_labelled_rows', 0):,} fleet-labelled rows"])
     if "local_only" in base:
-        base_rows.append(["local-only (mean)", _pct(base["local_only"]["accuracy_mean"])])
+        base_rows.append(["local-only (mean)", _pct(base.local_only["accuracy_mean"])])
     if "centralized" in base:
-        base_rows.append(["centralized", _pct(base["centralized"]["accuracy"])])
+        base_rows.append(["centralized", _pct(base.centralized["accuracy"])])
     for key, label in (("fedavg", "Flower FedAvg"), ("dp_fedavg", "Flower DP-FedAvg")):
         if key in base:
             base_rows.append([label, _pct(base[key]["accuracy"])])
-    return (f'<img alt="accuracy per round" src="{_accuracy_figure(results)}">'
+    return (f'<img alt="accuracy per round" src="{_accuracy_figure(res)}">'
             + _table(["method", "test accuracy"], base_rows))
 
 
-def _privacy_section(results: dict[str, Any], run_dir: Path) -> str:
+def _privacy_section(res: RunResults, run: RunFolder) -> str:
     from html import escape
 
-    rounds = results["rounds"]
-    xs = [r["round"] for r in rounds]
-    privacy = results.get("privacy") or {}
+    rounds = res.rounds
+    xs = [r.round for r in rounds]
+    claims = _claims(res)
     lines = []
     for key, label in (("client_level", "client-level"), ("record_level", "record-level")):
-        p = privacy.get(key)
-        if p and p.get("epsilon") is not None:
-            lines.append(f"<p>{label}: &epsilon; = {p['epsilon']:.3f} at &delta; = {p['delta']:g}; unit: "
-                         f"{escape(str(p['unit']))}; mechanism: {escape(str(p['mechanism']))}; "
-                         f"accountant: {escape(str(p['accountant']))}</p>")
+        p = claims.get(key)
+        if p is not None and p.epsilon is not None:
+            lines.append(f"<p>{label}: &epsilon; = {p.epsilon:.3f} at &delta; = {p.delta:g}; unit: "
+                         f"{escape(str(p.unit))}; mechanism: {escape(str(p.mechanism))}; "
+                         f"accountant: {escape(str(p.accountant))}</p>")
     eps_series = {}
-    if any(r.get("client_epsilon") is not None for r in rounds):
-        eps_series["client-level epsilon (cumulative)"] = [r.get("client_epsilon") for r in rounds]
-    releases = _releases(results)
+    if any(r.client_epsilon is not None for r in rounds):
+        eps_series["client-level epsilon (cumulative)"] = [r.client_epsilon for r in rounds]
+    releases = _releases(res)
     by_round = {rel["round"]: rel for rel in releases}
     if any(rel.get("record_epsilon") is not None for rel in releases):
         eps_series["record-level epsilon (largest device)"] = [by_round.get(x, {}).get("record_epsilon") for x in xs]
@@ -363,26 +389,26 @@ def _privacy_section(results: dict[str, Any], run_dir: Path) -> str:
     return "<p>No differential privacy in this run (privacy.client-level = off, no record-level DP): no &epsilon; is claimed.</p>"
 
 
-def _releases(results: dict[str, Any]) -> list[dict[str, Any]]:
-    return (results.get("releases") or {}).get("releases", [])
+def _releases(res: RunResults) -> list[dict[str, Any]]:
+    return (res.releases or {}).get("releases", [])
 
 
-def _communication_section(results: dict[str, Any], run_dir: Path) -> str:
-    rounds, final = results["rounds"], results["final"]
-    xs = [r["round"] for r in rounds]
+def _communication_section(res: RunResults, run: RunFolder) -> str:
+    rounds, final = res.rounds, res.final
+    xs = [r.round for r in rounds]
     return (
         f'<img alt="bytes per round" src="{_series_figure(xs, {"bytes uploaded": [r["bytes_uploaded"] for r in rounds]}, "bytes", kind="bar")}">'
-        f"<p>total {_bytes(final.get('bytes_uploaded_total'))}, {_bytes(final.get('bytes_per_client_round'))} per client-round</p>")
+        f"<p>total {_bytes(final.bytes_uploaded_total)}, {_bytes(final.bytes_per_client_round)} per client-round</p>")
 
 
-def _faults_section(results: dict[str, Any], run_dir: Path) -> str:
-    rounds = results["rounds"]
-    xs = [r["round"] for r in rounds]
+def _faults_section(res: RunResults, run: RunFolder) -> str:
+    rounds = res.rounds
+    xs = [r.round for r in rounds]
     reasons = sorted({k for r in rounds for k in r["dropped"]})
     fault_series = {reason: [r["dropped"].get(reason, 0) for r in rounds] for reason in reasons}
-    if any(r.get("over_budget_skipped") for r in rounds):
+    if any(r.over_budget_skipped for r in rounds):
         fault_series["skipped: over budget"] = [r.get("over_budget_skipped", 0) for r in rounds]
-    fault_rows = [[r["round"], r["clients"], r["replies"], sum(r["dropped"].values()), r.get("over_budget_skipped", 0)]
+    fault_rows = [[r.round, r["clients"], r["replies"], sum(r["dropped"].values()), r.get("over_budget_skipped", 0)]
                   for r in rounds]
     return ((f'<img alt="drops per round" src="{_series_figure(xs, fault_series, "replies", kind="bar")}">'
              if fault_series else "<p>No reply was dropped and no client dropped out.</p>")
@@ -392,10 +418,10 @@ def _faults_section(results: dict[str, Any], run_dir: Path) -> str:
                       "skipped (budget)"], fault_rows))
 
 
-def _releases_section(results: dict[str, Any], run_dir: Path) -> str:
+def _releases_section(res: RunResults, run: RunFolder) -> str:
     from html import escape
 
-    releases = _releases(results)
+    releases = _releases(res)
     if not releases:
         return "<p>This run has no release history.</p>"
     rel_rows = [[rel["id"], rel["round"], rel.get("parent") or "-", rel["status"], _f(rel["validation"].get("accuracy")),
@@ -404,49 +430,49 @@ def _releases_section(results: dict[str, Any], run_dir: Path) -> str:
                  rel["reason"]] for rel in releases]
     rollbacks = [rel["id"] for rel in releases if rel["status"] != "promoted"]
     return (
-        f"<p>Released now: <b>{escape(str(results['releases'].get('current')))}</b>. "
+        f"<p>Released now: <b>{escape(str(res['releases'].get('current')))}</b>. "
         f"{len(releases) - len(rollbacks)} promoted, {len(rollbacks)} rejected (rollback to the previous release)"
         f"{': ' + escape(', '.join(rollbacks)) if rollbacks else ''}. Validation = "
-        f"{escape(str((results.get('validation') or {}).get('split', 'public validation split')))}.</p>"
+        f"{escape(str((res.validation or {}).get('split', 'public validation split')))}.</p>"
         + _table(["id", "round", "parent", "status", "val acc", "val ECE", "agreement", "test acc", "T",
                   "client eps", "gate's reason"], rel_rows))
 
 
-def _drift_section(results: dict[str, Any], run_dir: Path) -> str:
-    rounds = results["rounds"]
-    xs = [r["round"] for r in rounds]
-    drift = results.get("drift") or {}
+def _drift_section(res: RunResults, run: RunFolder) -> str:
+    rounds = res.rounds
+    xs = [r.round for r in rounds]
+    drift = res.drift or {}
     threshold = drift.get("kl_threshold")
-    alerts = [r["round"] for r in rounds if r.get("drift_alert")]
+    alerts = [r.round for r in rounds if r.drift_alert]
     drift_html = ""
     if any("drift_kl" in r for r in rounds):
-        drift_html += (f'<img alt="drift per round" src="{_series_figure(xs, {"KL(new || previous teacher signal)": [r.get("drift_kl") for r in rounds], "teacher-student agreement": [r["agreement"] for r in rounds]}, "KL / agreement", threshold=threshold, marks=alerts)}">')
+        drift_html += (f'<img alt="drift per round" src="{_series_figure(xs, {"KL(new || previous teacher signal)": [r.drift_kl for r in rounds], "teacher-student agreement": [r["agreement"] for r in rounds]}, "KL / agreement", threshold=threshold, marks=alerts)}">')
     per_class = _per_class_figure(rounds)
     if per_class:
         drift_html += f'<img alt="per-class accuracy" src="{per_class}">'
-    drift_html += (_table(["round", "alert"], [[r["round"], r["drift_alert"]] for r in rounds if r.get("drift_alert")])
+    drift_html += (_table(["round", "alert"], [[r.round, r.drift_alert] for r in rounds if r.drift_alert])
                    if alerts else f"<p>No drift alert (threshold {_f(threshold, '{:g}')}).</p>")
     return drift_html
 
 
-def _calibration_section(results: dict[str, Any], run_dir: Path) -> str:
+def _calibration_section(res: RunResults, run: RunFolder) -> str:
     from html import escape
 
-    cal = results.get("calibration")
+    cal = res.calibration
     if not cal:
         return "<p>The released student was not calibrated (release.calibrate = false).</p>"
     cal_rows = [[split, _f(cal["before"][split]["ece"]), _f(cal["after"][split]["ece"]),
                  _f(cal["before"][split]["nll"]), _f(cal["after"][split]["nll"])] for split in cal["before"]]
     fig = _reliability_figure(cal)
     return (
-        f"<p>Temperature scaling of release {escape(str(results['final'].get('released_id')))}: "
+        f"<p>Temperature scaling of release {escape(str(res.final.get('released_id')))}: "
         f"T = {cal['temperature']:.3f}, fitted on the {escape(cal['fitted_on'])}{_calibration_decision(cal)}.</p>"
         + _table(["split", "ECE before", "ECE after", "NLL before", "NLL after"], cal_rows)
         + (f'<img alt="reliability diagram" src="{fig}">' if fig else ""))
 
 
-def _export_section(results: dict[str, Any], run_dir: Path) -> str:
-    exports = sorted(run_dir.glob("exports/*/export.json"))
+def _export_section(res: RunResults, run: RunFolder) -> str:
+    exports = run.export_metadata()
     if not exports:
         return "<p>No device export yet: <code>feddistill export RUN_DIR --release ID</code>.</p>"
     rows = []
@@ -458,26 +484,27 @@ def _export_section(results: dict[str, Any], run_dir: Path) -> str:
                              f"{form['accuracy_delta_vs_fp32']:+.3f}", _f(form["latency"]["p50_ms"]),
                              _f(form["latency"]["p95_ms"])])
         except (json.JSONDecodeError, KeyError, TypeError):
-            rows.append([path.parent.name, "unreadable export.json", "", "", "", "", ""])
+            rows.append([path.parent.name, f"unreadable {path.name}", "", "", "", "", ""])
     return _table(["release", "form", "size", "test acc", "delta vs fp32", "p50 ms", "p95 ms"], rows)
 
 
-def _audit_section(results: dict[str, Any], run_dir: Path) -> str:
-    audit_dir = run_dir / "audit-report"
-    if not (audit_dir / "report.md").is_file():
+def _audit_section(res: RunResults, run: RunFolder) -> str:
+    audit_dir = run.audit_report
+    if not (audit_dir / AUDIT_MARKDOWN).is_file():
         return "<p>No audit has run on this folder: <code>feddistill audit RUN_DIR</code>.</p>"
     verdict = ""
     try:
-        audit = json.loads((audit_dir / "audit.json").read_text())
+        audit = json.loads((audit_dir / AUDIT_JSON).read_text())
         passed = (audit.get("verdict") or {}).get("passed")
         verdict = "" if passed is None else (" Policy: <b>passed</b>." if passed else " Policy: <b>FAILED</b>.")
     except (OSError, json.JSONDecodeError, AttributeError):
         pass
-    return (f'<p>Membership-inference audit: <a href="audit-report/report.md">audit-report/report.md</a>'
-            f' (<a href="audit-report/audit.json">audit.json</a>).{verdict}</p>')
+    report, data = run.audit_report_link(AUDIT_MARKDOWN), run.audit_report_link(AUDIT_JSON)
+    return (f'<p>Membership-inference audit: <a href="{report}">{report}</a>'
+            f' (<a href="{data}">{AUDIT_JSON}</a>).{verdict}</p>')
 
 
-# one builder per section of REPORT_SECTIONS, called in that order: (results, run_dir) -> HTML
+# one builder per section of REPORT_SECTIONS, called in that order: (results, run folder) -> HTML
 _SECTION_BUILDERS = {
     "summary": _summary_section, "accuracy": _accuracy_section, "privacy": _privacy_section,
     "communication": _communication_section, "faults": _faults_section, "releases": _releases_section,
@@ -489,20 +516,25 @@ def write_html_report(run_dir: Path, out: Path | None = None) -> Path:
     """Write the run's HTML report to ``out`` (default RUN_DIR/report.html); ReportError names
     what is wrong: no readable results, or an ``out`` that cannot be the report file."""
     run_dir = Path(run_dir)
-    target = Path(out) if out is not None else run_dir / "report.html"
+    run = RunFolder(run_dir)
+    target = Path(out) if out is not None else run.report_html
     if target.is_dir():  # checked first: the figures take seconds to draw
-        raise ReportError(f"{target}: is a directory; --out takes the HTML file to write, e.g. {target / 'report.html'}")
-    path = run_dir / "results.json"
+        raise ReportError(f"{target}: is a directory; --out takes the HTML file to write, e.g. {target / REPORT_HTML}")
+    path = run.results
     results = read_json(path, ReportError, f"is {run_dir} the folder of a finished feddistill run?")
     if not isinstance(results, dict) or results.get("method") != "feddistill" or "rounds" not in results:
         raise ReportError(f"{path}: not the results of a feddistill run (method {results.get('method')!r})"
                           if isinstance(results, dict) else f"{path}: not a results object")
     try:
-        html = build_html_report(results, run_dir)
+        res = RunResults.from_dict(results)
+        for block in _REPORT_NEEDS:
+            if block not in res:
+                raise KeyError(block)
+        html = build_html_report(res, run_dir)
     except (KeyError, TypeError) as exc:
         raise ReportError(f"{path}: missing or malformed field {exc} (written by an older feddistill?)") from exc
-    from feddistill.atomic import atomic_path
-
+    except ResultsFormatError as exc:
+        raise ReportError(f"{path}: {exc} (written by an older feddistill?)") from exc
     try:
         with atomic_path(target) as tmp:
             tmp.write_text(html, encoding="utf-8")

@@ -186,7 +186,7 @@ def _release_rejection(msg: Message, context: Context, cfg: RunConfig, config: C
     if not pinned:
         return None
     from feddistill.deploy.signing import ReleaseRejected
-    from feddistill.releases import verify_download
+    from feddistill.deploy.download_signing import verify_download
 
     try:
         verify_download(config, teacher, key_path=pinned, rnd=rnd, run_id=msg.metadata.run_id,
@@ -297,14 +297,10 @@ def _record_ledger(saved: str | None, cfg: RunConfig) -> "PrivacyLedger":
 
 
 def save_local_student(student: torch.nn.Module, cfg: RunConfig, partition_id: int) -> None:
-    import os
-    from pathlib import Path
+    from feddistill.runfolder import RunFolder, save_model
 
-    path = Path(cfg.output_dir) / "audit" / "clients" / f"client{partition_id}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"model": cfg.student_for(partition_id), "state_dict": student.state_dict()}, tmp)
-    os.replace(tmp, path)
+    save_model(RunFolder(cfg.output_dir).local_student(partition_id), cfg.student_for(partition_id),
+               student.state_dict())
 
 
 def handle_fedavg(msg: Message, context: Context, cfg: RunConfig) -> Message:

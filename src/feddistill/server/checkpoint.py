@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from feddistill.atomic import atomic_path
+from feddistill.runfolder import CHECKPOINT, JOURNAL, RunFolder
 
-CHECKPOINT = "checkpoint.pt"
-JOURNAL = "ledger-journal.jsonl"
+__all__ = ["CHECKPOINT", "JOURNAL", "CheckpointError", "ServerState", "journal_round", "journaled_rounds_after",
+           "load_checkpoint", "save_checkpoint"]
 
 
 class CheckpointError(RuntimeError):
@@ -49,12 +50,12 @@ class ServerState:
 
 
 def save_checkpoint(out: Path, config_digest: str, state: ServerState) -> None:
-    with atomic_path(out / CHECKPOINT) as tmp:
+    with atomic_path(RunFolder(out).checkpoint) as tmp:
         torch.save({"version": 1, "config_digest": config_digest, "state": state.__dict__}, tmp)
 
 
 def load_checkpoint(out: Path, config_digest: str) -> ServerState:
-    path = out / CHECKPOINT
+    path = RunFolder(out).checkpoint
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint to resume from (a run writes one after every round)")
     try:
@@ -69,14 +70,14 @@ def load_checkpoint(out: Path, config_digest: str) -> ServerState:
 
 def journal_round(out: Path, rnd: int) -> None:
     """Record, durably and before anything is sent, that round `rnd` is about to spend privacy."""
-    with open(out / JOURNAL, "a") as fh:
+    with open(RunFolder(out).journal, "a") as fh:
         fh.write(json.dumps({"round": rnd}) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
 
 
 def journaled_rounds_after(out: Path, rnd: int) -> list[int]:
-    path = out / JOURNAL
+    path = RunFolder(out).journal
     if not path.is_file():
         return []
     rounds = []

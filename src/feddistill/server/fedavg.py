@@ -19,6 +19,7 @@ from feddistill.config import RunConfig
 from feddistill.models import build_model, count_parameters
 from feddistill.privacy.accounting import GaussianEvent, noise_multiplier_for_epsilon
 from feddistill.privacy.ledger import PrivacyLedger
+from feddistill.runfolder import FinalBlock, PrivacyReport, RoundRecord, RunFolder
 from feddistill.server.nodes import wait_for_nodes
 from feddistill.server.outputs import write_json
 from feddistill.simulations.fleet import as_tensors, load_fleet
@@ -69,8 +70,8 @@ def run_fedavg(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         model.load_state_dict(arrays.to_torch_state_dict())
         ev = evaluate_model(model, test_x, splits.test.y)
         if server_round > 0:
-            rounds.append({"round": server_round, "student_accuracy": ev.accuracy, "student_nll": ev.nll,
-                           "student_ece": ev.ece})
+            rounds.append(RoundRecord(round=server_round, student_accuracy=ev.accuracy, student_nll=ev.nll,
+                                      student_ece=ev.ece).to_dict())
             log.info("fedavg round %d/%d: accuracy %.3f", server_round, cfg.rounds, ev.accuracy)
         return MetricRecord(ev.to_dict())
 
@@ -104,15 +105,13 @@ def run_fedavg(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     del result
     results = {
         "method": cfg.method,
-        "privacy": {"client_level": privacy, "record_level": None},
+        "privacy": PrivacyReport(client_level=privacy, record_level=None).to_dict(),
         "config": cfg.to_dict(),
         "init": cfg.baselines.fedavg_init,
         "student": {"model": cfg.distill.server_student, "parameters": count_parameters(model)},
         "rounds": rounds,
-        "final": {
-            "student_accuracy": rounds[-1]["student_accuracy"] if rounds else None,
-            "bytes_per_client_round": model_bytes,
-        },
+        "final": FinalBlock(student_accuracy=rounds[-1]["student_accuracy"] if rounds else None,
+                            bytes_per_client_round=model_bytes).to_dict(),
     }
-    write_json(out / "results.json", results)
+    write_json(RunFolder(out).results, results)
     return results

@@ -42,11 +42,11 @@ from feddistill.strategies import (
     make_strategy,
     teacher_arrays,
 )
-from feddistill.releases import sign_download
+from feddistill.deploy.download_signing import sign_download
 from feddistill.server.drift import drift_alert, per_class_accuracy, signal_kl
 from feddistill.server.gate import Predictions, Releaser, ReleaseHistory
+from feddistill.runfolder import FinalBlock, RoundRecord, RunFolder, prepare_run_folder
 from feddistill.server.checkpoint import (
-    CHECKPOINT,
     ServerState,
     journal_round,
     journaled_rounds_after,
@@ -130,12 +130,11 @@ class DistillationRun:
 
     def setup(self) -> None:
         """The run folder, the data and public teacher, the privacy plan, the loop's state."""
-        from feddistill.runfolder import prepare_run_folder
-
         # never into another run's folder (its clients' states and ledgers would mix into this run)
         self.out = prepare_run_folder(self.cfg.output_dir, resume=self.resume)
+        self.folder = RunFolder(self.out)
         if not self.resume:
-            write_json(self.out / "config.json", self.cfg.to_dict())  # what `feddistill simulate --resume` reads back
+            write_json(self.folder.config, self.cfg.to_dict())  # what `feddistill simulate --resume` reads back
         self._load_data()
         self._plan_privacy()
         self._init_state()
@@ -148,7 +147,7 @@ class DistillationRun:
         self.test_x, _ = as_tensors(self.splits.test)
         self.num_classes = self.fleet.num_classes
         if cfg.audit.keep_artifacts:
-            save_audit_setup(self.out / "audit", cfg)
+            save_audit_setup(self.folder, cfg)
         self.teacher, self.validation = teacher_and_validation(cfg, self.splits)
         log.info("public teacher (%s): test accuracy %.3f", cfg.teacher.model, self.teacher.test.accuracy)
         self.signal = self.teacher.reference_probs.copy()
@@ -211,7 +210,7 @@ class DistillationRun:
             for rnd in journaled_rounds_after(self.out, state.round):  # answers that may have reached us
                 self.ledger.record(self.plan.event(), rnd, sensitivity=self.plan.sensitivity)
         self.start = state.round + 1
-        log.info("resumed from %s after round %d", self.out / CHECKPOINT, state.round)
+        log.info("resumed from %s after round %d", self.folder.checkpoint, state.round)
 
     def round_zero(self) -> None:
         """The student of the public teacher alone: the public-only student and release r0000."""
@@ -305,7 +304,7 @@ class DistillationRun:
             replies = self.grid.send_and_receive(r.messages, timeout=cfg.simulation.round_timeout) if r.messages else []
             r.new_signal, r.collected = self.strategy.aggregate_round(replies, self.reply_check(r.round))
         if cfg.audit.keep_artifacts:
-            save_uploads(self.out / "audit" / "uploads" / f"round{r.round:04d}.npz", r.queries, r.collected)
+            save_uploads(self.folder.upload(r.round), r.queries, r.collected)
         record_device_epsilons(self.devices, r.collected)
 
     def reply_check(self, rnd: int) -> ReplyCheck:
@@ -381,32 +380,30 @@ class DistillationRun:
 
     def round_record(self, r: RoundOutcome) -> dict[str, Any]:
         ev, collected = r.evaluation, r.collected
-        record = {
-            "round": r.round,
-            "clients": len(r.messages),
-            "replies": collected.num_replies,
-            "dropped": collected.dropped,
-            "over_budget_skipped": r.over_budget,
-            "answered_queries": r.answered_queries,
-            "fleet_labelled_rows": int(self.accepted.sum()),  # reference rows whose training label is the fleet's
-            "consensus_threshold": self.fleet_labels.threshold,
-            "teacher_accuracy": r.teacher_accuracy,
-            "student_accuracy": ev.accuracy,
-            "student_nll": ev.nll,
-            "student_ece": ev.ece,
-            "agreement": r.agreement,
-            "per_class_accuracy": per_class_accuracy(r.test_probs, self.splits.test.y, self.num_classes),
-            "drift_kl": r.drift_kl,
-            "drift_alert": r.drift_alert,
-            "release": r.release,
-            "released_accuracy": self.releaser.history.current_release.test["accuracy"],
-            "bytes_uploaded": collected.bytes_uploaded,
-            "client_epsilon": self.client_epsilon(),
-            "seconds": time.monotonic() - r.started,
-        }
-        if self.populations is not None:
-            record["population"] = "A" if r.round < self.cfg.scenario.shift_round else "B"
-        return record
+        return RoundRecord(
+            round=r.round,
+            clients=len(r.messages),
+            replies=collected.num_replies,
+            dropped=collected.dropped,
+            over_budget_skipped=r.over_budget,
+            answered_queries=r.answered_queries,
+            fleet_labelled_rows=int(self.accepted.sum()),  # reference rows whose training label is the fleet's
+            consensus_threshold=self.fleet_labels.threshold,
+            teacher_accuracy=r.teacher_accuracy,
+            student_accuracy=ev.accuracy,
+            student_nll=ev.nll,
+            student_ece=ev.ece,
+            agreement=r.agreement,
+            per_class_accuracy=per_class_accuracy(r.test_probs, self.splits.test.y, self.num_classes),
+            drift_kl=r.drift_kl,
+            drift_alert=r.drift_alert,
+            release=r.release,
+            released_accuracy=self.releaser.history.current_release.test["accuracy"],
+            bytes_uploaded=collected.bytes_uploaded,
+            client_epsilon=self.client_epsilon(),
+            seconds=time.monotonic() - r.started,
+            population=None if self.populations is None else "A" if r.round < self.cfg.scenario.shift_round else "B",
+        ).to_dict()
 
     # -- checkpoint ----------------------------------------------------------------------
 
@@ -439,13 +436,13 @@ class DistillationRun:
         control = public_control_of(self.cfg, self.build_student, self.teacher.reference_probs, self.ref_x, self.test_x,
                                     self.splits.test.y, self.rounds[-1]["round"], self.public)
         results = self.results(control)
-        write_json(self.out / "results.json", results)
+        write_json(self.folder.results, results)
         # what devices deploy: the last promoted release (with its calibration temperature)
         history = self.releaser.history
-        save_student(self.releaser.released_model(self.build_student), self.out / "global_student.pt", self.cfg,
+        save_student(self.releaser.released_model(self.build_student), self.folder.global_student, self.cfg,
                      release=history.current, temperature=self.releaser.released_temperature)
         if results["calibration"] is not None:
-            save_reliability(results["calibration"], self.out / "reliability.png", history.current)
+            save_reliability(results["calibration"], self.folder.reliability_plot, history.current)
         return results
 
     def results(self, control: dict[str, Any]) -> dict[str, Any]:
@@ -479,22 +476,22 @@ class DistillationRun:
         """results.json's "final" block: the last round's student, the release, the bytes, the gain."""
         rounds, last = self.rounds, self.rounds[-1]
         answered = [r for r in rounds if r["replies"]]
-        return {
-            "student_accuracy": last["student_accuracy"],
-            "student_nll": last["student_nll"],
-            "student_ece": last["student_ece"],
-            "agreement": last["agreement"],
-            "released_id": self.releaser.history.current,
-            "released_accuracy": self.releaser.history.current_release.test["accuracy"],
-            "bytes_uploaded_total": sum(r["bytes_uploaded"] for r in rounds),
-            "bytes_per_client_round": (
+        return FinalBlock(
+            student_accuracy=last["student_accuracy"],
+            student_nll=last["student_nll"],
+            student_ece=last["student_ece"],
+            agreement=last["agreement"],
+            released_id=self.releaser.history.current,
+            released_accuracy=self.releaser.history.current_release.test["accuracy"],
+            bytes_uploaded_total=sum(r["bytes_uploaded"] for r in rounds),
+            bytes_per_client_round=(
                 sum(r["bytes_uploaded"] for r in answered) / max(1, sum(r["replies"] for r in answered))
             ),
-            "fleet_labelled_rows": last["fleet_labelled_rows"],
-            "public_control_accuracy": control["accuracy"],
-            "private_gain": private_gain(last["student_accuracy"], control["accuracy"]),
-            "gap_closed": None,  # needs the centralized baseline: filled in by `feddistill simulate`
-        }
+            fleet_labelled_rows=last["fleet_labelled_rows"],
+            public_control_accuracy=control["accuracy"],
+            private_gain=private_gain(last["student_accuracy"], control["accuracy"]),
+            gap_closed=None,  # needs the centralized baseline: filled in by `feddistill simulate`
+        ).to_dict()
 
 
 def round_config(cfg: RunConfig, digest: str) -> ConfigRecord:

@@ -3,31 +3,29 @@ the students, the reliability diagram, and results.json's "privacy" block."""
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from feddistill.atomic import atomic_path
+from feddistill.atomic import write_json as _write_json
 from feddistill.config import RunConfig
 from feddistill.privacy.ledger import PrivacyLedger
 from feddistill.privacy.plan import NOISE_SOURCES, UploadPrivacy, client_noise_source, record_mechanism
+from feddistill.runfolder import PrivacyReport, RunFolder, save_model
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2))
+def write_json(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
+    """``data`` as indented JSON, atomically (``feddistill.atomic.write_json``)."""
+    _write_json(path, data)
 
 
 def save_student(model, path: Path, cfg: RunConfig, release: str | None = None, temperature: float = 1.0) -> None:
-    import torch
-
-    blob = {"model": cfg.distill.server_student, "state_dict": model.state_dict(), "temperature": float(temperature)}
-    if release is not None:
-        blob["release"] = release
-    with atomic_path(path) as tmp:
-        torch.save(blob, tmp)
+    """The deployed global student: a model file (``feddistill.runfolder.save_model``)."""
+    extra = {} if release is None else {"release": release}
+    save_model(path, cfg.distill.server_student, model.state_dict(), temperature=float(temperature), **extra)
 
 
 def save_reliability(calibration: dict[str, Any], path: Path, rid: str | None) -> None:
@@ -39,13 +37,14 @@ def save_reliability(calibration: dict[str, Any], path: Path, rid: str | None) -
                      title=f"release {rid}: reliability on the test split (T fitted on public validation)")
 
 
-def save_audit_setup(audit_dir: Path, cfg: RunConfig) -> None:
+def save_audit_setup(folder: RunFolder, cfg: RunConfig) -> None:
+    """The run's audit folder, and its one-run canaries when the config has some."""
     from feddistill.simulations.fleet import fleet_canaries
 
-    audit_dir.mkdir(parents=True, exist_ok=True)
+    folder.audit.mkdir(parents=True, exist_ok=True)
     canaries = fleet_canaries(cfg)
     if canaries is not None:
-        with atomic_path(audit_dir / "canaries.npz") as tmp:
+        with atomic_path(folder.canaries) as tmp:
             np.savez_compressed(tmp, x=canaries.x, y=canaries.y, included=canaries.included, client=canaries.client)
 
 
@@ -53,7 +52,7 @@ def save_uploads(path: Path, queries: np.ndarray, collected) -> None:
     """The uploads as the server received them (after validation), for the auditor."""
     arrays = {"queries": queries}
     for pid, answers in zip(collected.senders, collected.answers):
-        arrays[f"client{pid}"] = answers
+        arrays[RunFolder.upload_key(pid)] = answers
     with atomic_path(path) as tmp:
         np.savez_compressed(tmp, **arrays)
 
@@ -99,9 +98,9 @@ def privacy_report(cfg: RunConfig, plan: UploadPrivacy, ledger: PrivacyLedger | 
             "devices_keyed_by": "client id of the sending Flower node (partition-id / device-id given at start-up)",
             "devices": {str(pid): m for pid, m in sorted(devices.items())},
         }
-    report = {"client_level": client_level, "record_level": record_level}
+    report = PrivacyReport(client_level=client_level, record_level=record_level)
     if cfg.distill.secure_aggregation != "off":
         from feddistill.server.secagg import secagg_report
 
-        report["secure_aggregation"] = secagg_report(cfg)
-    return report
+        report.secure_aggregation = secagg_report(cfg)
+    return report.to_dict()

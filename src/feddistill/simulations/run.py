@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from feddistill.config import RunConfig
+from feddistill.runfolder import Baselines, FinalBlock, RunFolder
 
 log = logging.getLogger("feddistill")
 
@@ -38,7 +39,7 @@ def simulate_flower(cfg: RunConfig, *, verbose: bool = False, resume: bool = Fal
         backend_config=backend_config,
         verbose_logging=verbose,
     )
-    path = Path(cfg.output_dir) / "results.json"
+    path = RunFolder(cfg.output_dir).results
     if not path.is_file():
         raise RuntimeError(f"the {cfg.method} run ended without writing {path}; see the log above")
     return json.loads(path.read_text())
@@ -50,7 +51,7 @@ def resume_config(run_dir: Path) -> RunConfig:
 
     from feddistill.atomic import read_json
 
-    path = Path(run_dir) / "config.json"
+    path = RunFolder(run_dir).config
     values = read_json(path, ConfigError, f"is {run_dir} the output folder of a feddistill run?")
     return parse_config({**values, "output_dir": str(run_dir)}, str(path))
 
@@ -62,29 +63,27 @@ def simulate(cfg: RunConfig, *, verbose: bool = False, baselines: bool = True, r
     from feddistill.simulations import baselines as bl
     from feddistill.simulations.fleet import load_fleet
 
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(cfg.output_dir)
+    folder.root.mkdir(parents=True, exist_ok=True)
     results = simulate_flower(cfg, verbose=verbose, resume=resume)
     if cfg.method != "feddistill":  # a peer run on its own (fedavg, dp-fedavg): no baselines of its own
         return results
-    base: dict[str, Any] = {
-        **results.get("baselines", {}),  # the server's own: the public-only control
-        "public_teacher": results["public_teacher"],
-        "public_only_student": results["public_only_student"],
-    }
+    base = Baselines.from_dict(results.get("baselines", {}), "baselines")  # the server's own: the public-only control
+    base.public_teacher = results["public_teacher"]
+    base.public_only_student = results["public_only_student"]
     if baselines:
         fleet = load_fleet(cfg.data, cfg.fleet, cfg.seed)
         if cfg.baselines.local_only:
             log.info("baseline: local-only (each client alone)")
-            base["local_only"] = bl.local_only(cfg, fleet)
+            base.local_only = bl.local_only(cfg, fleet)
         if cfg.baselines.centralized:
             log.info("baseline: centralized (pooled private data)")
-            base["centralized"] = bl.centralized(cfg, fleet)
+            base.centralized = bl.centralized(cfg, fleet)
         if cfg.baselines.fedavg:
             log.info("baseline: Flower FedAvg on the same fleet")
-            fed_cfg = dataclasses.replace(cfg, method="fedavg", output_dir=str(out / "fedavg"))
+            fed_cfg = dataclasses.replace(cfg, method="fedavg", output_dir=str(folder.baseline("fedavg")))
             fed = simulate_flower(fed_cfg, verbose=verbose)
-            base["fedavg"] = {
+            base.fedavg = {
                 "init": fed["init"],
                 "accuracy": fed["final"]["student_accuracy"],
                 "bytes_per_client_round": fed["final"]["bytes_per_client_round"],
@@ -92,18 +91,19 @@ def simulate(cfg: RunConfig, *, verbose: bool = False, baselines: bool = True, r
             }
         if cfg.baselines.dp_fedavg:
             log.info("baseline: Flower DP-FedAvg at the same client-level target")
-            dp_cfg = dataclasses.replace(cfg, method="dp-fedavg", output_dir=str(out / "dp-fedavg"))
+            dp_cfg = dataclasses.replace(cfg, method="dp-fedavg", output_dir=str(folder.baseline("dp-fedavg")))
             dp = simulate_flower(dp_cfg, verbose=verbose)
-            base["dp_fedavg"] = {
+            base.dp_fedavg = {
                 "accuracy": dp["final"]["student_accuracy"],
                 "bytes_per_client_round": dp["final"]["bytes_per_client_round"],
                 "privacy": dp["privacy"]["client_level"],
                 "rounds": dp["rounds"],
             }
-    results["baselines"] = base
+    results["baselines"] = base.to_dict()
     if "centralized" in base and "public_control" in base:
-        final = results["final"]
-        final["gap_closed"] = gap_closed(final["student_accuracy"], base["public_control"]["accuracy"],
-                                         base["centralized"]["accuracy"])
-    write_json(out / "results.json", results)
+        final = FinalBlock.from_dict(results["final"], "final")
+        final.gap_closed = gap_closed(final.student_accuracy, base.public_control["accuracy"],
+                                      base.centralized["accuracy"])
+        results["final"] = final.to_dict()
+    write_json(folder.results, results)
     return results

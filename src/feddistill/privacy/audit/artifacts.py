@@ -1,7 +1,7 @@
 """Reading and validating what a finished run left for the auditor.
 
 A run made with ``audit.keep-artifacts = true`` writes (see ``feddistill.server.app``
-and ``feddistill.client.app``)::
+and ``feddistill.client.app``; the layout and file formats are ``feddistill.runfolder``'s)::
 
     RUN_DIR/results.json                      config, reference digest, rounds, privacy claims
     RUN_DIR/global_student.pt                 the released global student   -> target (c)
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,14 +29,25 @@ import torch
 from feddistill.config import ConfigError, RunConfig, parse_config
 from feddistill.data import DataError
 from feddistill.models import MODEL_NAMES, build_model
+from feddistill.runfolder import (
+    CLIENT_FILE,
+    UPLOAD_FILE,
+    UPLOAD_KEY,
+    ModelFileError,
+    PrivacyClaim,
+    PrivacyReport,
+    ResultsFormatError,
+    RunFolder,
+    load_model,
+)
 from feddistill.simulations.fleet import Canaries, Fleet, load_fleet
 
 __all__ = ["AuditInputError", "ClientUploads", "RunArtifacts", "load_run", "KEEP_HINT"]
 
 KEEP_HINT = "re-run the simulation with --set audit.keep-artifacts=true"
-_ROUND_FILE = re.compile(r"^round(\d+)\.npz$")
-_CLIENT_KEY = re.compile(r"^client(-?\d+)$")
-_CLIENT_FILE = re.compile(r"^client(\d+)\.pt$")
+_ROUND_FILE = UPLOAD_FILE
+_CLIENT_KEY = UPLOAD_KEY
+_CLIENT_FILE = CLIENT_FILE
 
 
 class AuditInputError(Exception):
@@ -84,21 +94,19 @@ class RunArtifacts:
 
 def _load_model_file(path: Path, what: str, image_size: int, num_classes: int) -> tuple[str, dict[str, torch.Tensor]]:
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a corrupt pickle/zip
-        raise AuditInputError(f"{path}: cannot read {what} ({type(exc).__name__}: {exc}); {KEEP_HINT}") from exc
-    if not isinstance(blob, dict) or "model" not in blob or "state_dict" not in blob:
-        raise AuditInputError(f"{path}: {what} must be a dict with keys 'model' and 'state_dict'")
-    arch = blob["model"]
+        saved = load_model(path, what=what)
+    except ModelFileError as exc:
+        raise AuditInputError(f"{exc}; {KEEP_HINT}" if not exc.unknown_version else str(exc)) from exc
+    arch = saved.model
     if arch not in MODEL_NAMES:
         raise AuditInputError(f"{path}: unknown model {arch!r} (known: {', '.join(MODEL_NAMES)})")
     try:
-        build_model(arch, image_size, num_classes).load_state_dict(blob["state_dict"])
+        build_model(arch, image_size, num_classes).load_state_dict(saved.state_dict)
     except Exception as exc:
         raise AuditInputError(
             f"{path}: {what} does not fit a {arch!r} for {image_size}x{image_size} images, {num_classes} classes ({exc})"
         ) from exc
-    return arch, blob["state_dict"]
+    return arch, saved.state_dict
 
 
 def _privacy_claims(results: dict[str, Any], path: Path, warnings: list[str]) -> dict[str, dict[str, Any] | None]:
@@ -107,28 +115,30 @@ def _privacy_claims(results: dict[str, Any], path: Path, warnings: list[str]) ->
     privacy = results.get("privacy")
     if privacy is None:
         return {"record_level": None, "client_level": None}
-    if not isinstance(privacy, dict):
-        raise AuditInputError(f"{path}: 'privacy' must be an object, got {type(privacy).__name__}")
+    try:
+        report = PrivacyReport.from_dict(privacy, "privacy")
+    except ResultsFormatError as exc:
+        raise AuditInputError(f"{path}: {exc}") from exc
     out: dict[str, dict[str, Any] | None] = {}
-    for unit in ("record_level", "client_level"):
-        claim = privacy.get(unit)
-        if claim is None:
-            out[unit] = None
-            continue
-        if not isinstance(claim, dict):
-            raise AuditInputError(f"{path}: 'privacy.{unit}' must be an object or null")
-        if claim.get("epsilon", 0) is None:
-            warnings.append(f"privacy.{unit} has no epsilon (nothing was accounted): treated as no claim")
-            out[unit] = None
-            continue
-        for key in ("epsilon", "delta"):
-            v = claim.get(key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise AuditInputError(f"{path}: 'privacy.{unit}.{key}' must be a finite number >= 0, got {v!r}")
-        if not claim["delta"] < 1:
-            raise AuditInputError(f"{path}: 'privacy.{unit}.delta' must be < 1")
-        out[unit] = dict(claim)
+    for unit, claim in report.claims().items():
+        out[unit] = _checked_claim(claim, unit, path, warnings)
     return out
+
+
+def _checked_claim(claim: PrivacyClaim | None, unit: str, path: Path, warnings: list[str]) -> dict[str, Any] | None:
+    """A claim as the audit uses it (its results.json object), or None when it claims nothing."""
+    if claim is None:
+        return None
+    if "epsilon" in claim and claim.epsilon is None:
+        warnings.append(f"privacy.{unit} has no epsilon (nothing was accounted): treated as no claim")
+        return None
+    for key in ("epsilon", "delta"):
+        v = claim.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise AuditInputError(f"{path}: 'privacy.{unit}.{key}' must be a finite number >= 0, got {v!r}")
+    if not claim.delta < 1:
+        raise AuditInputError(f"{path}: 'privacy.{unit}.delta' must be < 1")
+    return claim.to_dict()
 
 
 def _load_uploads(upload_dir: Path, ref_size: int, num_classes: int, warnings: list[str]) -> dict[int, ClientUploads]:
@@ -200,7 +210,7 @@ def _load_results(run_dir: Path) -> tuple[dict[str, Any], RunConfig]:
     """results.json of a feddistill run, and its parsed config."""
     if not run_dir.is_dir():
         raise AuditInputError(f"{run_dir}: not a directory (expected a finished run's output directory)")
-    results_path = run_dir / "results.json"
+    results_path = RunFolder(run_dir).results
     if not results_path.is_file():
         raise AuditInputError(f"{results_path}: missing; is {run_dir} a finished run's output directory?")
     try:
@@ -234,14 +244,15 @@ def _rebuild_fleet(cfg: RunConfig, results: dict[str, Any], results_path: Path) 
     return fleet
 
 
-def _load_client_students(clients_dir: Path, uploads: dict[int, ClientUploads], num_clients: int, size: int,
+def _load_client_students(run: RunFolder, uploads: dict[int, ClientUploads], num_clients: int, size: int,
                           classes: int, warnings: list[str]) -> dict[int, tuple[str, dict[str, torch.Tensor]]]:
     """Every uploader's final local student (required), then any other client's that was kept."""
+    clients_dir = run.local_students
     if not clients_dir.is_dir():
         raise AuditInputError(f"{clients_dir}: missing (the clients' local students, target (b)); {KEEP_HINT}")
     client_students: dict[int, tuple[str, dict[str, torch.Tensor]]] = {}
     for pid in uploads:
-        path = clients_dir / f"client{pid}.pt"
+        path = run.local_student(pid)
         if not path.is_file():
             raise AuditInputError(f"{path}: missing: client {pid} uploaded answers but its local student was not kept; {KEEP_HINT}")
         client_students[pid] = _load_model_file(path, f"client {pid}'s local student", size, classes)
@@ -257,35 +268,35 @@ def _load_client_students(clients_dir: Path, uploads: dict[int, ClientUploads], 
 def load_run(run_dir: str | Path) -> RunArtifacts:
     """Read and validate a run directory; raise :class:`AuditInputError` naming what is missing."""
     run_dir = Path(run_dir)
+    run = RunFolder(run_dir)
     results, cfg = _load_results(run_dir)
-    fleet = _rebuild_fleet(cfg, results, run_dir / "results.json")
+    fleet = _rebuild_fleet(cfg, results, run.results)
     warnings: list[str] = []
-    privacy = _privacy_claims(results, run_dir / "results.json", warnings)
+    privacy = _privacy_claims(results, run.results, warnings)
 
     size, classes = fleet.image_size, fleet.num_classes
-    student_path = run_dir / "global_student.pt"
+    student_path = run.global_student
     if not student_path.is_file():
         raise AuditInputError(f"{student_path}: missing (the released global student, target (c)); re-run the simulation")
     global_student = _load_model_file(student_path, "the global student", size, classes)
 
-    audit_dir = run_dir / "audit"
+    audit_dir = run.audit
     if not audit_dir.is_dir():
         raise AuditInputError(
             f"{audit_dir}: missing: the run kept no audit artefacts (uploads, local students, canaries); {KEEP_HINT}"
         )
-    uploads = _load_uploads(audit_dir / "uploads", len(fleet.splits.reference), classes, warnings)
+    uploads = _load_uploads(run.uploads, len(fleet.splits.reference), classes, warnings)
     for pid in uploads:
         if pid >= cfg.fleet.num_clients:
-            raise AuditInputError(f"{audit_dir / 'uploads'}: client{pid} is not in a fleet of {cfg.fleet.num_clients}")
-    clients_dir = audit_dir / "clients"
-    client_students = _load_client_students(clients_dir, uploads, cfg.fleet.num_clients, size, classes, warnings)
+            raise AuditInputError(f"{run.uploads}: {run.upload_key(pid)} is not in a fleet of {cfg.fleet.num_clients}")
+    client_students = _load_client_students(run, uploads, cfg.fleet.num_clients, size, classes, warnings)
 
-    canaries = _load_canaries(audit_dir / "canaries.npz", cfg, size, classes)
+    canaries = _load_canaries(run.canaries, cfg, size, classes)
     if canaries is not None and canaries.client not in client_students:
         # no accepted upload and no local student (both checked above): the client never trained
         # in this run, so its canaries never left it and there is nothing to audit
         warnings.append(f"canary audit not run: canary client {canaries.client} took no part in the run "
-                        f"(no upload, no {clients_dir / f'client{canaries.client}.pt'})")
+                        f"(no upload, no {run.local_student(canaries.client)})")
         canaries = None
     return RunArtifacts(
         run_dir=run_dir,

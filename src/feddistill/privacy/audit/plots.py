@@ -24,6 +24,8 @@ matplotlib.use("Agg")  # headless; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from feddistill.atomic import atomic_path  # noqa: E402
+
 __all__ = ["dp_tradeoff_curve", "plot_roc_loglog"]
 
 
@@ -89,10 +91,8 @@ def plot_roc_loglog(
         ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
         p = os.fspath(path)
-        d_ = os.path.dirname(p)
-        if d_:
-            os.makedirs(d_, exist_ok=True)
-        fig.savefig(p)
+        with atomic_path(p) as tmp:  # same suffix: the format is still the file's
+            fig.savefig(tmp)
     finally:
         plt.close(fig)
     return p

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from feddistill.atomic import atomic_path
+from feddistill.atomic import write_json as _write_json
+from feddistill.runfolder import RunFolder
 
 from .plots import plot_roc_loglog
 
@@ -36,9 +38,8 @@ def sanitize(obj: Any) -> Any:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False))
-    os.replace(tmp, path)
+    """audit.json: strict JSON (no NaN), written atomically."""
+    _write_json(path, data, allow_nan=False)
 
 
 def write_roc_plots(out: Path, curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
@@ -53,7 +54,7 @@ def write_roc_plots(out: Path, curves: dict[str, dict[str, tuple[np.ndarray, np.
         if claim:
             kw = {"dp_epsilon": claim["epsilon"], "dp_delta": claim["delta"]}
         labelled = {f"{a} (AUC {t['attacks'][a]['summary']['auc']:.3f})": c for a, c in cv.items()}
-        path = out / f"roc_{name}.png"
+        path = out / RunFolder.audit_roc(name)
         plot_roc_loglog(labelled, path, title=f"{name}: {t['n_members']} members / {t['n_nonmembers']} non-members", **kw)
         written[name] = path.name
     return written
@@ -170,9 +171,8 @@ def write_report(path: Path, audit: dict[str, Any]) -> None:
     """report.md: the verdict, the claims, the bounds against them, every target, the method."""
     lines = (_verdict_lines(audit) + _claims_lines(audit) + _bounds_lines(audit) + _client_summary(audit)
              + _targets_lines(audit) + _canary_lines(audit) + _label_lines(audit) + _method_lines(audit))
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines))
 
 
 def _verdict_lines(audit: dict[str, Any]) -> list[str]:
