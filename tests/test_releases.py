@@ -9,7 +9,7 @@ from feddistill import protocol
 from feddistill.client.app import handle_distill
 from feddistill.config import load_config
 from feddistill.deploy.certs import generate_credentials
-from feddistill.releases import sign_download
+from feddistill.deploy.download_signing import sign_download
 from feddistill.simulations.fleet import load_fleet
 from test_simulation import SMALL, _request
 

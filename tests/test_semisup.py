@@ -1,4 +1,4 @@
-"""FixMatch on public images (feddistill.semisup) and the semisup bench's consensus bookkeeping."""
+"""FixMatch on public images (feddistill.semisup) and the ablation bench's vote bookkeeping."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.semisup import consensus, label_table
+from bench.ablation import label_rows, vote_variants
 from feddistill.models import build_model
 from feddistill.semisup import strong_view, train_fixmatch, weak_view
 from feddistill.training import predict_logits
@@ -58,16 +58,18 @@ def test_fixmatch_refuses_nothing_to_learn_from():
         train_fixmatch(model, torch.zeros(0, 1, 8, 8), torch.zeros(0, 2), torch.zeros(5, 1, 8, 8), steps=10)
 
 
-def test_consensus_and_the_label_table():
-    votes = np.array([[0, 1, 2, 2], [0, 1, 1, 2], [0, 2, 0, 2], [1, 1, 0, 2]])  # 4 clients x 4 rows
-    label, share = consensus(votes, 3)
-    np.testing.assert_array_equal(label, [0, 1, 0, 2])
-    np.testing.assert_allclose(share, [0.75, 0.75, 0.5, 1.0])
-    truth = np.array([0, 2, 0, 2])
-    teacher = np.array([1, 2, 0, 2])
-    rows = {r["share_at_least"]: r for r in label_table(label, share, teacher, truth)}
-    assert rows[0.7]["rows"] == 3  # rows 0, 1, 3
-    assert rows[0.7]["fleet_label_accuracy"] == pytest.approx(2 / 3)
-    assert rows[0.7]["fleet_right_teacher_wrong"] == 1 and rows[0.7]["teacher_right_fleet_wrong"] == 1
-    assert rows[0.7]["labels_with_fleet_accuracy"] == pytest.approx(0.75)
-    assert rows[0.5]["rows"] == 4
+def test_the_ablation_counts_votes_with_the_products_answer_rules():
+    # 2 clients x 3 rows x 3 classes; client 1 holds no record of class 2
+    logits = np.array([[[3.0, 0, 0], [0, 3.0, 0], [0, 0, 3.0]],
+                       [[3.0, 0, 0], [0, 0, 3.0], [0, 0, 3.0]]])
+    counts = np.array([[60, 60, 60], [60, 60, 0]])
+    variants = vote_variants(logits, counts, {"min_records": 50})
+    np.testing.assert_array_equal(variants["plain votes"], [[2, 0, 0], [0, 1, 1], [0, 0, 2]])
+    # its prior corrected, client 1 (no record of class 2) swings to class 2 on every row, and so
+    # abstains on every row: only client 0's votes remain
+    np.testing.assert_array_equal(variants["+ prior correction"][:, 2], [1, 1, 2])
+    np.testing.assert_array_equal(variants["+ abstention"], [[1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    truth, start = np.array([0, 1, 2]), np.array([0, 2, 2])
+    row = label_rows(variants["+ abstention"], np.array([True, True, True]), start, truth)
+    assert row["rows"] == 3 and row["label_accuracy"] == 1.0
+    assert row["fleet_right_start_wrong"] == 1 and row["start_right_fleet_wrong"] == 0

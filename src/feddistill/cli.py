@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.text import Text
 
-from feddistill.config import ConfigError, load_config
+from feddistill.config import ConfigError, load_config, parse_override
 from feddistill.console import make_console
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated, privacy-preserving knowledge distillation on Flower.")
@@ -70,7 +70,7 @@ def simulate(
 
     _setup_logging(verbose)
     try:
-        overrides = dict(_parse_override(s) for s in set_)
+        overrides = dict(parse_override(s) for s in set_)
         if resume is not None:
             if config is not None or overrides or out is not None:
                 raise ConfigError("--resume takes the run's own config: drop --config/--set/--out")
@@ -231,19 +231,6 @@ def report(
     except ReportError as exc:
         _fail(str(exc))
     console.print(f"report: {path}")
-
-
-def _parse_override(text: str) -> tuple[str, object]:
-    import tomllib
-
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw  # a bare string
-    return key.strip(), value
 
 
 def main() -> None:

@@ -16,19 +16,24 @@ import hashlib
 import json
 import math
 import tomllib
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from feddistill.bounds import row_norm_bound
+from feddistill.bounds import BOUNDS, row_norm_bound
+from feddistill.data.datasets import DATASETS
+from feddistill.data.partition import SCHEMES
+from feddistill.encoding import ANSWER_DTYPES
 from feddistill.errors import ConfigError  # defined below the config; the rest of the code imports it from here
 from feddistill.models import MODEL_NAMES
 from feddistill.secagg_shares import run_shares
+from feddistill.strategies.registry import AGGREGATORS
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "digits"  # "digits" (embedded) or "fashion-mnist"
+    dataset: str = "digits"  # a registered data set (data.datasets.DATASETS): "digits" (embedded), "fashion-mnist"
     data_dir: str = ""  # Fashion-MNIST IDX directory; "" = /usr/share/datasets/fashion-mnist
     reference_size: int = 450  # unlabelled public reference set
     public_labelled_size: int = 100  # labelled public sample for the public teacher
@@ -56,7 +61,9 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    aggregator: str = "mean"  # "mean" (FedMD) | "era" (DS-FL) | "median" | "trimmed-mean" | "outlier-filtered"
+    # a registered aggregator (feddistill.strategies.registry): "mean" (FedMD) | "era" (DS-FL) | "median" |
+    # "trimmed-mean" | "outlier-filtered"
+    aggregator: str = "mean"
     trim_beta: float = 0.2  # trimmed-mean: fraction trimmed from each end of every coordinate
     keep_fraction: float = 0.7  # outlier-filtered: share of the round's clients kept
     era_temperature: float = 0.1
@@ -232,14 +239,7 @@ class RunConfig:
 
     def to_flat(self) -> dict[str, Any]:
         """Flower run-config form: ``{"fleet.num-clients": 10, ...}``."""
-        flat: dict[str, Any] = {}
-        for key, value in self.to_dict().items():
-            if isinstance(value, dict):
-                for sub, v in value.items():
-                    flat[f"{key}.{sub.replace('_', '-')}"] = v
-            else:
-                flat[key.replace("_", "-")] = value
-        return flat
+        return flat_run_config(self.to_dict())
 
     def digest(self) -> str:
         """SHA-256 of the canonical JSON form (the config hash recorded in results).
@@ -252,20 +252,34 @@ class RunConfig:
         return hashlib.sha256(blob).hexdigest()
 
 
+def flat_run_config(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Flower's run-config form of a nested, flat or mixed config: ``{"fleet.num-clients": 10, ...}``."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            for sub, v in flat_run_config(value).items():
+                flat[f"{key}.{sub}".replace("_", "-")] = v
+        else:
+            flat[key.replace("_", "-")] = value
+    return flat
+
+
 # ---- parsing and validation ----
 
-_CHOICES: dict[str, tuple[str, ...]] = {
+# The names a key accepts. Where the code that runs them keeps a registry or a tuple, that is the
+# list (aggregators, data sets, partitions, wire dtypes, bounds, models).
+_CHOICES: dict[str, Collection[str]] = {
     "method": ("feddistill", "fedavg", "dp-fedavg"),
-    "data.dataset": ("digits", "fashion-mnist"),
-    "fleet.partition": ("iid", "dirichlet", "shards"),
+    "data.dataset": DATASETS,
+    "fleet.partition": SCHEMES,
     "fleet.sampling": ("poisson", "fixed"),
-    "distill.aggregator": ("mean", "era", "median", "trimmed-mean", "outlier-filtered"),
-    "distill.answer_dtype": ("float32", "float16", "uint8", "vote"),
+    "distill.aggregator": AGGREGATORS,
+    "distill.answer_dtype": ANSWER_DTYPES,
     "distill.client_start": ("global", "own"),
     "distill.secure_aggregation": ("off", "secagg+"),
     "baselines.fedavg_init": ("public", "scratch"),
     "privacy.client_level": ("off", "local", "central", "gnmax", "confident-gnmax"),
-    "privacy.bound": ("probs", "votes", "clipped_logits"),
+    "privacy.bound": BOUNDS,
     "privacy.noise_source": ("seeded", "os-entropy"),
     "distill.server_training": ("kd", "fixmatch"),
     "distill.fleet_labels": ("answered", "consensus"),
@@ -630,6 +644,19 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         else:
             values[key] = value
     return parse_config(values, overrides_source if path is None else f"{source} with {overrides_source}")
+
+
+def parse_override(text: str, source: str = "--set") -> tuple[str, Any]:
+    """``KEY=VALUE`` (a command line's ``--set``) as ``(key, value)``: the value is read as a TOML
+    value (``3``, ``0.5``, ``true``, ``"a b"``), and as a bare string when it is not one."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{source} {text!r}: expected KEY=VALUE")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare string
+    return key.strip(), value
 
 
 def read_toml(path: Path, what: str) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import numpy as np
 
 from feddistill.protocol import ABSTAIN_VOTE
 
+#: The wire dtypes a client may send answers in (the config's ``distill.answer-dtype`` choices).
 ANSWER_DTYPES = ("float32", "float16", "uint8", "vote")
 
 

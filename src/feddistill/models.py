@@ -97,8 +97,3 @@ def build_model(name: str, image_size: int, num_classes: int, seed: int | None =
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def state_arrays(model: nn.Module) -> dict[str, "torch.Tensor"]:
-    """Detached CPU copies of the state dict (what gets persisted or sent)."""
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -31,8 +31,8 @@ REPLY_META = "meta"  # ConfigRecord: exactly ROUND and DIGEST, echoed back
 ROUND = "round"
 DIGEST = "reference-digest"
 NUM_EXAMPLES = "num-examples"  # Flower's FedAvg baseline only; never part of a distill reply
-SIGNATURE = "release-signature"  # Ed25519 signature of the round's download (feddistill.releases)
-RELEASE_ID = "release-id"
+SIGNATURE = "release-signature"  # Ed25519 signature of the round's download (feddistill.deploy.download_signing)
+RELEASE_ID = "release-id"  # the id the download is signed under (download_signing.download_id)
 # identify reply (query.identify, once at start-up) only: the server maps Flower's node id to this
 # client id; a distill reply never names its sender
 PARTITION = "partition-id"  # the node's partition id (simulation) or node-config id (device)

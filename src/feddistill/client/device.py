@@ -21,7 +21,6 @@ Without ``data-dir`` (simulation) the data come from the simulated fleet
 
 from __future__ import annotations
 
-import os
 import sys
 import zipfile
 from functools import lru_cache
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 from flwr.app import Context
 
+from feddistill.atomic import atomic_path
 from feddistill.config import RunConfig
 from feddistill.data import ArrayDataset, DataError, reference_digest
 
@@ -89,9 +89,8 @@ def write_device_data(data_dir: str | Path, private: ArrayDataset, reference: Ar
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # the temp file keeps the .npz suffix: np.savez adds none
+        np.savez(tmp, **arrays)
 
 
 def _load_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -178,9 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     """CLI: split the configured data set's private pool into N device data dirs (a demo
     fleet for a real deployment: on real devices each owner writes its own private.npz)."""
     import argparse
-    import tomllib
 
-    from feddistill.config import ConfigError, load_config
+    from feddistill.config import ConfigError, load_config, parse_override
     from feddistill.simulations.fleet import load_fleet
 
     parser = argparse.ArgumentParser(prog="python -m feddistill.client.device", description=main.__doc__)
@@ -189,15 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=None, help="TOML run config (data set, split sizes, seed)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="KEY=VALUE, e.g. data.dataset=digits")
     args = parser.parse_args(argv)
-    overrides: dict = {}
-    for text in args.overrides:
-        key, _, raw = text.partition("=")
-        try:
-            overrides[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            overrides[key.strip()] = raw
-    overrides["fleet.num_clients"] = args.devices
     try:
+        overrides = {**dict(parse_override(s) for s in args.overrides), "fleet.num_clients": args.devices}
         cfg = load_config(args.config, overrides)
         fleet = load_fleet(cfg.data, cfg.fleet, cfg.seed)
     except (ConfigError, DataError) as exc:

@@ -18,23 +18,28 @@ import gzip
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from feddistill.registry import Registry
+
 __all__ = [
     "DataError",
     "ArrayDataset",
+    "Dataset",
+    "DATASETS",
     "FASHION_MNIST_DIR",
     "FASHION_MNIST_FILES",
     "DATASET_CLASSES",
-    "DATASET_NAMES",
     "FLIP_KEEPS_CLASS",
     "read_idx",
     "load_fashion_mnist",
     "load_digits_dataset",
     "load_dataset",
+    "register_dataset",
 ]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -55,13 +60,6 @@ _FIX_HINT = (
     "reinstall with `apt-get install -y dataset-fashion-mnist` or pass a directory "
     "holding the four Fashion-MNIST IDX files"
 )
-
-DATASET_NAMES = ("digits", "fashion-mnist")
-#: Classes of each data set: the columns of an answer (the SecAgg+ union bound counts its entries).
-DATASET_CLASSES = {"digits": 10, "fashion-mnist": 10}
-#: Whether a horizontal flip keeps an image's class (garments: yes; digits: no), for augmentations.
-FLIP_KEEPS_CLASS = {"digits": False, "fashion-mnist": True}
-
 
 class DataError(ValueError):
     """Missing/corrupt data; the message names the file and how to fix it."""
@@ -233,13 +231,42 @@ def load_digits_dataset() -> ArrayDataset:
 # --------------------------------------------------------------------------- registry
 
 
+@dataclass(frozen=True)
+class Dataset:
+    """A data set the config may name (``data.dataset``).
+
+    ``load(data_dir)`` returns ``(train, test)``, ``test`` None when the data set has no test split
+    of its own (the splits then cut one); ``num_classes`` is the number of columns of an answer (the
+    SecAgg+ union bound counts its entries); ``flip_keeps_class`` says whether a horizontal flip keeps
+    an image's class (garments: yes; digits: no), for augmentations."""
+
+    name: str
+    load: Callable[[str | None], tuple[ArrayDataset, ArrayDataset | None]]
+    num_classes: int
+    flip_keeps_class: bool
+
+
+#: The data sets by name: the config's ``data.dataset`` choices and what :func:`load_dataset` loads.
+DATASETS: Registry[Dataset] = Registry("data set", error=DataError,
+                                      unknown="unknown {kind} {name!r}; valid names: {known}")
+
+
+def register_dataset(name: str, load: Callable[[str | None], tuple[ArrayDataset, ArrayDataset | None]], *,
+                     num_classes: int, flip_keeps_class: bool) -> Dataset:
+    return DATASETS.register(name, Dataset(name, load, num_classes, flip_keeps_class))
+
+
+register_dataset("digits", lambda data_dir: (load_digits_dataset(), None), num_classes=10, flip_keeps_class=False)
+register_dataset("fashion-mnist", load_fashion_mnist, num_classes=10, flip_keeps_class=True)
+
+#: Views of :data:`DATASETS`: name -> classes, name -> whether a horizontal flip keeps the class.
+DATASET_CLASSES = DATASETS.view("num_classes")
+FLIP_KEEPS_CLASS = DATASETS.view("flip_keeps_class")
+
+
 @functools.lru_cache(maxsize=8)
 def _load_cached(name: str, data_dir: str | None) -> tuple[ArrayDataset, ArrayDataset | None]:
-    if name == "digits":
-        return load_digits_dataset(), None
-    if name == "fashion-mnist":
-        return load_fashion_mnist(data_dir)
-    raise DataError(f"unknown data set {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    return DATASETS.lookup(name).load(data_dir)
 
 
 def load_dataset(name: str, data_dir: str | None = None) -> tuple[ArrayDataset, ArrayDataset | None]:
@@ -248,8 +275,7 @@ def load_dataset(name: str, data_dir: str | None = None) -> tuple[ArrayDataset, 
     Results are cached per process (each Flower client worker loads a data set once).
     The cached arrays are shared: do not modify them in place.
     """
-    if name not in DATASET_NAMES:
-        raise DataError(f"unknown data set {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    DATASETS.lookup(name)  # an unknown name fails here, before the cache
     # Normalise the directory so "x", "x/" and Path("x") share one cache entry.
     key_dir = os.path.abspath(os.fspath(data_dir)) if data_dir is not None else None
     return _load_cached(name, key_dir)

@@ -1,4 +1,4 @@
-"""Deployment helpers: TLS/auth credentials, signed releases, a local secure deployment.
+"""Deployment helpers: TLS/auth credentials, signed downloads, a local secure deployment.
 
 See :mod:`feddistill.deploy.certs` for the Flower 1.41 deployment facts
 (CLI flags, key formats, SuperNode registration procedure).

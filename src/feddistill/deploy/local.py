@@ -76,18 +76,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def flat_run_config(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Flower run-config form of a (nested or flat) config: ``{"fleet.num-clients": 3}``."""
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, Mapping):
-            for sub, v in flat_run_config(value).items():
-                flat[f"{key}.{sub}".replace("_", "-")] = v
-        else:
-            flat[key.replace("_", "-")] = value
-    return flat
-
-
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -207,7 +195,7 @@ class LocalDeployment:
     def __init__(self, out_dir: str | Path, *, num_supernodes: int = 3, app_dir: str | Path | None = None,
                  config: Mapping[str, Any] | None = None, startup_timeout_s: float = 60.0,
                  sign: bool = True) -> None:
-        from feddistill.config import parse_config
+        from feddistill.config import flat_run_config, parse_config
 
         if num_supernodes < 1:
             raise ValueError("num_supernodes must be >= 1")
@@ -425,7 +413,7 @@ class LocalDeployment:
     def run(self, *, rounds: int, output_dir: str | Path, overrides: Mapping[str, Any] | None = None,
             timeout_s: float = 600.0) -> dict[str, Any]:
         """``flwr run`` the app on this deployment; returns the ServerApp's results.json."""
-        from feddistill.config import parse_config
+        from feddistill.config import flat_run_config, parse_config
 
         output_dir = Path(output_dir).expanduser().resolve()
         run_config = {**self.run_config, **flat_run_config(overrides or {}), "rounds": rounds,
@@ -435,13 +423,13 @@ class LocalDeployment:
         if unknown:
             raise DeploymentError(f"run-config keys {unknown} are not in [tool.flwr.app.config] of "
                                   f"{self.app_dir / 'pyproject.toml'}: Flower would reject them")
-        from feddistill.runfolder import RunFolderError, prepare_run_folder
+        from feddistill.runfolder import RunFolder, RunFolderError, prepare_run_folder
 
         try:  # the ServerApp would refuse it too, but only after Flower has started the run
             prepare_run_folder(output_dir, ways_out="use a fresh output dir for every run")
         except RunFolderError as exc:
             raise DeploymentError(str(exc)) from None
-        results_path = output_dir / "results.json"
+        results_path = RunFolder(output_dir).results
         config_file = self.out / f"run-config-{output_dir.name}.toml"
         config_file.write_text("".join(f"{json.dumps(k)} = {_toml_value(v)}\n" for k, v in sorted(run_config.items())))
         cmd = [str(_VENV_BIN / "flwr"), "run", str(self.app_dir), CONNECTION, "--stream",
@@ -513,6 +501,8 @@ def deploy_local(out_dir: str | Path, *, num_supernodes: int = 3, rounds: int = 
     "logs": {name: path}, "certs", "device_dirs", "signed", "seconds"}``. Raises
     :class:`DeploymentError` (naming the failing step and its log) on failure.
     """
+    from feddistill.runfolder import RunFolder
+
     t0 = time.monotonic()
     deadline = t0 + timeout_s
     deployment = LocalDeployment(out_dir, num_supernodes=num_supernodes, app_dir=app_dir, config=config_overrides,
@@ -525,7 +515,7 @@ def deploy_local(out_dir: str | Path, *, num_supernodes: int = 3, rounds: int = 
     return {
         "results": results,
         "out_dir": str(deployment.out),
-        "results_path": str(deployment.out / "run" / "results.json"),
+        "results_path": str(RunFolder(deployment.out / "run").results),
         "node_ids": deployment.node_ids,
         "run_id": deployment.last_run["run_id"],
         "logs": deployment.log_paths(),
@@ -536,17 +526,6 @@ def deploy_local(out_dir: str | Path, *, num_supernodes: int = 3, rounds: int = 
     }
 
 
-def _parse_set(text: str) -> tuple[str, Any]:
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"--set {text!r}: expected KEY=VALUE")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key.strip(), value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: a secure local deployment (TLS + SuperNode auth) of N SuperNodes, one run."""
     parser = argparse.ArgumentParser(prog="feddistill deploy-local", description=__doc__.split("\n\n")[0])
@@ -554,23 +533,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--supernodes", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--config", type=Path, default=None, help="TOML run config (feddistill simulate format)")
-    parser.add_argument("--set", dest="overrides", action="append", type=_parse_set, default=[],
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="Override a run-config key, e.g. --set teacher.epochs=20")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--app-dir", type=Path, default=None)
     parser.add_argument("--no-sign", dest="sign", action="store_false",
                         help="Send unsigned downloads and pin no key on the SuperNodes (signed and pinned by default)")
     args = parser.parse_args(argv)
-    from feddistill.config import ConfigError, read_toml
+    from feddistill.config import ConfigError, flat_run_config, parse_override, read_toml
 
     overrides: dict[str, Any] = {}
     try:
         if args.config is not None:
             overrides.update(flat_run_config(read_toml(args.config, "config file")))
+        overrides.update(flat_run_config(dict(parse_override(s) for s in args.overrides)))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    overrides.update(flat_run_config(dict(args.overrides)))
     overrides.pop("output-dir", None)
     try:
         info = deploy_local(args.out_dir, num_supernodes=args.supernodes, rounds=args.rounds,

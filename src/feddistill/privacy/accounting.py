@@ -39,6 +39,8 @@ from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 from dp_accounting.rdp import compute_epsilon as _rdp_to_epsilon
 
+from feddistill.registry import Registry
+
 from .mechanisms import NEIGHBOURING
 
 __all__ = [
@@ -58,8 +60,12 @@ __all__ = [
 
 _MAX_NOISE_MULTIPLIER = 1e6
 
-#: Accountants a ledger may name. No "gdp": it under-reports (see module docstring).
-ACCOUNTANTS = ("pld", "rdp", "prv")
+#: The accountants a ledger may name, by name; each is ``(groups, delta, value_discretization_interval) -> ε``
+#: (registered below). No "gdp": it under-reports (see module docstring).
+ACCOUNTANTS: Registry[Callable[[Groups, float, float], float]] = Registry(
+    "accountant", unknown="accountant must be one of {names}, got {name!r}")
+#: Opacus' RDP analysis: a cross-check (:func:`epsilon_rdp_opacus`), not an accountant a ledger names.
+RDP_OPACUS = "rdp-opacus"
 
 #: PLD grid step. 1e-4 keeps PLD within ~0.1 % of the PRV upper bound on the
 #: reference vectors while taking < 1 s for 10,000 subsampled steps.
@@ -195,37 +201,51 @@ def _events_of(groups: Groups) -> dp_accounting.DpEvent:
     return dp_accounting.ComposedDpEvent([GaussianEvent(z, q, n).to_dp_event() for z, q, n in groups])
 
 
+@ACCOUNTANTS.register("pld")
+def _pld(groups: Groups, delta: float, vdi: float) -> float:
+    # ADD_OR_REMOVE_ONE for both relations: see _check_neighbouring.
+    acc = PLDAccountant(value_discretization_interval=vdi)
+    acc.compose(_events_of(groups))
+    return float(acc.get_epsilon(delta))
+
+
+@ACCOUNTANTS.register("rdp")
+def _rdp(groups: Groups, delta: float, vdi: float) -> float:
+    acc = RdpAccountant()
+    acc.compose(_events_of(groups))
+    return float(acc.get_epsilon(delta))
+
+
+@ACCOUNTANTS.register("prv")
+def _prv(groups: Groups, delta: float, vdi: float) -> float:
+    from opacus.accountants import PRVAccountant
+
+    acc = PRVAccountant()
+    acc.history = [(z, q, n) for z, q, n in groups]
+    return float(acc.get_epsilon(delta))
+
+
+def _rdp_opacus(groups: Groups, delta: float, vdi: float) -> float:
+    from opacus.accountants.analysis import rdp as opacus_rdp
+    from opacus.accountants.rdp import RDPAccountant
+
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    rdp = sum(
+        np.asarray(opacus_rdp.compute_rdp(q=q, noise_multiplier=z, steps=n, orders=orders))
+        for z, q, n in groups
+    )
+    eps, _ = opacus_rdp.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    return float(eps)
+
+
+def _analysis(accountant: str) -> Callable[[Groups, float, float], float]:
+    """The named accountant's ε function, or the Opacus RDP cross-check; ValueError for any other name."""
+    return _rdp_opacus if accountant == RDP_OPACUS else ACCOUNTANTS.lookup(accountant)
+
+
 @functools.lru_cache(maxsize=1024)
 def _epsilon_cached(accountant: str, groups: Groups, delta: float, vdi: float) -> float:
-    if not groups:
-        return 0.0
-    if accountant == "pld":
-        # ADD_OR_REMOVE_ONE for both relations: see _check_neighbouring.
-        acc = PLDAccountant(value_discretization_interval=vdi)
-        acc.compose(_events_of(groups))
-        return float(acc.get_epsilon(delta))
-    if accountant == "rdp":
-        acc = RdpAccountant()
-        acc.compose(_events_of(groups))
-        return float(acc.get_epsilon(delta))
-    if accountant == "rdp-opacus":
-        from opacus.accountants.analysis import rdp as opacus_rdp
-        from opacus.accountants.rdp import RDPAccountant
-
-        orders = RDPAccountant.DEFAULT_ALPHAS
-        rdp = sum(
-            np.asarray(opacus_rdp.compute_rdp(q=q, noise_multiplier=z, steps=n, orders=orders))
-            for z, q, n in groups
-        )
-        eps, _ = opacus_rdp.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
-        return float(eps)
-    if accountant == "prv":
-        from opacus.accountants import PRVAccountant
-
-        acc = PRVAccountant()
-        acc.history = [(z, q, n) for z, q, n in groups]
-        return float(acc.get_epsilon(delta))
-    raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    return _analysis(accountant)(groups, delta, vdi) if groups else 0.0
 
 
 def epsilon(
@@ -243,8 +263,7 @@ def epsilon(
     Results are cached on the (order-free) event multiset, so repeated calls
     on an append-only history are cheap. 0.0 for no events.
     """
-    if accountant not in ACCOUNTANTS and accountant != "rdp-opacus":
-        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    _analysis(accountant)  # an unknown name fails before any work
     _check_delta(delta)
     groups = _group(events)
     _check_neighbouring(neighbouring, groups)
@@ -275,7 +294,7 @@ def epsilon_rdp(events: Iterable[GaussianEvent], delta: float, *, neighbouring: 
 
 def epsilon_rdp_opacus(events: Iterable[GaussianEvent], delta: float, *, neighbouring: str = "add/remove") -> float:
     """ε by Opacus' RDP analysis (``compute_rdp`` + ``get_privacy_spent``, Opacus' default orders)."""
-    return epsilon(events, delta, accountant="rdp-opacus", neighbouring=neighbouring)
+    return epsilon(events, delta, accountant=RDP_OPACUS, neighbouring=neighbouring)
 
 
 def epsilon_prv(events: Iterable[GaussianEvent], delta: float, *, neighbouring: str = "add/remove") -> float:

@@ -1,50 +1,60 @@
-"""Aggregation of client answers into the next teacher signal (Flower strategies)."""
+"""Aggregation of client answers into the next teacher signal (Flower strategies).
 
-from feddistill.strategies.base import AnswerStrategy, RoundReplies, normalize_rows, teacher_arrays
-from feddistill.strategies.dp import CentralGaussianAnswers
-from feddistill.strategies.era import EntropyReducedMean, entropy_reduction
-from feddistill.strategies.gnmax import GNMaxVotes
-from feddistill.strategies.mean import MeanAnswers
-from feddistill.strategies.median import MedianAnswers
-from feddistill.strategies.outlier import OutlierFilteredMean
-from feddistill.strategies.trimmed_mean import TrimmedMeanAnswers
-from feddistill.strategies.validation import REPLY_SCHEMA, ReplyCheck, ValidReply, check_reply, validate_reply
+Names are imported lazily (PEP 562), so that the config can read the aggregator registry
+(:mod:`feddistill.strategies.registry`) without loading Flower or any strategy. Every module of
+this package that defines an aggregator registers it there (``register_aggregator``);
+:func:`make_strategy` builds one by name.
+"""
 
-__all__ = [
-    "AnswerStrategy",
-    "CentralGaussianAnswers",
-    "GNMaxVotes",
-    "EntropyReducedMean",
-    "MeanAnswers",
-    "MedianAnswers",
-    "OutlierFilteredMean",
-    "TrimmedMeanAnswers",
-    "REPLY_SCHEMA",
-    "ReplyCheck",
-    "RoundReplies",
-    "ValidReply",
-    "check_reply",
-    "validate_reply",
-    "entropy_reduction",
-    "make_strategy",
-    "normalize_rows",
-    "teacher_arrays",
-]
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from feddistill.strategies.registry import AGGREGATORS, Aggregator, make_strategy, register_aggregator
+
+_WHERE = {
+    "AnswerStrategy": "base",
+    "RoundReplies": "base",
+    "normalize_rows": "base",
+    "probability_answers": "base",
+    "teacher_arrays": "base",
+    "CentralGaussianAnswers": "dp",
+    "EntropyReducedMean": "era",
+    "entropy_reduction": "era",
+    "GNMaxVotes": "gnmax",
+    "MeanAnswers": "mean",
+    "MedianAnswers": "median",
+    "OutlierFilteredMean": "outlier",
+    "TrimmedMeanAnswers": "trimmed_mean",
+    "REPLY_SCHEMA": "validation",
+    "ReplyCheck": "validation",
+    "ValidReply": "validation",
+    "check_reply": "validation",
+    "validate_reply": "validation",
+}
+
+__all__ = sorted([*_WHERE, "AGGREGATORS", "Aggregator", "make_strategy", "register_aggregator"])
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .base import AnswerStrategy, RoundReplies, normalize_rows, probability_answers, teacher_arrays
+    from .dp import CentralGaussianAnswers
+    from .era import EntropyReducedMean, entropy_reduction
+    from .gnmax import GNMaxVotes
+    from .mean import MeanAnswers
+    from .median import MedianAnswers
+    from .outlier import OutlierFilteredMean
+    from .trimmed_mean import TrimmedMeanAnswers
+    from .validation import REPLY_SCHEMA, ReplyCheck, ValidReply, check_reply, validate_reply
 
 
-def make_strategy(aggregator: str, *, sampling_rate: float, sampling: str, seed: int, era_temperature: float = 0.1,
-                  trim_beta: float = 0.2, keep_fraction: float = 0.7, probabilities: bool = True,
-                  abstain: bool = False):
-    """Build the configured aggregator (``abstain``: clients may send all-zero rows, mean only)."""
-    common = dict(sampling_rate=sampling_rate, sampling=sampling, seed=seed)
-    if aggregator == "mean":
-        return MeanAnswers(**common, abstain=abstain)
-    if aggregator == "era":
-        return EntropyReducedMean(**common, temperature=era_temperature)
-    if aggregator == "median":
-        return MedianAnswers(**common, probabilities=probabilities)
-    if aggregator == "trimmed-mean":
-        return TrimmedMeanAnswers(**common, beta=trim_beta, probabilities=probabilities)
-    if aggregator == "outlier-filtered":
-        return OutlierFilteredMean(**common, keep_fraction=keep_fraction, probabilities=probabilities)
-    raise ValueError(f"unknown aggregator {aggregator!r} (known: mean, era, median, trimmed-mean, outlier-filtered)")
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -171,6 +171,12 @@ def teacher_arrays(signal: np.ndarray, queries: np.ndarray, student: dict | None
     return ArrayRecord(arrays)
 
 
+def probability_answers(cfg) -> bool:
+    """Whether a run's answers are probability-like (``privacy.bound`` probs or votes, not clipped
+    logits): aggregators that may break a row's sum renormalise their rows then."""
+    return cfg.privacy.bound != "clipped_logits"
+
+
 def normalize_rows(matrix: np.ndarray) -> np.ndarray:
     matrix = np.clip(matrix, 0.0, None)
     sums = matrix.sum(axis=1, keepdims=True)

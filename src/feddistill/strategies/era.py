@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from feddistill.strategies.base import AnswerStrategy
+from feddistill.strategies.registry import register_aggregator
 
 
 def entropy_reduction(mean_probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -22,9 +23,8 @@ def entropy_reduction(mean_probs: np.ndarray, temperature: float) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+@register_aggregator("era", reads={"temperature": "distill.era-temperature"})
 class EntropyReducedMean(AnswerStrategy):
-    name = "era"
-
     def __init__(self, *args, temperature: float = 0.1, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.temperature = temperature

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from feddistill.privacy.mechanisms import confident_gnmax, gnmax
 from feddistill.strategies.base import AnswerStrategy
 
 
@@ -31,6 +30,9 @@ class GNMaxVotes(AnswerStrategy):
             self.name = "confident-gnmax"
 
     def aggregate_answers(self, answers: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        # imported here: the config's aggregator check imports every module of this package
+        from feddistill.privacy.mechanisms import confident_gnmax, gnmax
+
         counts = answers.sum(axis=0)
         num_classes = counts.shape[1]
         if self.threshold is None:

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from feddistill.config import abstains
 from feddistill.strategies.base import AnswerStrategy, normalize_rows
+from feddistill.strategies.registry import register_aggregator
 
 
+@register_aggregator("mean", reads={"abstain": abstains})
 class MeanAnswers(AnswerStrategy):
     """Consensus = the plain mean of the answers (FedMD). Unweighted: a reply carries no
     example count (it would reveal the size of the private set), so ``weights`` are ignored.
 
     Abstentions (all-zero rows, ``distill.abstain-*``) are left out of their row's mean; a row
     every client abstained on comes back NaN (unanswered: the server keeps its signal)."""
-
-    name = "mean"
 
     def __init__(self, *args, abstain: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)

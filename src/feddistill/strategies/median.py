@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from feddistill.strategies.base import AnswerStrategy, normalize_rows
+from feddistill.strategies.base import AnswerStrategy, normalize_rows, probability_answers
+from feddistill.strategies.registry import register_aggregator
 
 
 def coordinate_median(answers: np.ndarray) -> np.ndarray:
@@ -19,6 +20,7 @@ def coordinate_median(answers: np.ndarray) -> np.ndarray:
     return np.median(answers, axis=0)
 
 
+@register_aggregator("median", reads={"probabilities": probability_answers})
 class MedianAnswers(AnswerStrategy):
     """Consensus = coordinate-wise median of the answers (unweighted, like Flower's ``FedMedian``).
 
@@ -29,8 +31,6 @@ class MedianAnswers(AnswerStrategy):
         every output row with :func:`normalize_rows`. ``False`` (clipped logits)
         returns the raw medians.
     """
-
-    name = "median"
 
     def __init__(self, *args, probabilities: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)

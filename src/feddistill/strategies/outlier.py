@@ -15,8 +15,9 @@ import math
 
 import numpy as np
 
-from feddistill.strategies.base import AnswerStrategy, normalize_rows
+from feddistill.strategies.base import AnswerStrategy, normalize_rows, probability_answers
 from feddistill.strategies.median import coordinate_median
+from feddistill.strategies.registry import register_aggregator
 
 
 def distances_to_median(answers: np.ndarray) -> np.ndarray:
@@ -35,6 +36,8 @@ def farthest_clients(answers: np.ndarray, keep_fraction: float) -> list[int]:
     return sorted(int(i) for i in order[:drop])
 
 
+@register_aggregator("outlier-filtered", reads={"keep_fraction": "distill.keep-fraction",
+                                               "probabilities": probability_answers})
 class OutlierFilteredMean(AnswerStrategy):
     """Consensus = mean of the answers closest to the coordinate-wise median.
 
@@ -53,8 +56,6 @@ class OutlierFilteredMean(AnswerStrategy):
         Indices into the last call's ``answers`` (= positions in
         ``RoundReplies.senders``) of the clients dropped, for the server's log.
     """
-
-    name = "outlier-filtered"
 
     def __init__(self, *args, keep_fraction: float = 0.7, probabilities: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)

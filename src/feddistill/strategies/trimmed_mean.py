@@ -12,8 +12,9 @@ import math
 
 import numpy as np
 
-from feddistill.strategies.base import AnswerStrategy, normalize_rows
+from feddistill.strategies.base import AnswerStrategy, normalize_rows, probability_answers
 from feddistill.strategies.median import coordinate_median
+from feddistill.strategies.registry import register_aggregator
 
 
 def coordinate_trimmed_mean(answers: np.ndarray, beta: float) -> np.ndarray:
@@ -28,6 +29,7 @@ def coordinate_trimmed_mean(answers: np.ndarray, beta: float) -> np.ndarray:
     return ordered[trim : k - trim].mean(axis=0)
 
 
+@register_aggregator("trimmed-mean", reads={"beta": "distill.trim-beta", "probabilities": probability_answers})
 class TrimmedMeanAnswers(AnswerStrategy):
     """Consensus = coordinate-wise beta-trimmed mean of the answers (unweighted).
 
@@ -40,8 +42,6 @@ class TrimmedMeanAnswers(AnswerStrategy):
         The answers are probability-like: renormalise every output row with
         :func:`normalize_rows`. ``False`` (clipped logits) returns the raw values.
     """
-
-    name = "trimmed-mean"
 
     def __init__(self, *args, beta: float = 0.2, probabilities: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -16,14 +16,23 @@ References
   Attacks", ICML 2024 -- RMIA.
 * Shi, Ouyang & Wang, "Unveiling Client Privacy Leakage from Public Dataset
   Usage in Federated Distillation", PoPETs 2025 -- LiRA against FD uploads.
+
+The attacks ``feddistill audit`` runs are registered by name in :data:`ATTACKS` (report order),
+each with what it needs of the reference models; :func:`attack_scores` runs every one the
+reference models allow.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 from scipy import stats
+
+from feddistill.registry import Registry
 
 __all__ = [
     "true_class_probability",
@@ -33,6 +42,12 @@ __all__ = [
     "lira_offline",
     "lira_online",
     "rmia_scores",
+    "ATTACKS",
+    "AttackInputs",
+    "AuditAttack",
+    "attack_scores",
+    "out_models",
+    "register_attack",
 ]
 
 #: below this many reference models per example (and per side for the online
@@ -271,3 +286,128 @@ def rmia_scores(
     # LR(x,z) >= gamma  <=>  ratio_z <= ratio_x / gamma
     counts = np.searchsorted(ratio_z, ratio_x / gamma, side="right")
     return counts / ratio_z.size
+
+
+# --------------------------------------------------------------------------- #
+# The audit's attacks, by name
+# --------------------------------------------------------------------------- #
+def out_models(arr: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(K, N, ...) -> (K - K//2, N, ...): the OUT models' values of each column."""
+    n_out = mask.shape[0] - int(mask[:, 0].sum()) if mask.shape[1] else 0
+    order = np.argsort(mask, axis=0, kind="stable")[:n_out]  # False (OUT) first
+    idx = order.reshape(order.shape + (1,) * (arr.ndim - 2))
+    return np.take_along_axis(arr, idx, axis=0)
+
+
+@dataclass(frozen=True, eq=False)
+class AttackInputs:
+    """What the attacks read. ``target_x`` (N, C) / ``target_z`` (Z, C): the target model's
+    probabilities on the candidates and on the population; ``ref_x`` (K, N, C) / ``ref_z``
+    (K, Z, C): the reference models'; ``y_*`` the labels; ``mask_*`` (K, .): which reference model
+    trained on which point (every point is IN for K // 2 of them)."""
+
+    target_x: np.ndarray
+    target_z: np.ndarray
+    ref_x: np.ndarray
+    ref_z: np.ndarray
+    y_x: np.ndarray
+    y_z: np.ndarray
+    mask_x: np.ndarray
+    mask_z: np.ndarray
+
+    @property
+    def n_in(self) -> int:
+        return self.ref_x.shape[0] // 2
+
+    @property
+    def n_out(self) -> int:
+        return self.ref_x.shape[0] - self.n_in
+
+    @cached_property
+    def phi_target(self) -> np.ndarray:
+        return logit_scaled_confidence(self.target_x, self.y_x)
+
+    @cached_property
+    def phi_refs(self) -> np.ndarray:
+        return logit_scaled_confidence(self.ref_x, self.y_x)
+
+    @cached_property
+    def p_target(self) -> tuple[np.ndarray, np.ndarray]:
+        """The target's true-class probabilities on x and on z."""
+        return true_class_probability(self.target_x, self.y_x), true_class_probability(self.target_z, self.y_z)
+
+    @cached_property
+    def p_refs(self) -> tuple[np.ndarray, np.ndarray]:
+        """The reference models' true-class probabilities on x and on z."""
+        return true_class_probability(self.ref_x, self.y_x), true_class_probability(self.ref_z, self.y_z)
+
+
+@dataclass(frozen=True)
+class AuditAttack:
+    """A registered attack: its scores (higher = member) and why the reference models at hand
+    cannot run it (``None``: they can)."""
+
+    name: str
+    score: Callable[[AttackInputs], np.ndarray]
+    unavailable: Callable[[AttackInputs], str | None]
+
+
+#: The audit's attacks by name, in report order. The loss attack (Yeom et al. 2018) is
+#: rank-equivalent to the confidence threshold (``log`` is monotone), so only one of the two is listed.
+ATTACKS: Registry[AuditAttack] = Registry("attack")
+
+
+def register_attack(name: str, score: Callable[[AttackInputs], np.ndarray],
+                    unavailable: Callable[[AttackInputs], str | None] = lambda inputs: None) -> AuditAttack:
+    return ATTACKS.register(name, AuditAttack(name, score, unavailable))
+
+
+def _needs(count: Callable[[AttackInputs], int], least: int, reason: str) -> Callable[[AttackInputs], str | None]:
+    """``unavailable`` for an attack that needs ``count(inputs) >= least`` (``reason`` may name {have})."""
+    return lambda inputs: None if count(inputs) >= least else reason.format(have=count(inputs))
+
+
+def _n_in(inputs: AttackInputs) -> int:
+    return inputs.n_in
+
+
+def _n_out(inputs: AttackInputs) -> int:
+    return inputs.n_out
+
+
+register_attack("loss", lambda a: loss_scores(a.target_x, a.y_x))
+register_attack("lira_offline", lambda a: lira_offline(a.phi_target, out_models(a.phi_refs, a.mask_x)),
+                _needs(_n_out, 2, "needs >= 2 OUT reference models per point (have {have}; use >= 3 reference models)"))
+register_attack("lira_online", lambda a: lira_online(a.phi_target, ref_phi=a.phi_refs, in_mask=a.mask_x),
+                _needs(_n_in, 2, "needs >= 2 IN reference models per point (have {have}; use >= 4 reference models)"))
+register_attack("rmia", lambda a: rmia_scores(a.p_target[0], a.p_refs[0], a.p_target[1], a.p_refs[1], a=None),
+                _needs(_n_in, 1, "online RMIA needs reference models that trained on each point (use >= 2)"))
+register_attack("rmia_offline",
+                lambda a: rmia_scores(a.p_target[0], out_models(a.p_refs[0], a.mask_x), a.p_target[1],
+                                      out_models(a.p_refs[1], a.mask_z), a=0.3),
+                _needs(_n_out, 1, "needs at least one reference model"))
+
+
+def attack_scores(
+    target_x: np.ndarray,
+    target_z: np.ndarray,
+    ref_x: np.ndarray,
+    ref_z: np.ndarray,
+    y_x: np.ndarray,
+    y_z: np.ndarray,
+    mask_x: np.ndarray,
+    mask_z: np.ndarray,
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Scores (higher = member) of every registered attack that the number of reference models
+    allows (arguments: :class:`AttackInputs`). Returns ``(scores, skipped)`` where ``skipped`` maps
+    an attack to the reason it did not run."""
+    inputs = AttackInputs(target_x, target_z, ref_x, ref_z, y_x, y_z, mask_x, mask_z)
+    scores: dict[str, np.ndarray] = {}
+    skipped: dict[str, str] = {}
+    for name, attack in ATTACKS.items():
+        reason = attack.unavailable(inputs)
+        if reason is None:
+            scores[name] = attack.score(inputs)
+        else:
+            skipped[name] = reason
+    return scores, skipped

@@ -1,4 +1,5 @@
-"""Audit targets, membership samples, reference (shadow) models and attack scores.
+"""Audit targets, membership samples and reference (shadow) models (the attacks and their
+scores, ``ATTACKS`` and ``attack_scores``, are :mod:`.attacks`'s, re-exported here).
 
 The model side of the audit: everything that trains or queries a torch model lives
 here, while the statistics come from the pure functions of :mod:`.metrics`,
@@ -46,7 +47,7 @@ from feddistill.models import build_model
 from feddistill.privacy.mechanisms import bound_answers
 from feddistill.training import predict_logits, predict_probs, train_distill, train_supervised
 
-from .attacks import logit_scaled_confidence, loss_scores, lira_offline, lira_online, rmia_scores, true_class_probability
+from .attacks import ATTACKS, attack_scores
 
 __all__ = [
     "TrainRecipe",
@@ -63,9 +64,6 @@ __all__ = [
     "attack_scores",
     "ATTACKS",
 ]
-
-#: attack names in report order
-ATTACKS = ("loss", "lira_offline", "lira_online", "rmia", "rmia_offline")
 
 
 @dataclass(frozen=True)
@@ -205,59 +203,3 @@ def replay_answers(model: torch.nn.Module, query_x: np.ndarray, counts: np.ndarr
 def probs_of(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
     """Class probabilities in eval mode (float64 for the statistics)."""
     return predict_probs(model, _t(x)).numpy().astype(np.float64)
-
-
-def _gather_out(arr: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """(K, N, ...) -> (K - K//2, N, ...): the OUT models' values of each column."""
-    n_out = mask.shape[0] - int(mask[:, 0].sum()) if mask.shape[1] else 0
-    order = np.argsort(mask, axis=0, kind="stable")[:n_out]  # False (OUT) first
-    idx = order.reshape(order.shape + (1,) * (arr.ndim - 2))
-    return np.take_along_axis(arr, idx, axis=0)
-
-
-def attack_scores(
-    target_x: np.ndarray,
-    target_z: np.ndarray,
-    ref_x: np.ndarray,
-    ref_z: np.ndarray,
-    y_x: np.ndarray,
-    y_z: np.ndarray,
-    mask_x: np.ndarray,
-    mask_z: np.ndarray,
-) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Scores (higher = member) of every attack that the number of reference models allows.
-
-    ``target_x`` (N, C) / ``target_z`` (Z, C): the target model's probabilities on the
-    candidates and on the population; ``ref_x`` (K, N, C) / ``ref_z`` (K, Z, C): the
-    reference models'; ``mask_*`` (K, ·): which reference model trained on which point.
-    Returns ``(scores, skipped)`` where ``skipped`` maps an attack to the reason it did not run.
-
-    The loss attack (Yeom et al. 2018) is rank-equivalent to the confidence threshold
-    (``log`` is monotone), so only one of the two is reported.
-    """
-    k = ref_x.shape[0]
-    n_in, n_out = k // 2, k - k // 2
-    scores: dict[str, np.ndarray] = {"loss": loss_scores(target_x, y_x)}
-    skipped: dict[str, str] = {}
-    phi_t = logit_scaled_confidence(target_x, y_x)
-    phi_r = logit_scaled_confidence(ref_x, y_x) if k else None
-    p_t, p_tz = true_class_probability(target_x, y_x), true_class_probability(target_z, y_z)
-    p_r = true_class_probability(ref_x, y_x) if k else None
-    p_rz = true_class_probability(ref_z, y_z) if k else None
-    if n_out >= 2:
-        scores["lira_offline"] = lira_offline(phi_t, _gather_out(phi_r, mask_x))
-    else:
-        skipped["lira_offline"] = f"needs >= 2 OUT reference models per point (have {n_out}; use >= 3 reference models)"
-    if n_in >= 2:
-        scores["lira_online"] = lira_online(phi_t, ref_phi=phi_r, in_mask=mask_x)
-    else:
-        skipped["lira_online"] = f"needs >= 2 IN reference models per point (have {n_in}; use >= 4 reference models)"
-    if n_in >= 1:
-        scores["rmia"] = rmia_scores(p_t, p_r, p_tz, p_rz, a=None)
-    else:
-        skipped["rmia"] = "online RMIA needs reference models that trained on each point (use >= 2)"
-    if n_out >= 1:
-        scores["rmia_offline"] = rmia_scores(p_t, _gather_out(p_r, mask_x), p_tz, _gather_out(p_rz, mask_z), a=0.3)
-    else:
-        skipped["rmia_offline"] = "needs at least one reference model"
-    return scores, skipped

@@ -1,7 +1,11 @@
-"""Signed releases: the server signs every teacher signal (and global student) it sends;
-a client that pins the server's Ed25519 public key refuses unsigned, tampered or replayed
-ones (``feddistill.deploy.signing``: Ed25519 over SHA-256 of the payload, round, release id
-and run id).
+"""Signed downloads: the server signs every round's download (the teacher signal, and the global
+student when it sends it); a client that pins the server's Ed25519 public key refuses unsigned,
+tampered or replayed ones (``feddistill.deploy.signing``: Ed25519 over SHA-256 of the payload,
+round, download id and run id).
+
+A download's id (:func:`download_id`, sent under the ``release-id`` key) names the round's
+download; the versioned releases of the global student and their ids (``r0003``) are
+``feddistill.server.gate``'s.
 
 The payload is the round's whole download (the ArrayRecord): every array's name, dtype,
 shape and bytes, in name order, so no array can be swapped, reshaped or reinterpreted.
@@ -31,7 +35,8 @@ def payload(arrays: ArrayRecord) -> bytes:
     return b"".join(parts)
 
 
-def release_id(rnd: int) -> str:
+def download_id(rnd: int) -> str:
+    """The id a round's download is signed under (not a release of the gate: ``server.gate.release_id``)."""
     return f"teacher-signal-round-{rnd}"
 
 
@@ -46,9 +51,9 @@ def _public_key(path: str):
 
 
 def sign_download(config: ConfigRecord, arrays: ArrayRecord, *, key_path: str, rnd: int, run_id: int) -> None:
-    config[protocol.RELEASE_ID] = release_id(rnd)
+    config[protocol.RELEASE_ID] = download_id(rnd)
     config[protocol.SIGNATURE] = sign_release(_private_key(key_path), payload(arrays), round=rnd,
-                                              release_id=release_id(rnd), run_id=run_id)
+                                              release_id=download_id(rnd), run_id=run_id)
 
 
 def verify_download(config: ConfigRecord, arrays: ArrayRecord, *, key_path: str, rnd: int, run_id: int,
@@ -59,7 +64,7 @@ def verify_download(config: ConfigRecord, arrays: ArrayRecord, *, key_path: str,
     min_round = last.get("round") if last.get("run_id") == run_id else None
     verify_release(_public_key(key_path), payload(arrays), round=rnd, release_id=str(config.get(protocol.RELEASE_ID, "")),
                    signature=config.get(protocol.SIGNATURE), min_round=min_round, run_id=run_id)
-    if str(config.get(protocol.RELEASE_ID)) != release_id(rnd):
+    if str(config.get(protocol.RELEASE_ID)) != download_id(rnd):
         from feddistill.deploy.signing import ReleaseRejected
 
         raise ReleaseRejected(f"tampered: release id {config.get(protocol.RELEASE_ID)!r} is not round {rnd}'s")
