@@ -23,9 +23,12 @@ Suites:
   fuzz     10,000 hypothesis-generated distill replies (and issue 15's failing ones) through the
            server path: validation, aggregation, device ledger, report; counts crashes and schema
            violations that reached aggregation (bench/fuzz.py; --set cases=N --set seed=S).
-  semisup  no DP, outside the loop: the public-only control vs a FixMatch student on the same public
-           data, the accuracy of the fleet's consensus labels against the public teacher's on the same
-           rows, and FixMatch with those labels added (bench/semisup.py; --set steps=N).
+  headline the Fashion-MNIST headline table: configs/fashion-fleet.toml at each privacy setting and
+           the FedAvg / DP-FedAvg peers, each with its public-only control, private gain and gap
+           closed (bench/headline.py; --set rounds=N --set seeds=N --set methods='"a,b"').
+  ablation no DP, outside the loop: which mechanism makes the private data count (plain votes,
+           prior correction, abstention, consensus gate), each as labels for a FixMatch student
+           against the same student on public labels alone (bench/ablation.py).
 
 Suites made of several runs keep each run's folder under runs/; a run whose results.json
 exists is not repeated (rerun with --keep to continue an interrupted suite).
@@ -60,7 +63,6 @@ SUITES: dict[str, str] = {
     "profile": "bench.profile:profile",
     "ceiling": "bench.ceiling:ceiling",
     "fuzz": "bench.fuzz:fuzz",
-    "semisup": "bench.semisup:semisup",
     "ablation": "bench.ablation:ablation",
 }
 
@@ -73,8 +75,11 @@ def suite(name: str) -> Callable[[Path, dict], dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("suite", choices=sorted([*SUITES, "readme"]),
-                        help="a suite, or `readme`: rewrite the README's tables from bench/results/*/*.json")
+    parser.add_argument(
+        "suite",
+        choices=sorted([*SUITES, "readme"]),
+        help="a suite, or `readme`: rewrite the README's tables from bench/results/*/*.json",
+    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--set", action="append", default=[], help="config override KEY=VALUE (TOML value)")
     parser.add_argument("--keep", action="store_true", help="keep finished runs of an interrupted suite")
@@ -89,9 +94,9 @@ def main() -> None:
 
     FLOWER_LOGGER.setLevel(logging.WARNING)
     FLOWER_LOGGER.propagate = False
-    from feddistill.cli import _parse_override
+    from feddistill.config import parse_override
 
-    overrides = dict(_parse_override(s) for s in args.set)
+    overrides = dict(parse_override(s) for s in args.set)
     out = args.out or Path("bench/results") / args.suite
     if out.exists() and not args.keep:
         shutil.rmtree(out)

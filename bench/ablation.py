@@ -28,8 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULTS = {"steps": 4000, "student_steps": 2000, "client_lr": 0.01, "client_epochs": 5, "min_records": 50,
-            "precision": 0.9}
+DEFAULTS = {
+    "steps": 4000,
+    "student_steps": 2000,
+    "client_lr": 0.01,
+    "client_epochs": 5,
+    "min_records": 50,
+    "precision": 0.9,
+}
 VARIANTS = ("plain votes", "+ prior correction", "+ abstention", "+ consensus gate")
 
 
@@ -49,8 +55,15 @@ def client_logits(fleet, num_clients: int, start, ref_x, knobs: dict, seed: int)
     for pid in range(num_clients):
         x, y = private_tensors(fleet, pid)
         model = copy.deepcopy(start)
-        train_supervised(model, x, y, epochs=int(knobs["client_epochs"]), batch_size=32, lr=float(knobs["client_lr"]),
-                         seed=seed * 1_000_003 + pid)
+        train_supervised(
+            model,
+            x,
+            y,
+            epochs=int(knobs["client_epochs"]),
+            batch_size=32,
+            lr=float(knobs["client_lr"]),
+            seed=seed * 1_000_003 + pid,
+        )
         logits.append(predict_logits(model, ref_x).numpy())
         counts.append(label_counts(y.numpy(), fleet.num_classes))
         if (pid + 1) % 25 == 0:
@@ -63,9 +76,11 @@ def vote_variants(logits: np.ndarray, counts: np.ndarray, knobs: dict) -> dict[s
     from feddistill.client.answers import abstentions, answer_logits
     from feddistill.config import load_config
 
-    settings = {"plain votes": {},
-                "+ prior correction": {"distill.prior_correction": True},
-                "+ abstention": {"distill.prior_correction": True, "distill.abstain_min_records": knobs["min_records"]}}
+    settings = {
+        "plain votes": {},
+        "+ prior correction": {"distill.prior_correction": True},
+        "+ abstention": {"distill.prior_correction": True, "distill.abstain_min_records": knobs["min_records"]},
+    }
     out = {}
     for name, overrides in settings.items():
         cfg = load_config(None, {"output_dir": "/tmp/unused", **overrides})
@@ -87,7 +102,9 @@ def label_rows(votes: np.ndarray, accepted: np.ndarray, start_label: np.ndarray,
     return {
         "rows": int(accepted.sum()),
         "label_accuracy": float((label[accepted] == truth[accepted]).mean()) if accepted.any() else None,
-        "start_student_accuracy_on_them": float((start_label[accepted] == truth[accepted]).mean()) if accepted.any() else None,
+        "start_student_accuracy_on_them": float((start_label[accepted] == truth[accepted]).mean())
+        if accepted.any()
+        else None,
         "fleet_right_start_wrong": int((differ & (label == truth)).sum()),
         "start_right_fleet_wrong": int((differ & (start_label == truth)).sum()),
     }
@@ -106,8 +123,10 @@ def ablation(out: Path, overrides: dict) -> dict:
     from feddistill.training import evaluate_model, predict_logits
 
     knobs = {**DEFAULTS, **{k: v for k, v in overrides.items() if k in DEFAULTS}}
-    cfg = load_config(Path("configs/fashion.toml"), {**{k: v for k, v in overrides.items() if k not in DEFAULTS},
-                                                     "output_dir": str(out / "unused")})
+    cfg = load_config(
+        Path("configs/fashion.toml"),
+        {**{k: v for k, v in overrides.items() if k not in DEFAULTS}, "output_dir": str(out / "unused")},
+    )
     t0 = time.monotonic()
     fleet = load_fleet(cfg.data, cfg.fleet, cfg.seed)
     splits = fleet.splits
@@ -156,13 +175,21 @@ def ablation(out: Path, overrides: dict) -> dict:
         table.append(entry)
     summary = {
         **header("ablation", overrides),
-        "note": ("no DP; outside the federated loop; 100 clients each vote on every reference row; reference labels "
-                 "only score; test accuracy on the 10,000 t10k images"),
+        "note": (
+            "no DP; outside the federated loop; 100 clients each vote on every reference row; reference labels "
+            "only score; test accuracy on the 10,000 t10k images"
+        ),
         "knobs": knobs,
-        "public_fixmatch_student": {"test_accuracy": test_accuracy(start), "steps": int(knobs["steps"]),
-                                    "reference_accuracy": float((start_label == truth).mean())},
-        "control": {"test_accuracy": control, "what": "the FixMatch student continued with the public labels alone",
-                    "steps": int(knobs["student_steps"])},
+        "public_fixmatch_student": {
+            "test_accuracy": test_accuracy(start),
+            "steps": int(knobs["steps"]),
+            "reference_accuracy": float((start_label == truth).mean()),
+        },
+        "control": {
+            "test_accuracy": control,
+            "what": "the FixMatch student continued with the public labels alone",
+            "steps": int(knobs["student_steps"]),
+        },
         "consensus_threshold": gate.threshold,
         "variants": table,
         "seconds": time.monotonic() - t0,

@@ -12,13 +12,16 @@ from pathlib import Path
 
 from bench.common import NO_BASELINES, header
 
-
 AUDIT_RUNS = {
     "non-private": {},
     "record-eps8": {"privacy.record_level": True, "privacy.record_target_epsilon": 8.0},
     "record-eps2": {"privacy.record_level": True, "privacy.record_target_epsilon": 2.0},
-    "client-gnmax-eps4": {"privacy.client_level": "gnmax", "privacy.bound": "votes", "privacy.target_epsilon": 4.0,
-                          "distill.query_size": 20},
+    "client-gnmax-eps4": {
+        "privacy.client_level": "gnmax",
+        "privacy.bound": "votes",
+        "privacy.target_epsilon": 4.0,
+        "distill.query_size": 20,
+    },
 }
 
 
@@ -30,15 +33,21 @@ def _audited(out: Path, name: str, config: str, overrides: dict) -> tuple[dict, 
     run_dir = out / "runs" / name
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    cfg = load_config(Path(config), {**NO_BASELINES, "audit.keep_artifacts": True, **overrides,
-                                     "output_dir": str(run_dir)})
+    cfg = load_config(
+        Path(config), {**NO_BASELINES, "audit.keep_artifacts": True, **overrides, "output_dir": str(run_dir)}
+    )
     t0 = time.monotonic()
     results = simulate(cfg, baselines=False)
     run_seconds = time.monotonic() - t0
     logging.info("%s: run %.0f s, auditing", name, run_seconds)
     audit, code = run_audit(run_dir)
-    return results, {"run_seconds": run_seconds, "audit_seconds": audit["timings_s"]["total"],
-                     "timings_s": audit["timings_s"], "exit_code": code, "audit": audit}
+    return results, {
+        "run_seconds": run_seconds,
+        "audit_seconds": audit["timings_s"]["total"],
+        "timings_s": audit["timings_s"],
+        "exit_code": code,
+        "audit": audit,
+    }
 
 
 def _audit_rows(audit: dict) -> dict:
@@ -71,20 +80,25 @@ def audit(out: Path, overrides: dict) -> dict:
             "audit_seconds": timing["audit_seconds"],
             "verdict_exit_code": timing["exit_code"],
             "dp_violations": len(timing["audit"]["dp_violations"]),
-            "canary_audit": {k: {"epsilon_lower_bound": v["epsilon_lower_bound"], "claimed": v["claimed"]}
-                             for k, v in ((timing["audit"].get("canary_audit") or {}).get("results") or {}).items()},
+            "canary_audit": {
+                k: {"epsilon_lower_bound": v["epsilon_lower_bound"], "claimed": v["claimed"]}
+                for k, v in ((timing["audit"].get("canary_audit") or {}).get("results") or {}).items()
+            },
             "targets": _audit_rows(timing["audit"]),
         }
     # The audit's cost on a Fashion-MNIST run of the core fleet (3 rounds keep it short; the
     # audit's work grows with the clients audited and reference models, not with rounds).
-    _, fashion = _audited(out, "fashion-3rounds", "configs/fashion.toml",
-                          {"rounds": 3, "audit.canaries": 100, **overrides})
+    _, fashion = _audited(
+        out, "fashion-3rounds", "configs/fashion.toml", {"rounds": 3, "audit.canaries": 100, **overrides}
+    )
     summary = {
         **header("audit", overrides),
         "options": "defaults of `feddistill audit` (4 reference models, 2 target clients)",
         "digits": runs,
-        "audit_seconds": {"digits quick start (non-private)": runs["non-private"]["audit_seconds"],
-                          "fashion-mnist (100 clients, 3 rounds)": fashion["audit_seconds"]},
+        "audit_seconds": {
+            "digits quick start (non-private)": runs["non-private"]["audit_seconds"],
+            "fashion-mnist (100 clients, 3 rounds)": fashion["audit_seconds"],
+        },
         "fashion_timings_s": fashion["timings_s"],
         "fashion_targets": _audit_rows(fashion["audit"]),
     }

@@ -37,16 +37,36 @@ HELD_ROWS = 2000  # reference rows the clients answer (and the signal is scored)
 AIM = 0.86
 
 
-def student_curve(model, x, soft_targets, test_x, test_y, *, epochs: int, decay_at: int, temperature: float,
-                  lr: float, batch_size: int, seed: int) -> dict[int, float]:
+def student_curve(
+    model,
+    x,
+    soft_targets,
+    test_x,
+    test_y,
+    *,
+    epochs: int,
+    decay_at: int,
+    temperature: float,
+    lr: float,
+    batch_size: int,
+    seed: int,
+) -> dict[int, float]:
     """Test accuracy after each epoch of KD toward ``soft_targets`` (one-hot for true labels);
     the learning rate drops tenfold after ``decay_at`` epochs."""
     from feddistill.training import evaluate_model, train_distill
 
     curve = {}
     for epoch in range(1, epochs + 1):
-        train_distill(model, x, soft_targets, temperature=temperature, epochs=1, batch_size=batch_size,
-                      lr=lr if epoch <= decay_at else lr / 10, seed=seed + epoch)
+        train_distill(
+            model,
+            x,
+            soft_targets,
+            temperature=temperature,
+            epochs=1,
+            batch_size=batch_size,
+            lr=lr if epoch <= decay_at else lr / 10,
+            seed=seed + epoch,
+        )
         curve[epoch] = evaluate_model(model, test_x, test_y).accuracy
     return curve
 
@@ -58,15 +78,36 @@ def train_client(recipe: str, start, cfg, x, y, query_x, query_signal, ref_x, re
     model = copy.deepcopy(start)
     common = dict(batch_size=d.batch_size, lr=d.lr, momentum=d.momentum)
     if recipe == "product":  # what the ClientApp does without record-level DP
-        train_distill(model, query_x, query_signal, temperature=d.temperature, epochs=d.digest_epochs, seed=seed,
-                      **common)
-        train_revisit(model, x, y, query_x, query_signal, kd_weight=d.revisit_kd_weight, temperature=d.temperature,
-                      epochs=d.revisit_epochs, seed=seed + 1, **common)
+        train_distill(
+            model, query_x, query_signal, temperature=d.temperature, epochs=d.digest_epochs, seed=seed, **common
+        )
+        train_revisit(
+            model,
+            x,
+            y,
+            query_x,
+            query_signal,
+            kd_weight=d.revisit_kd_weight,
+            temperature=d.temperature,
+            epochs=d.revisit_epochs,
+            seed=seed + 1,
+            **common,
+        )
     elif recipe == "private-only":
         train_supervised(model, x, y, epochs=cfg.baselines.local_epochs, seed=seed, **common)
     elif recipe == "private+kd-all":
-        train_revisit(model, x, y, ref_x, ref_signal, kd_weight=d.revisit_kd_weight, temperature=d.temperature,
-                      epochs=cfg.baselines.local_epochs, seed=seed, **common)
+        train_revisit(
+            model,
+            x,
+            y,
+            ref_x,
+            ref_signal,
+            kd_weight=d.revisit_kd_weight,
+            temperature=d.temperature,
+            epochs=cfg.baselines.local_epochs,
+            seed=seed,
+            **common,
+        )
     else:
         raise ValueError(f"unknown recipe {recipe!r}")
     return model
@@ -114,8 +155,14 @@ def ceiling(out: Path, overrides: dict) -> dict:
         return build_model(d.server_student, fleet.image_size, fleet.num_classes, seed=cfg.seed)
 
     epochs = 2 * cfg.rounds  # what the server spends over a run (server-epochs per round)
-    schedule = dict(epochs=epochs, decay_at=epochs * 3 // 4, temperature=d.temperature, lr=d.server_lr,
-                    batch_size=d.batch_size, seed=cfg.seed)
+    schedule = dict(
+        epochs=epochs,
+        decay_at=epochs * 3 // 4,
+        temperature=d.temperature,
+        lr=d.server_lr,
+        batch_size=d.batch_size,
+        seed=cfg.seed,
+    )
     # at T=1 KD toward a one-hot target is cross-entropy on the true label
     one_hot = torch.nn.functional.one_hot(ref_y, fleet.num_classes).float()
     oracle = student_curve(student(), ref_x, one_hot, test_x, test_y, **{**schedule, "temperature": 1.0})
@@ -123,8 +170,17 @@ def ceiling(out: Path, overrides: dict) -> dict:
 
     # the round-0 global student every client starts from, as the server builds it
     start = student()
-    train_distill(start, ref_x, teacher_signal, temperature=d.temperature, epochs=d.server_epochs,
-                  batch_size=d.batch_size, lr=d.server_lr, momentum=d.momentum, seed=cfg.seed)
+    train_distill(
+        start,
+        ref_x,
+        teacher_signal,
+        temperature=d.temperature,
+        epochs=d.server_epochs,
+        batch_size=d.batch_size,
+        lr=d.server_lr,
+        momentum=d.momentum,
+        seed=cfg.seed,
+    )
     rng = np.random.default_rng([cfg.seed, 0xCE11])
     held = np.sort(rng.choice(len(ref_y), size=min(HELD_ROWS, len(ref_y)), replace=False))
     queries = np.sort(rng.choice(len(ref_y), size=d.query_size, replace=False))  # one round's digest queries
@@ -137,21 +193,37 @@ def ceiling(out: Path, overrides: dict) -> dict:
         logits = []
         for i, pid in enumerate(order):
             x, y = private_tensors(fleet, int(pid))
-            model = train_client(recipe, start, cfg, x, y, ref_x[queries], teacher_signal[queries], ref_x,
-                                 teacher_signal, seed=cfg.seed * 1_000_003 + int(pid))
+            model = train_client(
+                recipe,
+                start,
+                cfg,
+                x,
+                y,
+                ref_x[queries],
+                teacher_signal[queries],
+                ref_x,
+                teacher_signal,
+                seed=cfg.seed * 1_000_003 + int(pid),
+            )
             logits.append(predict_logits(model, ref_x[held]).numpy())
             if (i + 1) % 25 == 0:
                 print(f"ceiling: {recipe}: {i + 1}/{len(order)} clients", flush=True)
         stacked = np.stack(logits)
         individual[recipe] = float((stacked.argmax(2) == held_y).mean())
-        ensembles[recipe] = {how: {str(k): float((aggregate(stacked[:k], counts[:k], how).argmax(1) == held_y).mean())
-                                   for k in counts_at} for how in AGGREGATIONS}
+        ensembles[recipe] = {
+            how: {
+                str(k): float((aggregate(stacked[:k], counts[:k], how).argmax(1) == held_y).mean()) for k in counts_at
+            }
+            for how in AGGREGATIONS
+        }
 
     summary = {
         **header("ceiling", overrides),
         "settings": settings(overrides),
-        "note": ("no DP anywhere: the limits DP can only lower. Signal accuracies are on "
-                 f"{HELD_ROWS} reference rows scored with their hidden labels; student accuracies on the test set."),
+        "note": (
+            "no DP anywhere: the limits DP can only lower. Signal accuracies are on "
+            f"{HELD_ROWS} reference rows scored with their hidden labels; student accuracies on the test set."
+        ),
         "aim": AIM,
         "student_epochs": epochs,
         "reference_rows": len(ref_y),
@@ -177,19 +249,36 @@ def plot_ceiling(summary: dict, path: Path) -> None:
     styles = {"mean": "-", "vote": ":", "prior-corrected": "--", "count-weighted": "-."}
     for color, (recipe, by_how) in zip(("C0", "C1", "C2"), summary["ensembles"].items()):
         for how, curve in by_how.items():
-            left.plot([int(k) for k in curve], [100 * v for v in curve.values()], styles[how], color=color,
-                      marker="o", ms=3, label=f"{recipe}, {how}")
+            left.plot(
+                [int(k) for k in curve],
+                [100 * v for v in curve.values()],
+                styles[how],
+                color=color,
+                marker="o",
+                ms=3,
+                label=f"{recipe}, {how}",
+            )
     left.axhline(100 * summary["public_teacher_signal_accuracy"], color="k", lw=1, label="public teacher alone")
-    left.set(xscale="log", xlabel="clients aggregated (all data, no DP)", ylabel="signal accuracy on reference rows (%)",
-             title="How good can the fleet's signal get?")
+    left.set(
+        xscale="log",
+        xlabel="clients aggregated (all data, no DP)",
+        ylabel="signal accuracy on reference rows (%)",
+        title="How good can the fleet's signal get?",
+    )
     left.legend(fontsize=7, ncol=2)
-    for label, key, color in (("true labels (perfect signal)", "student_oracle", "C3"),
-                              ("public teacher's signal", "student_from_public_teacher", "C4")):
+    for label, key, color in (
+        ("true labels (perfect signal)", "student_oracle", "C3"),
+        ("public teacher's signal", "student_from_public_teacher", "C4"),
+    ):
         curve = summary[key]
-        right.plot([int(k) for k in curve], [100 * v for v in curve.values()], color=color, marker="o", ms=3,
-                   label=label)
+        right.plot(
+            [int(k) for k in curve], [100 * v for v in curve.values()], color=color, marker="o", ms=3, label=label
+        )
     right.axhline(100 * summary["aim"], color="k", ls="--", lw=1, label="issue 3 aim (86 %)")
-    right.set(xlabel="server epochs on the reference set", ylabel="student test accuracy (%)",
-              title="The student ends where its signal is")
+    right.set(
+        xlabel="server epochs on the reference set",
+        ylabel="student test accuracy (%)",
+        title="The student ends where its signal is",
+    )
     right.legend(fontsize=8)
     save_figure(fig, path)

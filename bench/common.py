@@ -39,14 +39,18 @@ def settings(base: dict) -> dict:
 
 def header(suite: str, overrides: dict) -> dict:
     """What every suite's JSON starts with: its name, the command that reproduces it, the machine."""
-    return {"suite": suite,
-            "command": f"python -m bench {suite}" + "".join(f" --set {k}={v}" for k, v in overrides.items()),
-            "environment": environment()}
+    return {
+        "suite": suite,
+        "command": f"python -m bench {suite}" + "".join(f" --set {k}={v}" for k, v in overrides.items()),
+        "environment": environment(),
+    }
 
 
-def run_variant(out: Path, name: str, overrides: dict, baselines: bool = False) -> dict:
-    """One simulated run of the Fashion fleet with ``overrides``; reused if already finished.
-    ``baselines`` runs the ones the overrides leave on (local-only, centralized) after it."""
+def run_variant(
+    out: Path, name: str, overrides: dict, baselines: bool = False, config: Path = Path("configs/fashion.toml")
+) -> dict:
+    """One simulated run of the Fashion fleet (``config``) with ``overrides``; reused if already
+    finished. ``baselines`` runs the ones the overrides leave on (local-only, centralized) after it."""
     from feddistill.config import load_config
     from feddistill.simulations.run import simulate
 
@@ -57,7 +61,7 @@ def run_variant(out: Path, name: str, overrides: dict, baselines: bool = False) 
         return json.loads(done.read_text())
     if run_dir.exists():
         shutil.rmtree(run_dir)  # an interrupted run: start it again
-    cfg = load_config(Path("configs/fashion.toml"), {**overrides, "output_dir": str(run_dir)})
+    cfg = load_config(config, {**overrides, "output_dir": str(run_dir)})
     logging.info("%s: starting", name)
     t0 = time.monotonic()
     results = simulate(cfg, baselines=baselines)

@@ -14,9 +14,12 @@ def comms(out: Path, overrides: dict) -> dict:
     base = {**NO_BASELINES, **overrides}
     encodings = str(base.pop("encodings", "float16,vote,uint8,float32")).split(",")
     # float16 is the fleet's default: the privacy suite's "non-private" run, shared like "fedavg"
-    rows = {dtype: run_row(run_variant(out, "non-private" if dtype == "float16" else dtype,
-                                    {**base, "distill.answer_dtype": dtype}))
-            for dtype in dict.fromkeys(["float16", *encodings])}
+    rows = {
+        dtype: run_row(
+            run_variant(out, "non-private" if dtype == "float16" else dtype, {**base, "distill.answer_dtype": dtype})
+        )
+        for dtype in dict.fromkeys(["float16", *encodings])
+    }
     fedavg = run_row(run_variant(out, "fedavg", {**base, "method": "fedavg"}))
     for row in rows.values():
         row["fedavg_bytes_over_these"] = fedavg["bytes_per_client_round"] / row["bytes_per_client_round"]

@@ -27,8 +27,11 @@ def core(out: Path, overrides: dict) -> dict:
         "config": results["config"],
         "seconds": seconds,
         "feddistill": {"accuracy": results["final"]["student_accuracy"], "bytes_per_client_round": fd_bytes},
-        "fedavg": {"accuracy": base["fedavg"]["accuracy"], "bytes_per_client_round": base["fedavg"]["bytes_per_client_round"],
-                   "init": base["fedavg"]["init"]},
+        "fedavg": {
+            "accuracy": base["fedavg"]["accuracy"],
+            "bytes_per_client_round": base["fedavg"]["bytes_per_client_round"],
+            "init": base["fedavg"]["init"],
+        },
         "upload_ratio_fedavg_over_feddistill": base["fedavg"]["bytes_per_client_round"] / fd_bytes,
         "accuracy_gap_points": 100 * (base["fedavg"]["accuracy"] - results["final"]["student_accuracy"]),
         "public_teacher_accuracy": base["public_teacher"]["test_accuracy"],

@@ -10,10 +10,17 @@ from pathlib import Path
 
 from bench.common import header
 
-
-DEPLOY_RUN = {"rounds": 5, "fleet.num_clients": 3, "fleet.fraction": 1.0, "baselines.local_only": False,
-              "baselines.centralized": False, "baselines.fedavg": False, "teacher.epochs": 60,
-              "audit.keep_artifacts": False, "audit.canaries": 0}
+DEPLOY_RUN = {
+    "rounds": 5,
+    "fleet.num_clients": 3,
+    "fleet.fraction": 1.0,
+    "baselines.local_only": False,
+    "baselines.centralized": False,
+    "baselines.fedavg": False,
+    "teacher.epochs": 60,
+    "audit.keep_artifacts": False,
+    "audit.canaries": 0,
+}
 
 
 def _du(path: Path) -> int:
@@ -36,16 +43,25 @@ def deploy(out: Path, overrides: dict) -> dict:
     sim = simulate_flower(cfg)
     sim_seconds = time.monotonic() - t0
     # the same run with the answers summed by Flower's SecAgg+ (3 shares, any 2 reconstruct)
-    secagg_cfg = load_config(Path("configs/digits.toml"), {
-        **run, "distill.secure_aggregation": "secagg+", "distill.secagg_num_shares": 3,
-        "distill.secagg_reconstruction_threshold": 2, "output_dir": str(out / "simulation-secagg")})
+    secagg_cfg = load_config(
+        Path("configs/digits.toml"),
+        {
+            **run,
+            "distill.secure_aggregation": "secagg+",
+            "distill.secagg_num_shares": 3,
+            "distill.secagg_reconstruction_threshold": 2,
+            "output_dir": str(out / "simulation-secagg"),
+        },
+    )
     t0 = time.monotonic()
     secagg = simulate_flower(secagg_cfg)
     secagg_seconds = time.monotonic() - t0
 
     peaks: dict[int, int] = {}
     stop = threading.Event()
-    with LocalDeployment(out / "deployment", num_supernodes=3, config={k: v for k, v in run.items() if k != "rounds"}) as dep:
+    with LocalDeployment(
+        out / "deployment", num_supernodes=3, config={k: v for k, v in run.items() if k != "rounds"}
+    ) as dep:
         dep.start()
 
         def sample() -> None:
@@ -71,21 +87,32 @@ def deploy(out: Path, overrides: dict) -> dict:
         subprocess.run([sys.executable, "-c", "import feddistill.client.app"], check=True)
         imports.append(time.monotonic() - t0)
     site = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
-    sizes = {d.name: _du(d) for d in site.iterdir() if d.is_dir() and not d.name.endswith((".dist-info", "__pycache__"))}
+    sizes = {
+        d.name: _du(d) for d in site.iterdir() if d.is_dir() and not d.name.endswith((".dist-info", "__pycache__"))
+    }
     biggest = dict(sorted(sizes.items(), key=lambda kv: -kv[1])[:8])
     summary = {
         **header("deploy", overrides),
         "run": run,
-        "simulation": {"wall_seconds": sim_seconds, "round_seconds": per_round(sim),
-                       "round_seconds_mean": sum(per_round(sim)) / len(per_round(sim))},
-        "simulation_secagg": {"wall_seconds": secagg_seconds, "round_seconds": per_round(secagg),
-                              "round_seconds_mean": sum(per_round(secagg)) / len(per_round(secagg)),
-                              "bytes_per_client_round": secagg["final"]["bytes_per_client_round"],
-                              "accuracy": secagg["final"]["student_accuracy"]},
+        "simulation": {
+            "wall_seconds": sim_seconds,
+            "round_seconds": per_round(sim),
+            "round_seconds_mean": sum(per_round(sim)) / len(per_round(sim)),
+        },
+        "simulation_secagg": {
+            "wall_seconds": secagg_seconds,
+            "round_seconds": per_round(secagg),
+            "round_seconds_mean": sum(per_round(secagg)) / len(per_round(secagg)),
+            "bytes_per_client_round": secagg["final"]["bytes_per_client_round"],
+            "accuracy": secagg["final"]["student_accuracy"],
+        },
         "simulation_bytes_per_client_round": sim["final"]["bytes_per_client_round"],
-        "deployment": {"wall_seconds": dep_seconds, "round_seconds": per_round(deployed),
-                       "round_seconds_mean": sum(per_round(deployed)) / len(per_round(deployed)),
-                       "transport": "gRPC over TLS on 127.0.0.1, SuperNode authentication on"},
+        "deployment": {
+            "wall_seconds": dep_seconds,
+            "round_seconds": per_round(deployed),
+            "round_seconds_mean": sum(per_round(deployed)) / len(per_round(deployed)),
+            "transport": "gRPC over TLS on 127.0.0.1, SuperNode authentication on",
+        },
         "client_footprint": {
             "supernode_peak_rss_mib": {str(i): v / 2**20 for i, v in sorted(peaks.items())},
             "clientapp_import_seconds": imports,

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from bench.common import GNMAX, NO_BASELINES, header, run_row, run_variant, save_figure
 
-
 # The frontier's methods (issue 7): feddistill with each aggregator and privacy unit, and the peers
 # a user would pick instead. Flower's (DP-)FedAvg runs twice: from the same public pretraining
 # the teacher gets, and from scratch (Flower's strategy as it comes: the peer in docs/references.md).
@@ -18,8 +17,12 @@ FRONTIER_METHODS = {
     "fedavg-scratch": {"method": "fedavg", "baselines.fedavg_init": "scratch"},
     "client-eps4": {**GNMAX, "privacy.target_epsilon": 4.0},
     "dp-fedavg-eps4": {"method": "dp-fedavg", "privacy.target_epsilon": 4.0, "privacy.delta": 1e-5},
-    "dp-fedavg-scratch-eps4": {"method": "dp-fedavg", "privacy.target_epsilon": 4.0, "privacy.delta": 1e-5,
-                               "baselines.fedavg_init": "scratch"},
+    "dp-fedavg-scratch-eps4": {
+        "method": "dp-fedavg",
+        "privacy.target_epsilon": 4.0,
+        "privacy.delta": 1e-5,
+        "baselines.fedavg_init": "scratch",
+    },
     "record-eps2": {"privacy.record_level": True, "privacy.record_target_epsilon": 2.0, "privacy.record_delta": 1e-5},
     "record-eps8": {"privacy.record_level": True, "privacy.record_target_epsilon": 8.0, "privacy.record_delta": 1e-5},
     "era": {"distill.aggregator": "era"},
@@ -58,8 +61,12 @@ def frontier(out: Path, overrides: dict) -> dict:
             extra = {}
             if method == "non-private" and seed == 0:
                 extra = {"baselines.local_only": True, "baselines.centralized": alpha == 0.5}
-            results = run_variant(out, name, {**base, **FRONTIER_METHODS[method], **extra, "fleet.alpha": alpha,
-                                              "seed": seed}, baselines=bool(extra))
+            results = run_variant(
+                out,
+                name,
+                {**base, **FRONTIER_METHODS[method], **extra, "fleet.alpha": alpha, "seed": seed},
+                baselines=bool(extra),
+            )
             runs[name] = {"alpha": alpha, "seed": seed, "method": method, **run_row(results)}
             for peer in ("local_only", "centralized"):
                 if peer in results.get("baselines", {}):
@@ -93,19 +100,33 @@ def _frontier_summary(out: Path, overrides: dict, runs: dict) -> dict:
     for cells in table.values():
         for cell in cells.values():
             acc = np.asarray(cell["accuracies"])
-            cell.update(mean=float(acc.mean()), std=float(acc.std(ddof=1)) if len(acc) > 1 else None,
-                        min=float(acc.min()), max=float(acc.max()), n=len(acc))
+            cell.update(
+                mean=float(acc.mean()),
+                std=float(acc.std(ddof=1)) if len(acc) > 1 else None,
+                min=float(acc.min()),
+                max=float(acc.max()),
+                n=len(acc),
+            )
     # the issue's client-level comparison, paired by seed (same partition and seed in both runs)
     by = {(r["alpha"], r["seed"], r["method"]): r["accuracy"] for r in runs.values()}
     gaps: list[dict] = []
     for peer in ("dp-fedavg-eps4", "dp-fedavg-scratch-eps4"):
         for alpha in sorted({a for a, _, _ in by}, reverse=True):
-            points = [100 * (by[(alpha, seed, "client-eps4")] - by[(alpha, seed, peer)])
-                      for seed in sorted({s for a, s, _ in by if a == alpha})
-                      if (alpha, seed, "client-eps4") in by and (alpha, seed, peer) in by]
+            points = [
+                100 * (by[(alpha, seed, "client-eps4")] - by[(alpha, seed, peer)])
+                for seed in sorted({s for a, s, _ in by if a == alpha})
+                if (alpha, seed, "client-eps4") in by and (alpha, seed, peer) in by
+            ]
             if points:
-                gaps.append({"alpha": alpha, "peer": peer, "points_per_seed": points,
-                             "mean": float(np.mean(points)), "min": float(np.min(points))})
+                gaps.append(
+                    {
+                        "alpha": alpha,
+                        "peer": peer,
+                        "points_per_seed": points,
+                        "mean": float(np.mean(points)),
+                        "min": float(np.min(points)),
+                    }
+                )
     summary = {
         **header("frontier", overrides),
         "note": "every run: 100 clients, q=0.1 Poisson, the same rounds; std is the sample std over seeds",
@@ -123,21 +144,29 @@ def plot_frontier_alpha(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    alphas = sorted(summary["table"], key=lambda a: -float(a[len("alpha"):]))
+    alphas = sorted(summary["table"], key=lambda a: -float(a[len("alpha") :]))
     methods = [m for m in FRONTIER_METHODS if any(m in summary["table"][a] for a in alphas)]
     fig, ax = plt.subplots(figsize=(11, 4.5))
     width = 0.8 / len(alphas)
     for i, alpha in enumerate(alphas):
         cells = [summary["table"][alpha].get(m) for m in methods]
         xs = [j + i * width for j in range(len(methods))]
-        ax.bar(xs, [c["mean"] if c else 0 for c in cells], width,
-               yerr=[[c["mean"] - c["min"] if c else 0 for c in cells], [c["max"] - c["mean"] if c else 0 for c in cells]],
-               label=f"Dirichlet alpha = {alpha[len('alpha'):]}", capsize=2)
-    ax.set_xticks([j + width * (len(alphas) - 1) / 2 for j in range(len(methods))], methods, rotation=40, ha="right",
-                  fontsize=8)
+        ax.bar(
+            xs,
+            [c["mean"] if c else 0 for c in cells],
+            width,
+            yerr=[[c["mean"] - c["min"] if c else 0 for c in cells], [c["max"] - c["mean"] if c else 0 for c in cells]],
+            label=f"Dirichlet alpha = {alpha[len('alpha') :]}",
+            capsize=2,
+        )
+    ax.set_xticks(
+        [j + width * (len(alphas) - 1) / 2 for j in range(len(methods))], methods, rotation=40, ha="right", fontsize=8
+    )
     first = summary["table"][alphas[0]]
-    for key, style, label in (("centralized", "k--", "centralized, non-private"),
-                              ("public_only", "k:", f"public data alone (round 0), alpha {alphas[0][len('alpha'):]}")):
+    for key, style, label in (
+        ("centralized", "k--", "centralized, non-private"),
+        ("public_only", "k:", f"public data alone (round 0), alpha {alphas[0][len('alpha') :]}"),
+    ):
         if key in first:
             ax.axhline(first[key]["mean"], color=style[0], linestyle=style[1:], linewidth=1, label=label)
     ax.set_ylabel("test accuracy (mean, min-max over seeds)")

@@ -28,10 +28,11 @@ import io
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -53,20 +54,52 @@ SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("trimmed-mean/probs/float16/record-level", {"distill.aggregator": "trimmed-mean", **RECORD}),
     ("outlier-filtered/probs/vote", {"distill.aggregator": "outlier-filtered", "distill.answer_dtype": "vote"}),
     ("central(mean)/probs/float16", {"privacy.client_level": "central", "privacy.noise_multiplier": 1.0}),
-    ("outlier-filtered/clipped_logits/float32", {"distill.aggregator": "outlier-filtered", "privacy.clip_norm": 2.0,
-                                                 "privacy.bound": "clipped_logits", "distill.answer_dtype": "float32"}),
-    ("median/probs/local", {"distill.aggregator": "median", "privacy.client_level": "local",
-                            "privacy.noise_multiplier": 1.0}),
-    ("trimmed-mean/clipped_logits/local/record-level", {"distill.aggregator": "trimmed-mean", "privacy.client_level":
-                                                        "local", "privacy.noise_multiplier": 1.0,
-                                                        "privacy.bound": "clipped_logits", **RECORD}),
-    ("gnmax/votes/vote", {"privacy.client_level": "gnmax", "privacy.bound": "votes", "privacy.noise_multiplier": 1.0,
-                          "distill.answer_dtype": "vote"}),
-    ("confident-gnmax/votes/float16", {"privacy.client_level": "confident-gnmax", "privacy.bound": "votes",
-                                       "privacy.noise_multiplier": 1.0, "privacy.gnmax_threshold": 2.0,
-                                       "privacy.threshold_noise_multiplier": 2.0}),
-    ("era/votes/uint8/record-level", {"distill.aggregator": "era", "privacy.bound": "votes",
-                                      "distill.answer_dtype": "uint8", **RECORD}),
+    (
+        "outlier-filtered/clipped_logits/float32",
+        {
+            "distill.aggregator": "outlier-filtered",
+            "privacy.clip_norm": 2.0,
+            "privacy.bound": "clipped_logits",
+            "distill.answer_dtype": "float32",
+        },
+    ),
+    (
+        "median/probs/local",
+        {"distill.aggregator": "median", "privacy.client_level": "local", "privacy.noise_multiplier": 1.0},
+    ),
+    (
+        "trimmed-mean/clipped_logits/local/record-level",
+        {
+            "distill.aggregator": "trimmed-mean",
+            "privacy.client_level": "local",
+            "privacy.noise_multiplier": 1.0,
+            "privacy.bound": "clipped_logits",
+            **RECORD,
+        },
+    ),
+    (
+        "gnmax/votes/vote",
+        {
+            "privacy.client_level": "gnmax",
+            "privacy.bound": "votes",
+            "privacy.noise_multiplier": 1.0,
+            "distill.answer_dtype": "vote",
+        },
+    ),
+    (
+        "confident-gnmax/votes/float16",
+        {
+            "privacy.client_level": "confident-gnmax",
+            "privacy.bound": "votes",
+            "privacy.noise_multiplier": 1.0,
+            "privacy.gnmax_threshold": 2.0,
+            "privacy.threshold_noise_multiplier": 2.0,
+        },
+    ),
+    (
+        "era/votes/uint8/record-level",
+        {"distill.aggregator": "era", "privacy.bound": "votes", "distill.answer_dtype": "uint8", **RECORD},
+    ),
 )
 
 
@@ -85,7 +118,7 @@ class Setting:
     num_classes: int
 
 
-@lru_cache(maxsize=None)
+@cache
 def server(index: int) -> tuple[Any, Any, Setting]:
     """(config, privacy plan, Setting) of SETTINGS[index], parsed and planned as the server does."""
     from feddistill.config import load_config
@@ -95,8 +128,21 @@ def server(index: int) -> tuple[Any, Any, Setting]:
     cfg = load_config(None, {**BASE, **overrides})
     plan = upload_privacy(cfg)
     low, high = plan.value_range()
-    return cfg, plan, Setting(name, plan.bound, plan.mode == "local", cfg.distill.answer_dtype == "vote",
-                              cfg.privacy.record_level, low, high, cfg.distill.query_size, 10)
+    return (
+        cfg,
+        plan,
+        Setting(
+            name,
+            plan.bound,
+            plan.mode == "local",
+            cfg.distill.answer_dtype == "vote",
+            cfg.privacy.record_level,
+            low,
+            high,
+            cfg.distill.query_size,
+            10,
+        ),
+    )
 
 
 def reply_check(index: int):
@@ -104,11 +150,20 @@ def reply_check(index: int):
     from feddistill.strategies import ReplyCheck
 
     cfg, plan, s = server(index)
-    return ReplyCheck.from_plan(plan, round=ROUND, digest=DIGEST, num_queries=s.num_queries,
-                                num_classes=s.num_classes, votes=s.votes, record_level=s.record_level, nodes=NODES)
+    return ReplyCheck.from_plan(
+        plan,
+        round=ROUND,
+        digest=DIGEST,
+        num_queries=s.num_queries,
+        num_classes=s.num_classes,
+        votes=s.votes,
+        record_level=s.record_level,
+        nodes=NODES,
+    )
 
 
 # ---- a reply, in the pieces faults edit ----
+
 
 @dataclass
 class Parts:
@@ -137,8 +192,9 @@ def honest_matrix(s: Setting, plan: Any, rng: np.random.Generator) -> np.ndarray
     logits = rng.normal(0.0, 3.0, size=(s.num_queries, s.num_classes))
     answers = bound_answers(logits, s.bound, clip_norm=plan.clip_norm)
     if s.local:
-        answers = add_gaussian_noise(answers, noise_multiplier=plan.noise_multiplier, sensitivity=plan.sensitivity,
-                                     rng=rng).astype(np.float32)
+        answers = add_gaussian_noise(
+            answers, noise_multiplier=plan.noise_multiplier, sensitivity=plan.sensitivity, rng=rng
+        ).astype(np.float32)
     return answers
 
 
@@ -178,8 +234,9 @@ def message(parts: Parts):
     return Message(RecordDict(records), reply_to=request)
 
 
-def valid_parts(s: Setting, plan: Any, node: int, rng: np.random.Generator, wire_dtype: str,
-                metrics: str, epsilon: float | int) -> Parts:
+def valid_parts(
+    s: Setting, plan: Any, node: int, rng: np.random.Generator, wire_dtype: str, metrics: str, epsilon: float | int
+) -> Parts:
     """A reply inside the schema: `metrics` is "absent", "empty" or "epsilon" (record-level only)."""
     from feddistill import protocol
 
@@ -190,6 +247,7 @@ def valid_parts(s: Setting, plan: Any, node: int, rng: np.random.Generator, wire
 
 
 # ---- faults: each one a violation of the reply schema by construction ----
+
 
 @dataclass(frozen=True)
 class Fault:
@@ -211,16 +269,25 @@ NAME = "abcdefghijklmnopqrstuvwxyz-_.0123456789"
 def _config_values():
     st = _st()
     scalar = st.one_of(st.integers(), st.floats(), st.text(max_size=20), st.binary(max_size=20), st.booleans())
-    lists = st.one_of(*(st.lists(s, max_size=5) for s in (st.integers(-10, 10), st.floats(), st.text(max_size=5),
-                                                          st.binary(max_size=5), st.booleans())))
+    lists = st.one_of(
+        *(
+            st.lists(s, max_size=5)
+            for s in (st.integers(-10, 10), st.floats(), st.text(max_size=5), st.binary(max_size=5), st.booleans())
+        )
+    )
     return st.one_of(scalar, lists)
 
 
 def _metric_values():
     st = _st()
     long_list = st.sampled_from([2, 17, 50_000]).map(lambda n: [0.5] * n)
-    return st.one_of(st.integers(-(2**63), 2**63 - 1), st.floats(), st.lists(st.floats(), max_size=5),
-                     st.lists(st.integers(-5, 5), max_size=5), long_list)
+    return st.one_of(
+        st.integers(-(2**63), 2**63 - 1),
+        st.floats(),
+        st.lists(st.floats(), max_size=5),
+        st.lists(st.integers(-5, 5), max_size=5),
+        long_list,
+    )
 
 
 def _matrix_wire(s: Setting, wire: str) -> bool:
@@ -367,13 +434,15 @@ def _crafted(s: Setting):
     st = _st()
     shape = (s.num_queries,) if s.votes else (s.num_queries, s.num_classes)
     count = math.prod(shape)
-    return st.sampled_from([
-        _npy_header("|O", shape) + b"\x00" * 8 * count,  # object array: np.load would need pickle
-        _npy_header("<f2", shape, version=(3, 0)) + b"\x00" * 2 * count,  # a version numpy may read, we do not
-        _npy_header("<f2", shape) [:-5],  # header cut short
-        b"\x93NUMPY\x01\x00\xff\xff" + b"{" * 100,  # header length beyond the data
-        _npy_header("<f2", (2**40,) + shape),  # a shape that would allocate a terabyte
-    ])
+    return st.sampled_from(
+        [
+            _npy_header("|O", shape) + b"\x00" * 8 * count,  # object array: np.load would need pickle
+            _npy_header("<f2", shape, version=(3, 0)) + b"\x00" * 2 * count,  # a version numpy may read, we do not
+            _npy_header("<f2", shape)[:-5],  # header cut short
+            b"\x93NUMPY\x01\x00\xff\xff" + b"{" * 100,  # header length beyond the data
+            _npy_header("<f2", (2**40,) + shape),  # a shape that would allocate a terabyte
+        ]
+    )
 
 
 def _fortran(p: Parts, v: Any, s: Setting) -> None:
@@ -387,12 +456,14 @@ def _big_endian(p: Parts, v: Any, s: Setting) -> None:
 def _meta_set(key: str) -> Callable[[Parts, Any, Setting], None]:
     def apply(p: Parts, value: Any, s: Setting) -> None:
         p.meta[key] = value
+
     return apply
 
 
 def _meta_del(key: str) -> Callable[[Parts, Any, Setting], None]:
     def apply(p: Parts, value: Any, s: Setting) -> None:
         p.meta.pop(key, None)
+
     return apply
 
 
@@ -405,26 +476,33 @@ def _round_values(s: Setting):
 
 def _digest_values(s: Setting):
     st = _st()
-    return st.one_of(st.text(max_size=70).filter(lambda d: d != DIGEST),
-                     st.sampled_from([DIGEST.encode(), [DIGEST], 5, True, 1.0, DIGEST.upper()]))
+    return st.one_of(
+        st.text(max_size=70).filter(lambda d: d != DIGEST),
+        st.sampled_from([DIGEST.encode(), [DIGEST], 5, True, 1.0, DIGEST.upper()]),
+    )
 
 
 def _keyed(reserved: set[str], preferred: list[str], values):
     """(key, value) pairs: a key that is not in `reserved` (often a field a client used to send)."""
     st = _st()
     key = st.one_of(st.sampled_from(preferred), st.text(NAME, min_size=1, max_size=20)).filter(
-        lambda k: k not in reserved)
+        lambda k: k not in reserved
+    )
     return st.tuples(key, values)
 
 
 def _meta_extra(s: Setting):
-    return _keyed({"round", "reference-digest"}, ["partition-id", "num-examples", "node-id", "device"],
-                  _config_values())
+    return _keyed(
+        {"round", "reference-digest"}, ["partition-id", "num-examples", "node-id", "device"], _config_values()
+    )
 
 
 def _metric_extra(s: Setting):
-    return _keyed({"record-epsilon"}, ["num-examples", "revisit-loss", "digest-loss", "record-steps",
-                                       "record-sampling-rate"], _metric_values())
+    return _keyed(
+        {"record-epsilon"},
+        ["num-examples", "revisit-loss", "digest-loss", "record-steps", "record-sampling-rate"],
+        _metric_values(),
+    )
 
 
 def _put(attr: str) -> Callable[[Parts, Any, Setting], None]:
@@ -434,17 +512,22 @@ def _put(attr: str) -> Callable[[Parts, Any, Setting], None]:
             target = {}
             setattr(p, attr, target)
         target[kv[0]] = kv[1]
+
     return apply
 
 
 def _bad_epsilon(s: Setting):
     st = _st()
     return st.one_of(
-        st.sampled_from([[0.0, 0.0], [1.0], [], [1, 2], math.nan, math.inf, -math.inf, -0.5, 1e6 + 1, 1e300,
-                         -1, 10**30, 2**63 - 1]),
-        st.floats(max_value=-1e-300), st.floats(min_value=1e6, exclude_min=True),
-        st.integers(max_value=-1), st.integers(min_value=10**6 + 1, max_value=2**63 - 1),
-        st.lists(st.floats(0, 10), min_size=1, max_size=3))
+        st.sampled_from(
+            [[0.0, 0.0], [1.0], [], [1, 2], math.nan, math.inf, -math.inf, -0.5, 1e6 + 1, 1e300, -1, 10**30, 2**63 - 1]
+        ),
+        st.floats(max_value=-1e-300),
+        st.floats(min_value=1e6, exclude_min=True),
+        st.integers(max_value=-1),
+        st.integers(min_value=10**6 + 1, max_value=2**63 - 1),
+        st.lists(st.floats(0, 10), min_size=1, max_size=3),
+    )
 
 
 def _epsilon(p: Parts, value: Any, s: Setting) -> None:
@@ -463,8 +546,10 @@ def _extra_record(kind: str) -> tuple[Callable[[Setting], Any], Callable[[Parts,
 
     def values(s: Setting):
         if kind == "config":
-            content = st.one_of(st.just({"round": ROUND, "reference-digest": DIGEST}),
-                                st.dictionaries(st.text(NAME, max_size=10), _config_values(), max_size=3))
+            content = st.one_of(
+                st.just({"round": ROUND, "reference-digest": DIGEST}),
+                st.dictionaries(st.text(NAME, max_size=10), _config_values(), max_size=3),
+            )
         elif kind == "metric":
             content = st.dictionaries(st.text(NAME, max_size=10), _metric_values(), max_size=3)
         else:
@@ -475,8 +560,12 @@ def _extra_record(kind: str) -> tuple[Callable[[Setting], Any], Callable[[Parts,
         from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
         name, content = v
-        p.records[name] = {"config": lambda: ConfigRecord(content), "metric": lambda: MetricRecord(content),
-                           "array": lambda: ArrayRecord({"w": Array(np.zeros(content, np.float32))})}[kind]()
+        p.records[name] = {
+            "config": lambda: ConfigRecord(content),
+            "metric": lambda: MetricRecord(content),
+            "array": lambda: ArrayRecord({"w": Array(np.zeros(content, np.float32))}),
+        }[kind]()
+
     return values, apply
 
 
@@ -491,6 +580,7 @@ def _answers_type(p: Parts, kind: str, s: Setting) -> None:
 def _node(node: int) -> Callable[[Parts, Any, Setting], None]:
     def apply(p: Parts, value: Any, s: Setting) -> None:
         p.node = node
+
     return apply
 
 
@@ -506,6 +596,7 @@ def _set_error(p: Parts, v: tuple[int, str], s: Setting) -> None:
 def _drop(name: str) -> Callable[[Parts, Any, Setting], None]:
     def apply(p: Parts, value: Any, s: Setting) -> None:
         p.drop = p.drop + (name,)
+
     return apply
 
 
@@ -525,32 +616,51 @@ _EXTRA = {kind: _extra_record(kind) for kind in ("config", "metric", "array")}
 
 FAULTS: dict[str, Fault] = {
     # values outside what the bound allows
-    "non-finite entry": Fault("matrix", _float_wire, lambda s: _st().tuples(
-        _st().integers(0, 99), _st().integers(0, 99), _st().sampled_from([math.nan, math.inf, -math.inf])), _set_entry),
+    "non-finite entry": Fault(
+        "matrix",
+        _float_wire,
+        lambda s: _st().tuples(
+            _st().integers(0, 99), _st().integers(0, 99), _st().sampled_from([math.nan, math.inf, -math.inf])
+        ),
+        _set_entry,
+    ),
     "entry out of range": Fault("matrix", _float_wire, _out_of_range, _set_entry),
     "row sum off": Fault("matrix", _rows_checked, _scaled_uniform, _set_row),
-    "all-zero row": Fault("matrix", _rows_checked, lambda s: _rows(_st().just(np.zeros(s.num_classes, np.float32))),
-                          _set_row),
-    "all-one row": Fault("matrix", _rows_checked, lambda s: _rows(_st().just(np.ones(s.num_classes, np.float32))),
-                         _set_row),
+    "all-zero row": Fault(
+        "matrix", _rows_checked, lambda s: _rows(_st().just(np.zeros(s.num_classes, np.float32))), _set_row
+    ),
+    "all-one row": Fault(
+        "matrix", _rows_checked, lambda s: _rows(_st().just(np.ones(s.num_classes, np.float32))), _set_row
+    ),
     "soft vote": Fault("matrix", lambda s, w: _rows_checked(s, w) and s.bound == "votes", _soft_vote, _set_row),
-    "row norm above clip": Fault("matrix", lambda s, w: not s.votes and not s.local and s.bound == "clipped_logits",
-                                 _too_long, _set_row),
-    "vote out of range": Fault("wire", lambda s, w: s.votes, lambda s: _st().integers(s.num_classes, 255),
-                               lambda p, v, s: p.wire.__setitem__(0, v)),
+    "row norm above clip": Fault(
+        "matrix", lambda s, w: not s.votes and not s.local and s.bound == "clipped_logits", _too_long, _set_row
+    ),
+    "vote out of range": Fault(
+        "wire",
+        lambda s, w: s.votes,
+        lambda s: _st().integers(s.num_classes, 255),
+        lambda p, v, s: p.wire.__setitem__(0, v),
+    ),
     # the array and its bytes
     "wrong dtype": Fault("wire", _always, _wrong_dtype, _cast),
     "wrong shape": Fault("wire", _always, _wrong_shape, _reshape),
     "trailing bytes": Fault("array", _always, _trailing, _append),
     "a second .npy after the first": Fault("array", _always, _none, _second_npy),
     "truncated payload": Fault("array", _always, lambda s: _st().integers(0, 10**6), _truncate),
-    "declared dtype differs from payload": Fault("array", _always, _just("float16", "float32", "uint8"),
-                                                 _declared_dtype),
+    "declared dtype differs from payload": Fault(
+        "array", _always, _just("float16", "float32", "uint8"), _declared_dtype
+    ),
     "declared shape differs from payload": Fault("array", _always, _just("flat", "shorter"), _declared_shape),
-    "not numpy serialisation": Fault("array", _always, lambda s: _st().text(max_size=20).filter(
-        lambda t: t != "numpy.ndarray"), _stype),
-    "garbage bytes": Fault("array", _always, lambda s: _st().one_of(
-        _st().binary(max_size=200), _st().binary(max_size=200).map(lambda b: b"\x93NUMPY" + b)), _garbage),
+    "not numpy serialisation": Fault(
+        "array", _always, lambda s: _st().text(max_size=20).filter(lambda t: t != "numpy.ndarray"), _stype
+    ),
+    "garbage bytes": Fault(
+        "array",
+        _always,
+        lambda s: _st().one_of(_st().binary(max_size=200), _st().binary(max_size=200).map(lambda b: b"\x93NUMPY" + b)),
+        _garbage,
+    ),
     "crafted .npy header": Fault("array", _always, _crafted, _garbage),
     "Fortran order": Fault("array", _matrix_wire, _none, _fortran),
     "big-endian payload": Fault("array", _float_wire, _none, _big_endian),
@@ -564,19 +674,23 @@ FAULTS: dict[str, Fault] = {
     # metrics
     "extra metric": Fault("record", _always, _metric_extra, _put("metrics")),
     "bad record-epsilon": Fault("record", lambda s, w: s.record_level, _bad_epsilon, _epsilon),
-    "record-epsilon without record-level DP": Fault("record", lambda s, w: not s.record_level,
-                                                    lambda s: _st().floats(0, 100), _epsilon),
+    "record-epsilon without record-level DP": Fault(
+        "record", lambda s, w: not s.record_level, lambda s: _st().floats(0, 100), _epsilon
+    ),
     # records
     "extra ConfigRecord": Fault("record", _always, _EXTRA["config"][0], _EXTRA["config"][1]),
     "extra MetricRecord": Fault("record", _always, _EXTRA["metric"][0], _EXTRA["metric"][1]),
     "extra ArrayRecord": Fault("record", _always, _EXTRA["array"][0], _EXTRA["array"][1]),
     "answers record missing": Fault("record", _always, _none, _drop("answers")),
-    "answers key renamed": Fault("record", _always, lambda s: _record_name({"answers"}),
-                                 lambda p, v, s: setattr(p, "answers_key", v)),
-    "extra array beside the answers": Fault("record", _always, lambda s: _record_name({"answers"}),
-                                            lambda p, v, s: p.extra_arrays.__setitem__(v, p.array)),
-    "record of the wrong kind": Fault("record", _always, _just("answers:config", "answers:metric", "meta:metric"),
-                                      _answers_type),
+    "answers key renamed": Fault(
+        "record", _always, lambda s: _record_name({"answers"}), lambda p, v, s: setattr(p, "answers_key", v)
+    ),
+    "extra array beside the answers": Fault(
+        "record", _always, lambda s: _record_name({"answers"}), lambda p, v, s: p.extra_arrays.__setitem__(v, p.array)
+    ),
+    "record of the wrong kind": Fault(
+        "record", _always, _just("answers:config", "answers:metric", "meta:metric"), _answers_type
+    ),
     # the transport
     "node never identified": Fault("transport", _always, _none, _node(UNKNOWN_NODE)),
     "second reply of a node": Fault("transport", _always, _none, _node(HONEST_NODES[0])),
@@ -586,6 +700,7 @@ STAGES = ("matrix", "wire", "array", "record", "transport")
 
 
 # ---- cases ----
+
 
 @dataclass(frozen=True)
 class FuzzCase:
@@ -605,9 +720,16 @@ class FuzzCase:
             text = repr(v)
             return text if len(text) <= 120 else text[:120] + f"... ({len(text)} chars)"
 
-        return {"label": self.label, "setting": SETTINGS[self.setting][0], "honest": self.honest, "wire": self.wire,
-                "metrics": self.metrics, "epsilon": short(self.epsilon), "seed": self.seed,
-                "faults": {name: short(value) for name, value in self.faults}}
+        return {
+            "label": self.label,
+            "setting": SETTINGS[self.setting][0],
+            "honest": self.honest,
+            "wire": self.wire,
+            "metrics": self.metrics,
+            "epsilon": short(self.epsilon),
+            "seed": self.seed,
+            "faults": {name: short(value) for name, value in self.faults},
+        }
 
 
 def fuzz_cases():
@@ -645,27 +767,39 @@ def issue_cases() -> list[FuzzCase]:
         return FuzzCase(setting, faults=faults, label=label, **fields)
 
     return [
-        *(case(f"3: partition-id {v!r}", (("extra meta key", ("partition-id", v)),))
-          for v in ("zero", [0, 1], math.nan, math.inf)),
+        *(
+            case(f"3: partition-id {v!r}", (("extra meta key", ("partition-id", v)),))
+            for v in ("zero", [0, 1], math.nan, math.inf)
+        ),
         case("3: num-examples [1.0]", (("extra metric", ("num-examples", [1.0])),)),
         case("3: record-epsilon [0.0, 0.0]", (("bad record-epsilon", [0.0, 0.0]),), record, metrics="epsilon"),
-        case("4: extra ConfigRecord",
-             (("extra ConfigRecord", ("meta2", {"round": ROUND, "reference-digest": DIGEST})),)),
+        case(
+            "4: extra ConfigRecord", (("extra ConfigRecord", ("meta2", {"round": ROUND, "reference-digest": DIGEST})),)
+        ),
         case("4: 50,000-float metric list", (("extra metric", ("revisit-loss", [0.5] * 50_000)),)),
         case("4: extra metadata bytes", (("extra meta key", ("blob", b"\x00" * 4096)),)),
         case("4: 1 MB of trailing bytes after the .npy", (("trailing bytes", (1_048_576, b"\x00")),)),
         case("4: all-zero probability rows", (("all-zero row", (-1, zeros)),)),
         case("4: all-one probability rows", (("all-one row", (-1, ones)),)),
-        case("5: partition-id claiming client 0, record-epsilon 0", (("extra meta key", ("partition-id", 0)),),
-             record, metrics="epsilon"),
-        case("5: a second reply from client 0's node, record-epsilon 0", (("second reply of a node", None),),
-             record, metrics="epsilon"),
+        case(
+            "5: partition-id claiming client 0, record-epsilon 0",
+            (("extra meta key", ("partition-id", 0)),),
+            record,
+            metrics="epsilon",
+        ),
+        case(
+            "5: a second reply from client 0's node, record-epsilon 0",
+            (("second reply of a node", None),),
+            record,
+            metrics="epsilon",
+        ),
     ]
 
 
 # ---- one round through the server path ----
 
-@lru_cache(maxsize=None)
+
+@cache
 def strategy_for(index: int):
     """The strategy the server builds for this setting (aggregator, DP wrapper or GNMax)."""
     from feddistill.privacy.mechanisms import noise_rng
@@ -681,8 +815,9 @@ def build_reply(case: FuzzCase):
 
     cfg, plan, s = server(case.setting)
     parts = valid_parts(s, plan, FUZZ_NODE, np.random.default_rng(case.seed), case.wire, case.metrics, case.epsilon)
-    staged = {stage: [(FAULTS[name], value) for name, value in case.faults if FAULTS[name].stage == stage]
-              for stage in STAGES}
+    staged = {
+        stage: [(FAULTS[name], value) for name, value in case.faults if FAULTS[name].stage == stage] for stage in STAGES
+    }
     for fault, value in staged["matrix"]:
         fault.apply(parts, value, s)
     with np.errstate(all="ignore"):  # NaN / Inf / huge values cast to the wire dtype are part of the test
@@ -704,8 +839,15 @@ def honest_replies(case: FuzzCase) -> list[tuple[Any, float | None]]:
     out = []
     for i in range(case.honest):
         epsilon = 1.0 + i if s.record_level else None
-        parts = valid_parts(s, plan, HONEST_NODES[i], np.random.default_rng([case.seed, i]), wire,
-                            "epsilon" if s.record_level else "empty", epsilon)
+        parts = valid_parts(
+            s,
+            plan,
+            HONEST_NODES[i],
+            np.random.default_rng([case.seed, i]),
+            wire,
+            "epsilon" if s.record_level else "empty",
+            epsilon,
+        )
         encode(parts)
         out.append((message(parts), epsilon))
     return out
@@ -768,8 +910,15 @@ def _bookkeeping(cfg: Any, plan: Any, collected: Any, fuzzed: Any) -> dict[int, 
     devices = {client: {"record-epsilon": PRIOR_EPSILON} for client in range(len(NODES))}
     record_device_epsilons(devices, collected)
     report = privacy_report(cfg, plan, None, devices)
-    json.dumps({"privacy": report, "dropped": collected.dropped, "replies": collected.num_replies,
-                "bytes_uploaded": collected.bytes_uploaded}, allow_nan=False)  # results.json must stay JSON
+    json.dumps(
+        {
+            "privacy": report,
+            "dropped": collected.dropped,
+            "replies": collected.num_replies,
+            "bytes_uploaded": collected.bytes_uploaded,
+        },
+        allow_nan=False,
+    )  # results.json must stay JSON
     if not fuzzed.has_error() and protocol.METRICS_RECORD in fuzzed.content.metric_records:
         # the same metrics in plain text beside a SecAgg+ masked vector (FitRes metrics)
         metrics = dict(fuzzed.content.metric_records[protocol.METRICS_RECORD])
@@ -790,6 +939,7 @@ def _sound_signal(signal: np.ndarray, s: Setting) -> bool:
 
 
 # ---- the run ----
+
 
 @dataclass
 class Tally:
@@ -819,9 +969,13 @@ class Tally:
             self.unbuildable += 1
             return self._fail("unbuildable", case, outcome.unbuildable)
         silent = bool(case.faults) and outcome.accepted
-        checks = ((outcome.crash is not None, "crashes", outcome.crash), (silent, "silent_accepts", ""),
-                  (outcome.false_rejects > 0, "false_rejects", outcome.reasons),
-                  (outcome.overwrite, "ledger_overwrites", ""), (outcome.bad_signal, "bad_signals", ""))
+        checks = (
+            (outcome.crash is not None, "crashes", outcome.crash),
+            (silent, "silent_accepts", ""),
+            (outcome.false_rejects > 0, "false_rejects", outcome.reasons),
+            (outcome.overwrite, "ledger_overwrites", ""),
+            (outcome.bad_signal, "bad_signals", ""),
+        )
         for flag, count, what in checks:
             if flag:
                 setattr(self, count, getattr(self, count) + (outcome.false_rejects if count == "false_rejects" else 1))
@@ -836,8 +990,14 @@ class Tally:
             row["rejected"] += outcome.crash is None and not outcome.accepted
         if case.label:
             self.fixed += 1
-            self.fixed_seeds.append({"case": case.label, "rejected": not outcome.accepted,
-                                     "reason": sorted(outcome.reasons), "crash": outcome.crash})
+            self.fixed_seeds.append(
+                {
+                    "case": case.label,
+                    "rejected": not outcome.accepted,
+                    "reason": sorted(outcome.reasons),
+                    "crash": outcome.crash,
+                }
+            )
 
     def _fail(self, kind: str, case: FuzzCase, detail: Any) -> None:
         if len(self.failures) < 20:
@@ -848,9 +1008,8 @@ def run_fuzz(n: int, seed: int = 0) -> Tally:
     """The issue-15 fixed seeds, then `n` hypothesis-generated cases (reproducible from `seed`)."""
     import logging
 
-    from hypothesis import HealthCheck, Phase, example, given
+    from hypothesis import HealthCheck, Phase, example, given, settings
     from hypothesis import seed as fix_seed
-    from hypothesis import settings
 
     _task_identity()
     tally = Tally()
@@ -861,8 +1020,13 @@ def run_fuzz(n: int, seed: int = 0) -> Tally:
     test = given(fuzz_cases())(one)
     for case in reversed(issue_cases()):
         test = example(case)(test)
-    test = settings(max_examples=n, database=None, deadline=None, phases=[Phase.explicit, Phase.generate],
-                    suppress_health_check=list(HealthCheck))(test)
+    test = settings(
+        max_examples=n,
+        database=None,
+        deadline=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )(test)
     quiet = logging.getLogger("feddistill")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # every dropped reply logs a warning: 10,000 of them say nothing new
@@ -891,11 +1055,23 @@ def fuzz(out: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     summary = {
         **header("fuzz", overrides),
         "path": "validation + collection (AnswerStrategy.aggregate_round: every aggregator, central DP, GNMax, "
-                "Confident-GNMax), device ledger (server.app.record_device_epsilons), privacy report "
-                "(server.app.privacy_report, strict JSON), SecAgg+ plain-text metrics (server.secagg.survivor_metrics)",
+        "Confident-GNMax), device ledger (server.app.record_device_epsilons), privacy report "
+        "(server.app.privacy_report, strict JSON), SecAgg+ plain-text metrics (server.secagg.survivor_metrics)",
         "generator": f"hypothesis, seed {seed}, {n} generated cases + {tally.fixed} fixed seeds (issue 15 items 3-5)",
-        **{k: getattr(tally, k) for k in ("cases", "crashes", "silent_accepts", "false_rejects", "ledger_overwrites",
-                                          "bad_signals", "unbuildable", "accepted", "rejected")},
+        **{
+            k: getattr(tally, k)
+            for k in (
+                "cases",
+                "crashes",
+                "silent_accepts",
+                "false_rejects",
+                "ledger_overwrites",
+                "bad_signals",
+                "unbuildable",
+                "accepted",
+                "rejected",
+            )
+        },
         "seconds": round(seconds, 1),
         "rejection_reasons": dict(sorted(tally.reasons.items(), key=lambda kv: -kv[1])),
         "faults": dict(sorted(tally.faults.items())),

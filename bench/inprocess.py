@@ -32,9 +32,13 @@ class InProcessGrid(Grid):
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
         # node ids as Flower's simulation makes them: distinct, not the partition ids
         self._contexts = {
-            1000 + pid: Context(run_id=run_id, node_id=1000 + pid,
-                                node_config={"partition-id": pid, "num-partitions": num_nodes},
-                                state=RecordDict(), run_config={})
+            1000 + pid: Context(
+                run_id=run_id,
+                node_id=1000 + pid,
+                node_config={"partition-id": pid, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
             for pid in range(num_nodes)
         }
         self._replies: dict[str, Message] = {}
@@ -83,7 +87,7 @@ class TreeRSS:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "TreeRSS":
+    def __enter__(self) -> TreeRSS:
         self._thread.start()
         return self
 

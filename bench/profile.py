@@ -9,12 +9,14 @@ from pathlib import Path
 
 from bench.common import NO_BASELINES, header, save_figure, settings
 
-
 # Where a round's time goes: (function, caller or None for every caller), cumulative CPU time.
 # Inference runs under torch.no_grad, whose wrapper hides the caller one level down.
 PROFILED = {
     "client: whole message": ("client/app.py:handle_distill", None),
-    "client: digest (KD toward the signal on the queries)": ("training.py:train_distill", "client/app.py:handle_distill"),
+    "client: digest (KD toward the signal on the queries)": (
+        "training.py:train_distill",
+        "client/app.py:handle_distill",
+    ),
     "client: revisit (private data, plus KD)": ("training.py:train_revisit", None),
     "client: inference on the queries": ("_contextlib.py:decorate_context", "client/app.py:handle_distill"),
     "client: load/save its state": ("client/state.py:save_state", None),
@@ -106,10 +108,14 @@ def plot_profile(summary: dict, path: Path) -> None:
     cum = summary["cumulative_seconds"]
     a.barh(list(cum)[::-1], list(cum.values())[::-1])
     a.set_xlabel("cumulative CPU seconds")
-    a.set_title(f"{summary['rounds']} rounds, {summary['clients']} clients: {summary['cpu_seconds']:.0f} CPU s in all",
-                fontsize=9)
+    a.set_title(
+        f"{summary['rounds']} rounds, {summary['clients']} clients: {summary['cpu_seconds']:.0f} CPU s in all",
+        fontsize=9,
+    )
     top = summary["top_self_seconds"][:12]
-    b.barh([short_function(t["function"])[-45:] for t in top][::-1], [t["seconds"] for t in top][::-1], color="tab:orange")
+    b.barh(
+        [short_function(t["function"])[-45:] for t in top][::-1], [t["seconds"] for t in top][::-1], color="tab:orange"
+    )
     b.set_xlabel("self CPU seconds")
     b.set_title("hottest functions (own time)", fontsize=9)
     for ax in (a, b):

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -38,10 +39,13 @@ def _eps(x: float | None) -> str:
 
 def privacy(d: dict[str, Any]) -> str:
     runs = d["runs"]
-    lines = [f"Fashion-MNIST, 100 clients, Dirichlet α=0.5, q=0.1, {d['rounds']} rounds, seed 0, one benchmark run;",
-             "ε at δ=1e-5 from the PLD accountant (the number `results.json` reports).", "",
-             "| run | unit | ε spent (target) | test accuracy | private gain (points) | fleet-labelled rows |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"Fashion-MNIST, 100 clients, Dirichlet α=0.5, q=0.1, {d['rounds']} rounds, seed 0, one benchmark run;",
+        "ε at δ=1e-5 from the PLD accountant (the number `results.json` reports).",
+        "",
+        "| run | unit | ε spent (target) | test accuracy | private gain (points) | fleet-labelled rows |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
 
     def gain(row: dict) -> str:  # against the public-only control; "–" for runs that predate it
         g, rows = row.get("private_gain"), row.get("fleet_labelled_rows")
@@ -52,73 +56,109 @@ def privacy(d: dict[str, Any]) -> str:
         target = p.get("target_epsilon") or float(name.rsplit("eps", 1)[1])  # DP-FedAvg: calibrated, not enforced
         return f"{_eps(p.get('epsilon'))} ({_eps(target)})" if p else "–"
 
-    lines.append(f"| feddistill, non-private | – | ∞ | {_pct(runs['non-private']['accuracy'])} | "
-                 f"{gain(runs['non-private'])} |")
+    lines.append(
+        f"| feddistill, non-private | – | ∞ | {_pct(runs['non-private']['accuracy'])} | {gain(runs['non-private'])} |"
+    )
     lines.append(f"| Flower FedAvg, non-private | – | ∞ | {_pct(runs['fedavg']['accuracy'])} | – | – |")
-    for name in sorted((n for n in runs if n.startswith("record-")), key=lambda n: float(n[len("record-eps"):])):
-        lines.append(f"| feddistill, DP-SGD on devices | record | {spent(runs[name], 'record_level', name)} | "
-                     f"{_pct(runs[name]['accuracy'])} | {gain(runs[name])} |")
+    for name in sorted((n for n in runs if n.startswith("record-")), key=lambda n: float(n[len("record-eps") :])):
+        lines.append(
+            f"| feddistill, DP-SGD on devices | record | {spent(runs[name], 'record_level', name)} | "
+            f"{_pct(runs[name]['accuracy'])} | {gain(runs[name])} |"
+        )
     for prefix, label in (("client-", "feddistill, GNMax votes"), ("dp-fedavg-", "Flower DP-FedAvg")):
         for name in sorted((n for n in runs if n.startswith(prefix)), key=lambda n: float(n.rsplit("eps", 1)[1])):
             peer = label.startswith("Flower")
-            lines.append(f"| {label} | client | {spent(runs[name], 'client_level', name)} | {_pct(runs[name]['accuracy'])} | "
-                         f"{'– | –' if peer else gain(runs[name])} |")
+            lines.append(
+                f"| {label} | client | {spent(runs[name], 'client_level', name)} | {_pct(runs[name]['accuracy'])} | "
+                f"{'– | –' if peer else gain(runs[name])} |"
+            )
     public_only = runs["non-private"].get("public_only_student_accuracy")
-    lines += ["", "Private gain = student − the public-only control through the same server pipeline; "
-              "\"–\": the run predates that control (rerun the suite to measure it). "
-              f"Student distilled from the public teacher alone (round 0): {_pct(public_only)}. "
-              f"Client-level ε≈4: feddistill − DP-FedAvg = {d['gap_points_client_eps4_vs_dp_fedavg']:+.1f} points; "
-              f"record-level ε=3: {_pct(d['record_eps3_accuracy'])}."]
+    lines += [
+        "",
+        "Private gain = student − the public-only control through the same server pipeline; "
+        '"–": the run predates that control (rerun the suite to measure it). '
+        f"Student distilled from the public teacher alone (round 0): {_pct(public_only)}. "
+        f"Client-level ε≈4: feddistill − DP-FedAvg = {d['gap_points_client_eps4_vs_dp_fedavg']:+.1f} points; "
+        f"record-level ε=3: {_pct(d['record_eps3_accuracy'])}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def faults(d: dict[str, Any]) -> str:
     runs, robust = d["runs"], d["robust_aggregator"]
-    lines = [f"Same fleet, {d['rounds']} rounds; 20 % of clients hostile (fixed by the seed), each attack in its own run.", "",
-             f"| scenario | plain mean | {robust} | dropped replies ({robust}) |", "| --- | --- | --- | --- |"]
-    lines.append(f"| clean | {_pct(runs['clean-mean']['accuracy'])} | {_pct(runs[f'clean-{robust}']['accuracy'])} | "
-                 f"{runs[f'clean-{robust}'].get('dropped_replies', 0)} |")
+    lines = [
+        f"Same fleet, {d['rounds']} rounds; 20 % of clients hostile (fixed by the seed), each attack in its own run.",
+        "",
+        f"| scenario | plain mean | {robust} | dropped replies ({robust}) |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines.append(
+        f"| clean | {_pct(runs['clean-mean']['accuracy'])} | {_pct(runs[f'clean-{robust}']['accuracy'])} | "
+        f"{runs[f'clean-{robust}'].get('dropped_replies', 0)} |"
+    )
     for attack in d["robust_gap_points_vs_clean"]:
         mean = runs.get(f"{attack}-mean")
         # scaled / NaN / wrong-shape replies never reach an aggregator; finite attacks without a mean run were not run
         absent = "not run" if attack in ("label-flip", "random") else "dropped by validation"
-        lines.append(f"| 20 % {attack} | {_pct(mean['accuracy']) if mean else absent} | "
-                     f"{_pct(runs[f'{attack}-{robust}']['accuracy'])} | {runs[f'{attack}-{robust}'].get('dropped_replies', 0)} |")
-    lines.append(f"| 30 % dropouts per round | {_pct(runs['dropout30-mean']['accuracy'])} | – | "
-                 f"{runs['dropout30-mean'].get('dropped_replies', 0)} |")
+        lines.append(
+            f"| 20 % {attack} | {_pct(mean['accuracy']) if mean else absent} | "
+            f"{_pct(runs[f'{attack}-{robust}']['accuracy'])} | {runs[f'{attack}-{robust}'].get('dropped_replies', 0)} |"
+        )
+    lines.append(
+        f"| 30 % dropouts per round | {_pct(runs['dropout30-mean']['accuracy'])} | – | "
+        f"{runs['dropout30-mean'].get('dropped_replies', 0)} |"
+    )
     worst = max(d["robust_gap_points_vs_clean"].items(), key=lambda kv: kv[1])
-    lines += ["", f"Largest loss of {robust} against its clean run: {worst[1]:.1f} points ({worst[0]}); "
-              f"30 % dropouts cost {d['dropout30_cost_points']:.1f} points."]
+    lines += [
+        "",
+        f"Largest loss of {robust} against its clean run: {worst[1]:.1f} points ({worst[0]}); "
+        f"30 % dropouts cost {d['dropout30_cost_points']:.1f} points.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def comms(d: dict[str, Any]) -> str:
     fed = d["fedavg"]
-    lines = [f"Same fleet, {d['rounds']} rounds, 1,000 queries per round; FedAvg sends the CNN's weights.", "",
-             "| upload | bytes / client-round | FedAvg's bytes ÷ these | test accuracy | cost vs float16 |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = [
+        f"Same fleet, {d['rounds']} rounds, 1,000 queries per round; FedAvg sends the CNN's weights.",
+        "",
+        "| upload | bytes / client-round | FedAvg's bytes ÷ these | test accuracy | cost vs float16 |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for name, row in d["encodings"].items():
-        lines.append(f"| answers, {name} | {_kb(row['bytes_per_client_round'])} | {row['fedavg_bytes_over_these']:.0f}× | "
-                     f"{_pct(row['accuracy'])} | {row['accuracy_cost_points_vs_float16']:+.1f} points |")
-    lines.append(f"| Flower FedAvg (model weights) | {_kb(fed['bytes_per_client_round'])} | 1× | {_pct(fed['accuracy'])} | |")
+        lines.append(
+            f"| answers, {name} | {_kb(row['bytes_per_client_round'])} | {row['fedavg_bytes_over_these']:.0f}× | "
+            f"{_pct(row['accuracy'])} | {row['accuracy_cost_points_vs_float16']:+.1f} points |"
+        )
+    lines.append(
+        f"| Flower FedAvg (model weights) | {_kb(fed['bytes_per_client_round'])} | 1× | {_pct(fed['accuracy'])} | |"
+    )
     return "\n".join(lines) + "\n"
 
 
 def audit(d: dict[str, Any]) -> str:
-    lines = ["| digits run | target | best attack | AUC | TPR@1 % FPR | TPR@0.1 % FPR | empirical ε (lower bound) | claimed ε |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| digits run | target | best attack | AUC | TPR@1 % FPR | TPR@0.1 % FPR | empirical ε (lower bound) | claimed ε |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for run, r in d["digits"].items():
         for target, t in r["targets"].items():
             if "skipped" in t:
                 lines.append(f"| {run} | {target} | skipped: {t['skipped']} | | | | | |")
                 continue
-            lines.append(f"| {run} | {target} | {t['best_attack']} | {t['auc']:.3f} | {t['tpr_at_1pct_fpr']:.3f} | "
-                         f"{t['tpr_at_0.1pct_fpr']:.3f} | {t['empirical_epsilon_lower_bound']:.2f} | "
-                         f"{_eps(t['claimed_epsilon'])} |")
-    lines += ["", "One-run canary audit (Steinke, Nasr & Jagielski 2023; 100 canaries, each in client 0's data with "
-              "probability ½), empirical ε lower bound vs the claimed ε for the same target:", "",
-              "| digits run | " + " | ".join(f"canaries vs {k}" for k in ("local", "uploads", "global")) + " |",
-              "| --- | --- | --- | --- |"]
+            lines.append(
+                f"| {run} | {target} | {t['best_attack']} | {t['auc']:.3f} | {t['tpr_at_1pct_fpr']:.3f} | "
+                f"{t['tpr_at_0.1pct_fpr']:.3f} | {t['empirical_epsilon_lower_bound']:.2f} | "
+                f"{_eps(t['claimed_epsilon'])} |"
+            )
+    lines += [
+        "",
+        "One-run canary audit (Steinke, Nasr & Jagielski 2023; 100 canaries, each in client 0's data with "
+        "probability ½), empirical ε lower bound vs the claimed ε for the same target:",
+        "",
+        "| digits run | " + " | ".join(f"canaries vs {k}" for k in ("local", "uploads", "global")) + " |",
+        "| --- | --- | --- | --- |",
+    ]
     for run, r in d["digits"].items():
         cells = []
         for kind in ("local", "uploads", "global"):
@@ -126,20 +166,30 @@ def audit(d: dict[str, Any]) -> str:
             claimed = "no claim" if not c or not c["claimed"] else f"claimed {c['claimed']['epsilon']:.2f}"
             cells.append("–" if not c else f"{c['epsilon_lower_bound']:.2f} ({claimed})")
         lines.append(f"| {run} | " + " | ".join(cells) + " |")
-    lines += ["", "DP violations found: " + ", ".join(f"{run} {r['dp_violations']}" for run, r in d["digits"].items()) + "."]
+    lines += [
+        "",
+        "DP violations found: " + ", ".join(f"{run} {r['dp_violations']}" for run, r in d["digits"].items()) + ".",
+    ]
     secs = d["audit_seconds"]
     lines += ["", "Audit time on 2 cores: " + "; ".join(f"{k}: {v:.0f} s" for k, v in secs.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
 def scale(d: dict[str, Any]) -> str:
-    lines = ["| clients (10 % per round) | engine | wall time | seconds / round | peak RSS (process tree) | accuracy |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| clients (10 % per round) | engine | wall time | seconds / round | peak RSS (process tree) | accuracy |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for row in d["runs"].values():
-        lines.append(f"| {row['clients']} | {row['engine']} | {row['wall_seconds'] / 60:.1f} min | "
-                     f"{row['round_seconds_mean']:.1f} | {row['peak_rss_gib']:.2f} GiB | {_pct(row['accuracy'])} |")
-    lines += ["", f"Orchestration overhead at 100 clients (Flower simulation ÷ in-process loop, same run): "
-              f"{d['overhead_ratio_per_round']:.2f}× per round, {d['overhead_ratio_wall']:.2f}× wall time."]
+        lines.append(
+            f"| {row['clients']} | {row['engine']} | {row['wall_seconds'] / 60:.1f} min | "
+            f"{row['round_seconds_mean']:.1f} | {row['peak_rss_gib']:.2f} GiB | {_pct(row['accuracy'])} |"
+        )
+    lines += [
+        "",
+        f"Orchestration overhead at 100 clients (Flower simulation ÷ in-process loop, same run): "
+        f"{d['overhead_ratio_per_round']:.2f}× per round, {d['overhead_ratio_wall']:.2f}× wall time.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -147,24 +197,30 @@ def deploy(d: dict[str, Any]) -> str:
     f = d["client_footprint"]
     rss = ", ".join(f"{v:.0f}" for v in f["supernode_peak_rss_mib"].values())
     imports = sorted(f["clientapp_import_seconds"])
-    return "\n".join([
-        "| | seconds / round (mean) | wall time |", "| --- | --- | --- |",
-        f"| simulation engine, 3 clients | {d['simulation']['round_seconds_mean']:.1f} | {d['simulation']['wall_seconds']:.0f} s |",
-        f"| simulation engine, 3 clients, SecAgg+ | {d['simulation_secagg']['round_seconds_mean']:.1f} | {d['simulation_secagg']['wall_seconds']:.0f} s |",
-        f"| 3 SuperNodes, TLS + node auth, loopback | {d['deployment']['round_seconds_mean']:.1f} | {d['deployment']['wall_seconds']:.0f} s |",
-        "",
-        f"SecAgg+ changed the time per round by {d['simulation_secagg']['round_seconds_mean'] - d['simulation']['round_seconds_mean']:+.1f} s "
-        f"(within the noise of a machine shared with other benchmarks: with 3 clients its key agreement and masking "
-        f"are cheap next to training); its visible cost is bytes: {_kb(d['simulation_secagg']['bytes_per_client_round'])} "
-        f"per client-round instead of {_kb(d['simulation_bytes_per_client_round'])} (masked answers in the "
-        f"quantization field, plus the protocol's key and share messages). The deployment's rounds are slower "
-        f"because each SuperNode starts a fresh ClientApp process per message.",
-        "",
-        f"Client footprint: peak RSS per SuperNode with its ClientApp processes {rss} MiB; a fresh ClientApp "
-        f"process imports in {imports[len(imports) // 2]:.1f} s (median of {len(imports)}); the environment's "
-        f"site-packages take {f['venv_site_packages_mib']:.0f} MiB, torch "
-        f"{f['largest_packages_mib'].get('torch', 0):.0f} MiB of it.",
-    ]) + "\n"
+    return (
+        "\n".join(
+            [
+                "| | seconds / round (mean) | wall time |",
+                "| --- | --- | --- |",
+                f"| simulation engine, 3 clients | {d['simulation']['round_seconds_mean']:.1f} | {d['simulation']['wall_seconds']:.0f} s |",
+                f"| simulation engine, 3 clients, SecAgg+ | {d['simulation_secagg']['round_seconds_mean']:.1f} | {d['simulation_secagg']['wall_seconds']:.0f} s |",
+                f"| 3 SuperNodes, TLS + node auth, loopback | {d['deployment']['round_seconds_mean']:.1f} | {d['deployment']['wall_seconds']:.0f} s |",
+                "",
+                f"SecAgg+ changed the time per round by {d['simulation_secagg']['round_seconds_mean'] - d['simulation']['round_seconds_mean']:+.1f} s "
+                f"(within the noise of a machine shared with other benchmarks: with 3 clients its key agreement and masking "
+                f"are cheap next to training); its visible cost is bytes: {_kb(d['simulation_secagg']['bytes_per_client_round'])} "
+                f"per client-round instead of {_kb(d['simulation_bytes_per_client_round'])} (masked answers in the "
+                f"quantization field, plus the protocol's key and share messages). The deployment's rounds are slower "
+                f"because each SuperNode starts a fresh ClientApp process per message.",
+                "",
+                f"Client footprint: peak RSS per SuperNode with its ClientApp processes {rss} MiB; a fresh ClientApp "
+                f"process imports in {imports[len(imports) // 2]:.1f} s (median of {len(imports)}); the environment's "
+                f"site-packages take {f['venv_site_packages_mib']:.0f} MiB, torch "
+                f"{f['largest_packages_mib'].get('torch', 0):.0f} MiB of it.",
+            ]
+        )
+        + "\n"
+    )
 
 
 FRONTIER_LABELS = {
@@ -197,10 +253,12 @@ def _cell(cell: dict | None) -> str:
 
 def frontier(d: dict[str, Any]) -> str:
     table = d["table"]
-    alphas = sorted(table, key=lambda a: -float(a[len("alpha"):]))
-    head = " | ".join(f"α={a[len('alpha'):]}" for a in alphas)
-    lines = [f"| method | unit of ε | {head} | upload / client-round |",
-             "| --- | --- | " + " | ".join("---" for _ in alphas) + " | --- |"]
+    alphas = sorted(table, key=lambda a: -float(a[len("alpha") :]))
+    head = " | ".join(f"α={a[len('alpha') :]}" for a in alphas)
+    lines = [
+        f"| method | unit of ε | {head} | upload / client-round |",
+        "| --- | --- | " + " | ".join("---" for _ in alphas) + " | --- |",
+    ]
     for method, (label, unit) in FRONTIER_LABELS.items():
         cells = [table[a].get(method) for a in alphas]
         if method in ALPHA_FREE:
@@ -209,14 +267,20 @@ def frontier(d: dict[str, Any]) -> str:
             continue
         up = next((c.get("bytes_per_client_round") for c in cells if c and c.get("bytes_per_client_round")), None)
         lines.append(f"| {label} | {unit} | " + " | ".join(_cell(c) for c in cells) + f" | {_kb(up)} |")
-    lines += ["", "Mean ± sample standard deviation over seeds (each seed draws its own partition, client "
-              "sampling, queries and noise). ε at δ=1e-5 (PLD). Centralized pools the same data for every α.",
-              "", "Client-level ε=4, feddistill (GNMax) minus Flower DP-FedAvg, paired by seed, in points:", ""]
+    lines += [
+        "",
+        "Mean ± sample standard deviation over seeds (each seed draws its own partition, client "
+        "sampling, queries and noise). ε at δ=1e-5 (PLD). Centralized pools the same data for every α.",
+        "",
+        "Client-level ε=4, feddistill (GNMax) minus Flower DP-FedAvg, paired by seed, in points:",
+        "",
+    ]
     for gap in d["gap_points_client_eps4_vs_dp_fedavg"]:
         peer = "DP-FedAvg from scratch" if "scratch" in gap["peer"] else "DP-FedAvg with public pretraining"
         per_seed = " / ".join(f"{g:+.1f}" for g in gap["points_per_seed"])
-        lines.append(f"- α={gap['alpha']:g}, vs {peer}: mean {gap['mean']:+.1f}, lowest {gap['min']:+.1f} "
-                     f"(per seed: {per_seed})")
+        lines.append(
+            f"- α={gap['alpha']:g}, vs {peer}: mean {gap['mean']:+.1f}, lowest {gap['min']:+.1f} (per seed: {per_seed})"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -227,9 +291,13 @@ def short_function(name: str) -> str:
 
 def profile(d: dict[str, Any]) -> str:
     total = d["cpu_seconds"]
-    lines = [f"{d['clients']} clients, {d['rounds']} rounds, in-process: {total:.0f} CPU s in all "
-             f"({d['wall_seconds']:.0f} s wall).", "",
-             "| where | CPU s (cumulative) | share |", "| --- | --- | --- |"]
+    lines = [
+        f"{d['clients']} clients, {d['rounds']} rounds, in-process: {total:.0f} CPU s in all "
+        f"({d['wall_seconds']:.0f} s wall).",
+        "",
+        "| where | CPU s (cumulative) | share |",
+        "| --- | --- | --- |",
+    ]
     for bucket, sec in d["cumulative_seconds"].items():
         lines.append(f"| {bucket} | {sec:.1f} | {100 * sec / total:.0f} % |")
     top = ", ".join(f"`{short_function(t['function'])}` {t['seconds']:.0f} s" for t in d["top_self_seconds"][:5])
@@ -239,52 +307,38 @@ def profile(d: dict[str, Any]) -> str:
 
 def ceiling(d: dict[str, Any]) -> str:
     last = str(d["student_epochs"])
-    lines = [f"No DP anywhere. The student ({last} server epochs on the {d['reference_rows']:,} reference rows, the last quarter "
-             "at a tenth of the learning rate):", "",
-             "| student trained from | its signal's accuracy | student test accuracy |", "| --- | --- | --- |",
-             f"| the reference set's true labels (a perfect signal) | 100 % | {_pct(d['student_oracle'][last])} |",
-             f"| the public teacher's signal | {_pct(d['public_teacher_signal_accuracy'])} | "
-             f"{_pct(d['student_from_public_teacher'][last])} |", ""]
+    lines = [
+        f"No DP anywhere. The student ({last} server epochs on the {d['reference_rows']:,} reference rows, the last quarter "
+        "at a tenth of the learning rate):",
+        "",
+        "| student trained from | its signal's accuracy | student test accuracy |",
+        "| --- | --- | --- |",
+        f"| the reference set's true labels (a perfect signal) | 100 % | {_pct(d['student_oracle'][last])} |",
+        f"| the public teacher's signal | {_pct(d['public_teacher_signal_accuracy'])} | "
+        f"{_pct(d['student_from_public_teacher'][last])} |",
+        "",
+    ]
     ensembles = d["ensembles"]
     counts = list(next(iter(next(iter(ensembles.values())).values())))
-    lines += [f"The fleet's signal: every client trains from the round-0 student (test accuracy "
-              f"{_pct(d['round0_student_test_accuracy'])}) and answers on {d['held_rows']:,} held reference rows; accuracy of the "
-              f"aggregated answers with {', '.join(counts)} clients:", "",
-              "| client recipe | a client alone (average) | " + " | ".join(ensembles[next(iter(ensembles))]) + " |",
-              "| --- | --- | " + " | ".join("---" for _ in ensembles[next(iter(ensembles))]) + " |"]
+    lines += [
+        f"The fleet's signal: every client trains from the round-0 student (test accuracy "
+        f"{_pct(d['round0_student_test_accuracy'])}) and answers on {d['held_rows']:,} held reference rows; accuracy of the "
+        f"aggregated answers with {', '.join(counts)} clients:",
+        "",
+        "| client recipe | a client alone (average) | " + " | ".join(ensembles[next(iter(ensembles))]) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in ensembles[next(iter(ensembles))]) + " |",
+    ]
     for recipe, by_how in ensembles.items():
         cells = [" / ".join(_pct(v).replace(" %", "") for v in curve.values()) + " %" for curve in by_how.values()]
         lines.append(f"| {recipe} | {_pct(d['client_individual_accuracy'][recipe])} | " + " | ".join(cells) + " |")
     best = max(v for by_how in ensembles.values() for curve in by_how.values() for v in curve.values())
-    lines += ["", f"Best aggregated signal: {_pct(best)}; the public teacher's alone: "
-              f"{_pct(d['public_teacher_signal_accuracy'])} ({_pct(d['public_teacher_test_accuracy'])} on the test set: its labelled "
-              "examples come from the reference set); issue 3's aim for the student: "
-              f"{_pct(d['aim'])}."]
-    return "\n".join(lines) + "\n"
-
-
-def semisup(d: dict[str, Any]) -> str:
-    fm, with_fleet = d["public_fixmatch"], d["fixmatch_with_fleet_labels"]
-    lines = ["No DP, outside the federated loop, seed 0; test accuracy on the 10,000 test images.", "",
-             "| student | labelled data | test accuracy |", "| --- | --- | --- |",
-             f"| public teacher (`cnn-large`) | {fm['labelled']} public labels | "
-             f"{_pct(d['public_teacher_test_accuracy'])} |",
-             f"| public-only control (KD from the teacher's signal, the server's schedule) | the teacher's signal | "
-             f"{_pct(d['public_control_kd']['test_accuracy'])} |",
-             f"| FixMatch, public data only ({fm['steps']:,} steps) | {fm['labelled']} public labels + "
-             f"{fm['unlabelled']:,} unlabelled | {_pct(fm['test_accuracy'])} |",
-             f"| FixMatch + the fleet's consensus labels (share ≥ {with_fleet['share_at_least']:g}) | + "
-             f"{with_fleet['fleet_rows']:,} fleet-labelled rows | {_pct(with_fleet['test_accuracy'])} |", ""]
-    lines += ["The fleet's consensus labels (every client trains on its private data alone from the start model, "
-              "then votes on every reference row):", "",
-              "| clients start from | consensus share ≥ | rows labelled | fleet label accuracy | teacher on the same rows "
-              "| fleet right, teacher wrong | teacher right, fleet wrong |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for start, entry in d["fleet_labels"].items():
-        for r in entry["thresholds"]:
-            lines.append(f"| {start} ({_pct(entry['start_test_accuracy'])}) | {r['share_at_least']:g} | {r['rows']:,} | "
-                         f"{_pct(r['fleet_label_accuracy'])} | {_pct(r['teacher_accuracy_on_them'])} | "
-                         f"{r['fleet_right_teacher_wrong']:,} | {r['teacher_right_fleet_wrong']:,} |")
+    lines += [
+        "",
+        f"Best aggregated signal: {_pct(best)}; the public teacher's alone: "
+        f"{_pct(d['public_teacher_signal_accuracy'])} ({_pct(d['public_teacher_test_accuracy'])} on the test set: its labelled "
+        "examples come from the reference set); issue 3's aim for the student: "
+        f"{_pct(d['aim'])}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -311,17 +365,27 @@ def quickstart_summary(run_dir: Path, seconds: float | None = None) -> dict[str,
         "config": cfg,
         "config_digest": r.get("config_digest"),
         "validation_size": (r.get("validation") or {}).get("size", 0),
-        "global_student": {"released_id": final.get("released_id"), "released_accuracy": final.get("released_accuracy"),
-                           "final_accuracy": final["student_accuracy"],
-                           "bytes_per_client_round": final["bytes_per_client_round"]},
+        "global_student": {
+            "released_id": final.get("released_id"),
+            "released_accuracy": final.get("released_accuracy"),
+            "final_accuracy": final["student_accuracy"],
+            "bytes_per_client_round": final["bytes_per_client_round"],
+        },
         "public_teacher": {"model": r["public_teacher"]["model"], "accuracy": r["public_teacher"]["test_accuracy"]},
         "round0_student": {"accuracy": r["public_only_student"]["test_accuracy"]},
         "public_control": {"accuracy": base["public_control"]["accuracy"], "rounds": base["public_control"]["rounds"]},
-        "local_only": {"accuracy": base["local_only"]["accuracy_mean"],
-                       "clients": len(base["local_only"]["clients_evaluated"])},
+        "local_only": {
+            "accuracy": base["local_only"]["accuracy_mean"],
+            "clients": len(base["local_only"]["clients_evaluated"]),
+        },
         "centralized": {"accuracy": base["centralized"]["accuracy"]},
-        "fedavg": {"accuracy": base["fedavg"]["accuracy"], "init": base["fedavg"]["init"],
-                   "bytes_per_client_round": base["fedavg"]["bytes_per_client_round"]} if "fedavg" in base else None,
+        "fedavg": {
+            "accuracy": base["fedavg"]["accuracy"],
+            "init": base["fedavg"]["init"],
+            "bytes_per_client_round": base["fedavg"]["bytes_per_client_round"],
+        }
+        if "fedavg" in base
+        else None,
         "private_gain_points": final["private_gain"],
         "gap_closed": final.get("gap_closed"),
         "fleet_labelled_rows": final.get("fleet_labelled_rows"),
@@ -336,13 +400,21 @@ def _quickstart_audit(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     a = json.loads(path.read_text())
-    best = {name: t["attacks"][t["best_auc_attack"]]["summary"] for name, t in a["targets"].items() if not t.get("skipped")}
+    best = {
+        name: t["attacks"][t["best_auc_attack"]]["summary"] for name, t in a["targets"].items() if not t.get("skipped")
+    }
     top = max(best, key=lambda n: best[n]["auc"])
-    return {"targets": len(best), "best_auc": best[top]["auc"], "best_auc_target": top,
-            "max_tpr_at_0.1pct_fpr": max(s["tpr_at_fpr"]["0.001"]["tpr"] for s in best.values()),
-            "max_epsilon_lower_bound": max(b["epsilon_lower_bound"] for b in a["epsilon_lower_bounds"]),
-            "is_dp": a["is_dp"], "dp_violations": len(a["dp_violations"]), "passed": a["verdict"]["passed"],
-            "seconds": a["timings_s"]["total"]}
+    return {
+        "targets": len(best),
+        "best_auc": best[top]["auc"],
+        "best_auc_target": top,
+        "max_tpr_at_0.1pct_fpr": max(s["tpr_at_fpr"]["0.001"]["tpr"] for s in best.values()),
+        "max_epsilon_lower_bound": max(b["epsilon_lower_bound"] for b in a["epsilon_lower_bounds"]),
+        "is_dp": a["is_dp"],
+        "dp_violations": len(a["dp_violations"]),
+        "passed": a["verdict"]["passed"],
+        "seconds": a["timings_s"]["total"],
+    }
 
 
 def record_quickstart(run_dir: Path = QUICKSTART_RUN, results: Path = RESULTS, seconds: float | None = None) -> Path:
@@ -358,60 +430,154 @@ def quickstart(d: dict[str, Any]) -> str:
     labelled, held = c["data"]["public_labelled_size"], d["validation_size"]
     acc = g["released_accuracy"] if g["released_id"] else g["final_accuracy"]
     took = f"{d['wall_seconds'] / 60:.1f} min" if d.get("wall_seconds") else "time not recorded"
-    lines = [f"`{d['command']}` (seed {c['seed']}, {c['fleet']['num_clients']} clients, Dirichlet "
-             f"α={c['fleet']['alpha']:g}, q={c['fleet']['fraction']:g}, {c['rounds']} rounds, "
-             f"{c['distill']['server_student'].upper()} student; {d['environment']['cpus']} CPU cores, {took} "
-             "for the recorded run, baselines, audit and report included):", "",
-             "| method | test accuracy | upload / client-round |", "| --- | --- | --- |",
-             f"| **feddistill global student** (released: {g['released_id'] or 'none'}) | **{_pct(acc)}** | "
-             f"{_kb(g['bytes_per_client_round'])} |",
-             f"| public teacher only (`{d['public_teacher']['model']}` on {labelled - held} labelled"
-             + (f"; {held} held out for the release gate" if held else "") + f") | {_pct(d['public_teacher']['accuracy'])} | – |",
-             f"| student distilled from the public teacher alone (round 0) | {_pct(d['round0_student']['accuracy'])} | – |",
-             f"| **public-only control** (the same server pipeline, {d['public_control']['rounds']} rounds, no fleet "
-             f"answers) | {_pct(d['public_control']['accuracy'])} | – |",
-             f"| local-only (mean of {d['local_only']['clients']} clients) | {_pct(d['local_only']['accuracy'])} | – |",
-             f"| centralized (pooled private data) | {_pct(d['centralized']['accuracy'])} | – |"]
+    lines = [
+        f"`{d['command']}` (seed {c['seed']}, {c['fleet']['num_clients']} clients, Dirichlet "
+        f"α={c['fleet']['alpha']:g}, q={c['fleet']['fraction']:g}, {c['rounds']} rounds, "
+        f"{c['distill']['server_student'].upper()} student; {d['environment']['cpus']} CPU cores, {took} "
+        "for the recorded run, baselines, audit and report included):",
+        "",
+        "| method | test accuracy | upload / client-round |",
+        "| --- | --- | --- |",
+        f"| **feddistill global student** (released: {g['released_id'] or 'none'}) | **{_pct(acc)}** | "
+        f"{_kb(g['bytes_per_client_round'])} |",
+        f"| public teacher only (`{d['public_teacher']['model']}` on {labelled - held} labelled"
+        + (f"; {held} held out for the release gate" if held else "")
+        + f") | {_pct(d['public_teacher']['accuracy'])} | – |",
+        f"| student distilled from the public teacher alone (round 0) | {_pct(d['round0_student']['accuracy'])} | – |",
+        f"| **public-only control** (the same server pipeline, {d['public_control']['rounds']} rounds, no fleet "
+        f"answers) | {_pct(d['public_control']['accuracy'])} | – |",
+        f"| local-only (mean of {d['local_only']['clients']} clients) | {_pct(d['local_only']['accuracy'])} | – |",
+        f"| centralized (pooled private data) | {_pct(d['centralized']['accuracy'])} | – |",
+    ]
     if fed:
         init = f"pretrained on all {labelled} labelled" if fed["init"] == "public" else "from scratch"
-        lines.append(f"| Flower FedAvg ({init}, same fleet and rounds) | {_pct(fed['accuracy'])} | "
-                     f"{_kb(fed['bytes_per_client_round'])} |")
+        lines.append(
+            f"| Flower FedAvg ({init}, same fleet and rounds) | {_pct(fed['accuracy'])} | "
+            f"{_kb(fed['bytes_per_client_round'])} |"
+        )
     lines += ["", _quickstart_prose(d, acc)]
     return "\n".join(lines) + "\n"
 
 
 def _quickstart_prose(d: dict[str, Any], acc: float) -> str:
     g, fed, c = d["global_student"], d["fedavg"], d["config"]
-    text = (f"Private gain (the global student − the public-only control): **{d['private_gain_points']:+.1f} points**"
-            + (f"; gap closed between the control and pooling all private data: {100 * d['gap_closed']:.0f} %"
-               if d.get("gap_closed") is not None else "")
-            + (f"; {d['fleet_labelled_rows']:,} of the {c['data']['reference_size']:,} reference rows carry the fleet's "
-               "label" if d.get("fleet_labelled_rows") is not None else "") + ". "
-            f"The global student is {100 * (acc - d['local_only']['accuracy']):.1f} points above a client alone and "
-            f"{100 * (d['centralized']['accuracy'] - acc):.1f} points below pooling all private data")
+    text = (
+        f"Private gain (the global student − the public-only control): **{d['private_gain_points']:+.1f} points**"
+        + (
+            f"; gap closed between the control and pooling all private data: {100 * d['gap_closed']:.0f} %"
+            if d.get("gap_closed") is not None
+            else ""
+        )
+        + (
+            f"; {d['fleet_labelled_rows']:,} of the {c['data']['reference_size']:,} reference rows carry the fleet's "
+            "label"
+            if d.get("fleet_labelled_rows") is not None
+            else ""
+        )
+        + ". "
+        f"The global student is {100 * (acc - d['local_only']['accuracy']):.1f} points above a client alone and "
+        f"{100 * (d['centralized']['accuracy'] - acc):.1f} points below pooling all private data"
+    )
     if fed:
-        text += (f", and uploads {fed['bytes_per_client_round'] / g['bytes_per_client_round']:.1f}× less than FedAvg "
-                 "per client-round (FedAvg's accuracy moves between runs: Flower's FedAvg samples its clients at "
-                 "random; ours are seeded)")
+        text += (
+            f", and uploads {fed['bytes_per_client_round'] / g['bytes_per_client_round']:.1f}× less than FedAvg "
+            "per client-round (FedAvg's accuracy moves between runs: Flower's FedAvg samples its clients at "
+            "random; ours are seeded)"
+        )
     text += "."
     if g["released_id"] and g["released_accuracy"] != g["final_accuracy"]:
-        text += (f" The last round's student scored {_pct(g['final_accuracy'])}; the release gate kept "
-                 f"{g['released_id']} (private gain and gap closed are the last round's).")
+        text += (
+            f" The last round's student scored {_pct(g['final_accuracy'])}; the release gate kept "
+            f"{g['released_id']} (private gain and gap closed are the last round's)."
+        )
     a = d.get("audit")
     if a:
         verdict = "passed" if a["passed"] else "failed"
         claim = "" if a["is_dp"] else "; the run is not DP, so nothing is claimed"
-        text += (f" The audit of the same run ({a['targets']} targets, {a['seconds']:.0f} s): best AUC {a['best_auc']:.2f} "
-                 f"({a['best_auc_target']}), TPR at 0.1 % FPR ≤ {a['max_tpr_at_0.1pct_fpr']:.3f}, largest empirical ε "
-                 f"lower bound {a['max_epsilon_lower_bound']:.2f} (membership targets and canaries), "
-                 f"{a['dp_violations']} DP violations{claim}; "
-                 f"policy {verdict}.")
+        text += (
+            f" The audit of the same run ({a['targets']} targets, {a['seconds']:.0f} s): best AUC {a['best_auc']:.2f} "
+            f"({a['best_auc_target']}), TPR at 0.1 % FPR ≤ {a['max_tpr_at_0.1pct_fpr']:.3f}, largest empirical ε "
+            f"lower bound {a['max_epsilon_lower_bound']:.2f} (membership targets and canaries), "
+            f"{a['dp_violations']} DP violations{claim}; "
+            f"policy {verdict}."
+        )
     return text
 
 
+def _signed(x: float | None, digits: int = 1) -> str:
+    return "–" if x is None else f"{x:+.{digits}f}"
+
+
+def headline(d: dict[str, Any]) -> str:
+    rows = d["rows"]
+    rounds = sorted({r["rounds"] for r in rows})
+    seeds = sorted({s for r in rows for s in r["seeds"]})
+    lines = [
+        f"Fashion-MNIST core fleet (100 clients, Dirichlet α=0.5, q=0.1 Poisson), {', '.join(map(str, rounds))} "
+        f"rounds, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; feddistill rows run "
+        f"`{d['config']}`; ε at δ=1e-5 (PLD accountant); test accuracy on the 10,000 t10k images.",
+        "",
+        "| method | unit | ε | accuracy | public control | private gain (points) | gap closed | "
+        "fleet-labelled rows | upload / client-round |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        sd = f" ± {100 * r['accuracy_sd']:.1f}" if len(r["seeds"]) > 1 else ""
+        gap = "–" if r["gap_closed_mean"] is None else f"{r['gap_closed_mean']:.2f}"
+        labelled = "–" if r["fleet_labelled_rows_mean"] is None else f"{r['fleet_labelled_rows_mean']:,.0f}"
+        eps = "∞" if r["epsilon"] is None else f"{r['epsilon']:g}"
+        lines.append(
+            f"| {r['method']} | {r['unit'] or '–'} | {eps} | "
+            f"{_pct(r['accuracy_mean'])}{sd} | {_pct(r['public_control_mean'])} | "
+            f"{_signed(r['private_gain_mean'])} | {gap} | {labelled} | {_kb(r['bytes_per_client_round'])} |"
+        )
+    central = [r["centralized_mean"] for r in rows if r["centralized_mean"] is not None]
+    if central:
+        lines += ["", f"Centralized (the pooled private data, same student): {_pct(central[0])}."]
+    return "\n".join(lines) + "\n"
+
+
+def ablation(d: dict[str, Any]) -> str:
+    s0, control = d["public_fixmatch_student"], d["control"]
+    lines = [
+        f"No DP, outside the federated loop, seed 0; every one of the 100 clients votes on every reference row. "
+        f"S0 = FixMatch on the public data ({s0['steps']:,} steps): {_pct(s0['test_accuracy'])} on test, "
+        f"{_pct(s0['reference_accuracy'])} on the reference rows. Students: S0 continued "
+        f"{control['steps']:,} FixMatch steps; control (public labels only): {_pct(control['test_accuracy'])}.",
+        "",
+        "| fleet answers (cumulative) | rows labelled | label accuracy | S0 on the same rows | "
+        "fleet right, S0 wrong | S0 right, fleet wrong | student | private gain (points) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for v in d["variants"]:
+        lines.append(
+            f"| {v['variant']} | {v['rows']:,} | {_pct(v['label_accuracy'])} | "
+            f"{_pct(v['start_student_accuracy_on_them'])} | {v['fleet_right_start_wrong']:,} | "
+            f"{v['start_right_fleet_wrong']:,} | {_pct(v['student_test_accuracy'])} | "
+            f"{_signed(v['private_gain_points'])} |"
+        )
+    if d.get("consensus_threshold") is not None:
+        lines += [
+            "",
+            f"The gate's share threshold, calibrated on the 100 held-out public labels to "
+            f"{100 * d['knobs']['precision']:.0f} % precision: {d['consensus_threshold']:g}.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
 RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
-    "privacy": privacy, "faults": faults, "comms": comms, "audit": audit, "scale": scale, "deploy": deploy,
-    "frontier": frontier, "profile": profile, "ceiling": ceiling, "semisup": semisup, "quickstart": quickstart,
+    "privacy": privacy,
+    "faults": faults,
+    "comms": comms,
+    "audit": audit,
+    "scale": scale,
+    "deploy": deploy,
+    "frontier": frontier,
+    "profile": profile,
+    "ceiling": ceiling,
+    "quickstart": quickstart,
+    "headline": headline,
+    "ablation": ablation,
 }
 
 
@@ -441,8 +607,13 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m bench.readme")
-    parser.add_argument("--quickstart", type=Path, default=None, metavar="RUN_DIR",
-                        help="first write bench/results/quickstart/quickstart.json from this finished quick start")
+    parser.add_argument(
+        "--quickstart",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="first write bench/results/quickstart/quickstart.json from this finished quick start",
+    )
     parser.add_argument("--seconds", type=float, default=None, help="the quick start's wall time, to record with it")
     args = parser.parse_args(argv)
     if args.quickstart is not None:

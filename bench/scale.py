@@ -12,11 +12,15 @@ from pathlib import Path
 
 from bench.common import NO_BASELINES, header, save_figure, settings
 
-
 # The 1000-client fleet: 50 private images per client; lighter rounds than the core fleet
 # (500 queries, 2 digest epochs, 1 revisit epoch) so that 100 clients per round fit 2 cores.
-SCALE = {**NO_BASELINES, "rounds": 10, "distill.query_size": 500, "distill.digest_epochs": 2,
-         "distill.revisit_epochs": 1}
+SCALE = {
+    **NO_BASELINES,
+    "rounds": 10,
+    "distill.query_size": 500,
+    "distill.digest_epochs": 2,
+    "distill.revisit_epochs": 1,
+}
 
 
 def _timed_run(out: Path, name: str, overrides: dict, in_process: bool) -> dict:
@@ -49,8 +53,9 @@ def _timed_run(out: Path, name: str, overrides: dict, in_process: bool) -> dict:
         "peak_rss_gib": rss.peak_bytes / 2**30,
         "accuracy": results["final"]["student_accuracy"],
     }
-    logging.info("%s: %.0f s, %.1f s/round, peak RSS %.2f GiB", name, seconds, row["round_seconds_mean"],
-                 row["peak_rss_gib"])
+    logging.info(
+        "%s: %.0f s, %.1f s/round, peak RSS %.2f GiB", name, seconds, row["round_seconds_mean"], row["peak_rss_gib"]
+    )
     return row
 
 
@@ -64,8 +69,11 @@ def scale(out: Path, overrides: dict) -> dict:
     kept = json.loads(earlier.read_text()) if earlier.is_file() else {}
     rows = dict(kept.get("runs", {})) if kept.get("config") == settings(base) else {}
     # the overhead pair first, then the other sizes; the JSON is rewritten after every run
-    plan = [("flower-100", 100, False), ("inprocess-100", 100, True),
-            *((f"flower-{n}", n, False) for n in sorted(set(sizes) - {100}))]
+    plan = [
+        ("flower-100", 100, False),
+        ("inprocess-100", 100, True),
+        *((f"flower-{n}", n, False) for n in sorted(set(sizes) - {100})),
+    ]
     summary = {}
     for name, n, in_process in plan:
         if name not in rows:

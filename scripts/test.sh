@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
-# The test suite (what CI runs): set-up, the Fashion-MNIST package, then pytest.
+# The test suite (what CI runs): set-up, lint, format and type checks, the Fashion-MNIST package,
+# then pytest. Each check fails the script; their settings are in pyproject.toml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+echo "== ruff check (lint): src tests bench scripts =="
+.venv/bin/ruff check src tests bench scripts
+echo "== ruff format --check: src tests bench scripts (fix with: .venv/bin/ruff format src tests bench scripts) =="
+.venv/bin/ruff format --check src tests bench scripts
+echo "== mypy (type check): the files listed in pyproject.toml [tool.mypy] =="
+.venv/bin/mypy
 bash scripts/fashion-mnist.sh
 export FEDDISTILL_REQUIRE_FASHION=1
 # A private teacher cache per test run, so tests never depend on an earlier run's files.

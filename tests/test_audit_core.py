@@ -11,8 +11,8 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from feddistill.privacy.audit import (
-    audit_canaries,
     auc,
+    audit_canaries,
     clopper_pearson,
     confidence_scores,
     dp_tradeoff_curve,
@@ -121,9 +121,11 @@ def test_empirical_epsilon_shifted_gives_positive_bound_below_truth():
     # true epsilon at delta=1e-5 (about 8.6 for mu=2; the test is far below it).
     rng = np.random.default_rng(2)
     n = 5000
+
     def draw():
         y = rng.random(n) < 0.5
         return rng.normal(size=n) + 2.0 * y, y
+
     (sf, yf), (se, ye) = draw(), draw()
     res = empirical_epsilon(sf, yf, se, ye, delta=1e-5)
     assert 0.5 < res["epsilon_lower_bound"] < res["max_certifiable_epsilon"]
@@ -190,7 +192,9 @@ def _p_direct(m, r, v, eps, delta):
 def test_one_run_bound_hand_computed(m, r, v, delta):
     beta = 0.05
     for eps in (0.0, 0.5, 1.7, 3.0):
-        assert one_run_p_value(m, r, v, eps, delta) == pytest.approx(_p_direct(m, r, v, eps, delta), rel=1e-9, abs=1e-15)
+        assert one_run_p_value(m, r, v, eps, delta) == pytest.approx(
+            _p_direct(m, r, v, eps, delta), rel=1e-9, abs=1e-15
+        )
     e = one_run_epsilon_lower_bound(m, r, v, delta, beta)
     assert e > 0
     assert _p_direct(m, r, v, e, delta) < beta + 1e-12
@@ -234,7 +238,9 @@ def test_audit_canaries():
     assert max(row["epsilon_lower_bound"] for row in perfect["grid"]) == perfect["epsilon_lower_bound"]
     assert perfect["beta_per_test"] == pytest.approx(0.05 / len(perfect["grid"]))
     # the union bound over the grid lowers the cap below the single-test one
-    assert perfect["epsilon_lower_bound"] < one_run_epsilon_lower_bound(m, perfect["n_guesses"], perfect["n_guesses"], 1e-5)
+    assert perfect["epsilon_lower_bound"] < one_run_epsilon_lower_bound(
+        m, perfect["n_guesses"], perfect["n_guesses"], 1e-5
+    )
     noise = audit_canaries(rng.normal(size=m), inc, delta=1e-5)
     assert noise["epsilon_lower_bound"] < 0.5
     weak = audit_canaries(rng.normal(size=m) + 1.5 * inc, inc, delta=1e-5)

@@ -66,12 +66,24 @@ def build_run(out: Path, *, num_clients: int, epochs: int, canaries: int, privac
     np.savez_compressed(out / "audit" / "uploads" / "round0001.npz", queries=queries, **answers)
     signal = torch.from_numpy(np.mean([a.astype(np.float32) for a in answers.values()], axis=0))
     student = build_model(cfg.distill.server_student, fleet.image_size, fleet.num_classes, seed=0)
-    train_distill(student, ref_x, signal, temperature=cfg.distill.temperature, epochs=cfg.distill.server_epochs,
-                  batch_size=cfg.distill.batch_size, lr=cfg.distill.server_lr)
+    train_distill(
+        student,
+        ref_x,
+        signal,
+        temperature=cfg.distill.temperature,
+        epochs=cfg.distill.server_epochs,
+        batch_size=cfg.distill.batch_size,
+        lr=cfg.distill.server_lr,
+    )
     torch.save({"model": cfg.distill.server_student, "state_dict": student.state_dict()}, out / "global_student.pt")
     if canary_set is not None:
-        np.savez_compressed(out / "audit" / "canaries.npz", x=canary_set.x, y=canary_set.y,
-                            included=canary_set.included, client=canary_set.client)
+        np.savez_compressed(
+            out / "audit" / "canaries.npz",
+            x=canary_set.x,
+            y=canary_set.y,
+            included=canary_set.included,
+            client=canary_set.client,
+        )
     results = {
         "method": "feddistill",
         "config": cfg.to_dict(),
@@ -113,8 +125,9 @@ def leaky_audit(leaky_run, tmp_path_factory):
     policy = tmp_path_factory.mktemp("policy") / "strict.toml"
     policy.write_text("max_auc = 0.6\nmax_tpr_at_0_1pct_fpr = 0.5\n")
     out = leaky_run / "audit-report"
-    audit, code = run_audit(leaky_run, policy_path=policy,
-                            options=AuditOptions(reference_models=4, target_clients=1, max_points=200))
+    audit, code = run_audit(
+        leaky_run, policy_path=policy, options=AuditOptions(reference_models=4, target_clients=1, max_points=200)
+    )
     return audit, code, out
 
 
@@ -180,11 +193,22 @@ def test_label_inference_beats_uniform_guess_on_skewed_client(leaky_audit, leaky
 # --------------------------------------------------------------------------- (3) lenient policy passes
 def test_lenient_policy_passes_with_an_honest_dp_claim(leaky_run, tmp_path):
     run = _copy(leaky_run, tmp_path / "run")
-    _set_privacy(run, {
-        "record_level": {"epsilon": 50.0, "delta": 1e-5, "unit": "record", "mechanism": "DP-SGD", "accountant": "rdp"},
-        "client_level": None,
-    })
-    policy = _policy(tmp_path, "max_auc = 1.0\nmax_tpr_at_1pct_fpr = 1.0\nmax_empirical_epsilon = 40\nmin_label_tv = 0.0\n")
+    _set_privacy(
+        run,
+        {
+            "record_level": {
+                "epsilon": 50.0,
+                "delta": 1e-5,
+                "unit": "record",
+                "mechanism": "DP-SGD",
+                "accountant": "rdp",
+            },
+            "client_level": None,
+        },
+    )
+    policy = _policy(
+        tmp_path, "max_auc = 1.0\nmax_tpr_at_1pct_fpr = 1.0\nmax_empirical_epsilon = 40\nmin_label_tv = 0.0\n"
+    )
     audit, code = run_audit(run, out_dir=tmp_path / "out", policy_path=policy, options=CHEAP)
     assert code == 0, audit["verdict"]
     assert audit["verdict"]["passed"] is True
@@ -196,13 +220,26 @@ def test_lenient_policy_passes_with_an_honest_dp_claim(leaky_run, tmp_path):
 # --------------------------------------------------------------------------- (4) DP violation
 def test_claimed_epsilon_below_canary_bound_is_a_dp_violation(leaky_run, tmp_path):
     run = _copy(leaky_run, tmp_path / "run")
-    _set_privacy(run, {
-        "record_level": {"epsilon": 0.01, "delta": 1e-5, "unit": "record", "mechanism": "DP-SGD", "accountant": "rdp"},
-        "client_level": None,
-    })
+    _set_privacy(
+        run,
+        {
+            "record_level": {
+                "epsilon": 0.01,
+                "delta": 1e-5,
+                "unit": "record",
+                "mechanism": "DP-SGD",
+                "accountant": "rdp",
+            },
+            "client_level": None,
+        },
+    )
     lenient = _policy(tmp_path, "max_auc = 1.0\n")  # fail_on_dp_violation stays on by default
-    audit, code = run_audit(run, out_dir=tmp_path / "out", policy_path=lenient,
-                            options=AuditOptions(reference_models=0, target_clients=1, max_points=100))
+    audit, code = run_audit(
+        run,
+        out_dir=tmp_path / "out",
+        policy_path=lenient,
+        options=AuditOptions(reference_models=0, target_clients=1, max_points=100),
+    )
     assert code == 1
     sources = [v["source"] for v in audit["dp_violations"]]
     assert any(s.startswith("canaries vs local") for s in sources), sources
@@ -217,11 +254,21 @@ def test_claimed_epsilon_below_canary_bound_is_a_dp_violation(leaky_run, tmp_pat
 
 def test_dp_violation_fails_even_without_a_policy_file(leaky_run, tmp_path):
     run = _copy(leaky_run, tmp_path / "run")
-    _set_privacy(run, {
-        "record_level": {"epsilon": 0.01, "delta": 1e-5, "unit": "record", "mechanism": "DP-SGD", "accountant": "rdp"},
-    })
-    audit, code = run_audit(run, out_dir=tmp_path / "out",
-                            options=AuditOptions(reference_models=0, target_clients=0, max_points=100))
+    _set_privacy(
+        run,
+        {
+            "record_level": {
+                "epsilon": 0.01,
+                "delta": 1e-5,
+                "unit": "record",
+                "mechanism": "DP-SGD",
+                "accountant": "rdp",
+            },
+        },
+    )
+    audit, code = run_audit(
+        run, out_dir=tmp_path / "out", options=AuditOptions(reference_models=0, target_clients=0, max_points=100)
+    )
     assert code == 1 and audit["dp_violations"]
 
 
@@ -252,7 +299,10 @@ DAMAGE = {
     "local student missing": (lambda r: _rm(r / "audit" / "clients" / "client3.pt"), "client3.pt"),
     "global student corrupt": (lambda r: (r / "global_student.pt").write_bytes(b"\x00" * 10), "global_student.pt"),
     "canaries missing": (lambda r: _rm(r / "audit" / "canaries.npz"), "canaries.npz"),
-    "privacy claim malformed": (lambda r: _set_privacy(r, {"record_level": {"epsilon": "small"}}), "privacy.record_level.epsilon"),
+    "privacy claim malformed": (
+        lambda r: _set_privacy(r, {"record_level": {"epsilon": "small"}}),
+        "privacy.record_level.epsilon",
+    ),
 }
 
 
@@ -299,7 +349,11 @@ def test_claims_per_target_follow_the_unit_and_noise_placement():
     c = claims_for_targets({"record_level": None, "client_level": local_noise})
     assert c["local"] is None
     assert c["uploads"]["epsilon"] == 1.0 and c["global"]["epsilon"] == 1.0
-    assert claims_for_targets({"record_level": None, "client_level": None}) == {"local": None, "uploads": None, "global": None}
+    assert claims_for_targets({"record_level": None, "client_level": None}) == {
+        "local": None,
+        "uploads": None,
+        "global": None,
+    }
 
 
 def test_members_and_non_members_are_matched_per_class():
@@ -313,8 +367,14 @@ def test_members_and_non_members_are_matched_per_class():
 
 
 def test_record_claim_uses_the_clients_own_device_epsilon():
-    rec = {"epsilon": 8.0, "delta": 1e-5, "unit": "record", "mechanism": "DP-SGD", "accountant": "pld",
-           "devices": {"0": {"record-epsilon": 2.5}, "1": {"record-epsilon": 8.0}}}
+    rec = {
+        "epsilon": 8.0,
+        "delta": 1e-5,
+        "unit": "record",
+        "mechanism": "DP-SGD",
+        "accountant": "pld",
+        "devices": {"0": {"record-epsilon": 2.5}, "1": {"record-epsilon": 8.0}},
+    }
     privacy = {"record_level": rec, "client_level": None}
     assert claims_for_targets(privacy, client=0)["local"]["epsilon"] == 2.5
     assert claims_for_targets(privacy, client=7)["local"]["epsilon"] == 8.0  # no device entry: the worst case

@@ -21,6 +21,7 @@ def test_every_suite_names_a_function_of_its_module():
 
 
 def test_the_cli_lists_every_suite_and_readme():
-    out = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     assert "{" + ",".join(sorted([*SUITES, "readme"])) + "}" in out

@@ -91,9 +91,7 @@ def test_server_cert_signed_by_ca(creds: certs.CredentialPaths) -> None:
     assert server_key.public_key() == server.public_key()
 
 
-def test_server_cert_not_signed_by_other_ca(
-    creds: certs.CredentialPaths, tmp_path: Path
-) -> None:
+def test_server_cert_not_signed_by_other_ca(creds: certs.CredentialPaths, tmp_path: Path) -> None:
     other = generate_credentials(tmp_path / "other", num_supernodes=0)
     server = _load_cert(creds.server_cert)
     other_ca = _load_cert(other.ca_cert)
@@ -109,9 +107,7 @@ def test_server_cert_not_signed_by_other_ca(
 
 
 def test_server_cert_sans(creds: certs.CredentialPaths) -> None:
-    san = _load_cert(creds.server_cert).extensions.get_extension_for_class(
-        x509.SubjectAlternativeName
-    ).value
+    san = _load_cert(creds.server_cert).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sorted(san.get_values_for_type(x509.DNSName)) == [
         "localhost",
         "superlink.example",
@@ -135,7 +131,7 @@ def test_tls_handshake_with_ca_root(creds: certs.CredentialPaths, tmp_path: Path
         while not stop.is_set():
             try:
                 conn, _ = listener.accept()
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 return
             try:
                 with server_ctx.wrap_socket(conn, server_side=True) as tls:
@@ -242,9 +238,7 @@ def test_flower_loads_supernode_private_key(creds: certs.CredentialPaths) -> Non
     from flwr.supernode.cli.flower_supernode import _try_setup_client_authentication
 
     for key_path, pub_path in zip(creds.supernode_private_keys, creds.supernode_public_keys):
-        args = argparse.Namespace(
-            auth_supernode_private_key=str(key_path), auth_supernode_public_key=None
-        )
+        args = argparse.Namespace(auth_supernode_private_key=str(key_path), auth_supernode_public_key=None)
         result = _try_setup_client_authentication(args)
         assert result is not None
         priv, pub = result
@@ -270,9 +264,7 @@ def test_flower_cli_loads_supernode_public_key(creds: certs.CredentialPaths) -> 
     pub = bytes_to_public_key(registered)
     assert uses_nist_ec_curve(pub)
     # what the SuperNode presents (derived from its private key) must match
-    priv = serialization.load_ssh_private_key(
-        creds.supernode_private_keys[0].read_bytes(), None
-    )
+    priv = serialization.load_ssh_private_key(creds.supernode_private_keys[0].read_bytes(), None)
     assert public_key_to_bytes(priv.public_key()) == registered
     # Fleet node-auth: SuperNode signs a timestamp, SuperLink verifies
     sig = sign_message(priv, b"2026-01-01T00:00:00+00:00")
@@ -349,9 +341,7 @@ def test_replayed(keypair) -> None:  # type: ignore[no-untyped-def]
     priv, pub = keypair
     sig = sign_release(priv, PAYLOAD, round=2, release_id="teacher-r2")
     with pytest.raises(ReleaseRejected) as info:
-        verify_release(
-            pub, PAYLOAD, round=2, release_id="teacher-r2", signature=sig, min_round=5
-        )
+        verify_release(pub, PAYLOAD, round=2, release_id="teacher-r2", signature=sig, min_round=5)
     assert _reason(info) == "replayed: round 2 older than last accepted 5"
     assert info.value.kind == "replayed"
 
@@ -408,9 +398,7 @@ def test_load_wrong_key_type(creds: certs.CredentialPaths) -> None:
     ec_pub = creds.out_dir / "server-pub.pem"
     server = _load_cert(creds.server_cert)
     ec_pub.write_bytes(
-        server.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        server.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
     with pytest.raises(KeyLoadError, match="Ed25519") as info:
         load_public_key(ec_pub)
@@ -446,13 +434,9 @@ def test_load_openssh_ed25519(tmp_path: Path) -> None:
         )
     )
     (tmp_path / "k.pub").write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     )
-    assert fingerprint(load_private_key(tmp_path / "k")) == fingerprint(
-        load_public_key(tmp_path / "k.pub")
-    )
+    assert fingerprint(load_private_key(tmp_path / "k")) == fingerprint(load_public_key(tmp_path / "k.pub"))
 
 
 # --------------------------------------------------------------------------- #
@@ -475,8 +459,7 @@ def _https_get(host: str, port: int, ctx: ssl.SSLContext, path: str) -> tuple[in
 
 
 @pytest.mark.skipif(
-    not (VENV_BIN / "flower-superlink").exists()
-    or os.environ.get("FEDDISTILL_SKIP_SUPERLINK_SMOKE") == "1",
+    not (VENV_BIN / "flower-superlink").exists() or os.environ.get("FEDDISTILL_SKIP_SUPERLINK_SMOKE") == "1",
     reason="flower-superlink not available",
 )
 def test_superlink_tls_smoke(creds: certs.CredentialPaths, tmp_path: Path) -> None:
@@ -499,9 +482,7 @@ def test_superlink_tls_smoke(creds: certs.CredentialPaths, tmp_path: Path) -> No
         *creds.superlink_tls_args(),
     ]  # fmt: skip
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env
-        )
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
     try:
         ctx = ssl.create_default_context(cafile=str(creds.ca_cert))
         deadline = time.monotonic() + 15

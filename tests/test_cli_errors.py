@@ -54,9 +54,20 @@ def _release_run(tmp: Path) -> Path:
     from feddistill.server.gate import PROMOTED, Release, ReleaseHistory, save_index, save_release_model
 
     run = _run_folder(tmp / "run", "results.json")
-    release = Release(id="r0000", round=0, parent=None, status=PROMOTED, reason="first release",
-                      reference_digest="0" * 64, config_digest="0" * 64, model="mlp", validation={}, test={},
-                      client_epsilon=None, record_epsilon=None)
+    release = Release(
+        id="r0000",
+        round=0,
+        parent=None,
+        status=PROMOTED,
+        reason="first release",
+        reference_digest="0" * 64,
+        config_digest="0" * 64,
+        model="mlp",
+        validation={},
+        test={},
+        client_epsilon=None,
+        record_epsilon=None,
+    )
     release.path = save_release_model(run, release, build_model("mlp", 8, 10).state_dict(), 1.0)
     save_index(run, ReleaseHistory([release], current="r0000"))
     assert torch.load(run / release.path, weights_only=True)["model"] == "mlp"
@@ -79,37 +90,73 @@ def _file(tmp: Path) -> Path:
 
 CASES: list[Case] = [
     ("config-binary", _binary_config, "model.toml: not a text file"),
-    ("config-directory", lambda tmp: ["simulate", "--config", str(tmp)], f"{{tmp}}: is a directory, not a config file"),
-    ("set-typo-blames-set", lambda tmp: ["simulate", "--config", "configs/digits.toml", "--set", "fleet.num-clinets=3"],
-     "error: --set: unknown key 'fleet.num-clinets'"),
-    ("set-bad-value-blames-set", lambda tmp: ["simulate", "--config", "configs/digits.toml", "--set", "fleet.alpha=-1"],
-     "error: --set: 'fleet.alpha' = -1.0 must be > 0"),
+    ("config-directory", lambda tmp: ["simulate", "--config", str(tmp)], "{tmp}: is a directory, not a config file"),
+    (
+        "set-typo-blames-set",
+        lambda tmp: ["simulate", "--config", "configs/digits.toml", "--set", "fleet.num-clinets=3"],
+        "error: --set: unknown key 'fleet.num-clinets'",
+    ),
+    (
+        "set-bad-value-blames-set",
+        lambda tmp: ["simulate", "--config", "configs/digits.toml", "--set", "fleet.alpha=-1"],
+        "error: --set: 'fleet.alpha' = -1.0 must be > 0",
+    ),
     ("out-is-a-file", lambda tmp: ["simulate", "--out", str(_file(tmp))], "notes.txt: is a file, not a folder"),
-    ("out-under-a-file", lambda tmp: ["simulate", "--out", str(_file(tmp) / "run")],
-     "notes.txt/run: cannot be a folder: {tmp}/notes.txt is a file"),
+    (
+        "out-under-a-file",
+        lambda tmp: ["simulate", "--out", str(_file(tmp) / "run")],
+        "notes.txt/run: cannot be a folder: {tmp}/notes.txt is a file",
+    ),
     ("out-read-only", lambda tmp: ["simulate", "--out", str(_read_only_dir(tmp))], ": cannot write there"),
-    ("out-holds-a-run", lambda tmp: ["simulate", "--out", str(_run_folder(tmp / "old", "results.json"))],
-     "{tmp}/old: holds an earlier run (results.json, config.json); continue it with `feddistill simulate "
-     "--resume {tmp}/old`, or replace it with --overwrite"),
-    ("out-holds-client-state", lambda tmp: ["simulate", "--out", str(_run_folder(tmp / "old", "clients/"))],
-     "holds an earlier run (config.json, clients)"),
+    (
+        "out-holds-a-run",
+        lambda tmp: ["simulate", "--out", str(_run_folder(tmp / "old", "results.json"))],
+        "{tmp}/old: holds an earlier run (results.json, config.json); continue it with `feddistill simulate "
+        "--resume {tmp}/old`, or replace it with --overwrite",
+    ),
+    (
+        "out-holds-client-state",
+        lambda tmp: ["simulate", "--out", str(_run_folder(tmp / "old", "clients/"))],
+        "holds an earlier run (config.json, clients)",
+    ),
     ("config-output-dir-holds-a-run", lambda tmp: _output_dir_config(tmp), "{tmp}/old: holds an earlier run"),
     ("overwrite-refuses-foreign-files", lambda tmp: _foreign(tmp), "{tmp}/old: not cleared: it also holds thesis.tex"),
-    ("resume-and-overwrite", lambda tmp: ["simulate", "--resume", str(_run_folder(tmp / "old")), "--overwrite"],
-     "--resume and --overwrite exclude each other"),
-    ("export-out-is-a-file", lambda tmp: ["export", str(_release_run(tmp)), "--release", "r0000", "--out", str(_file(tmp))],
-     "notes.txt: is a file, not a folder"),
-    ("report-out-is-a-directory", lambda tmp: ["report", str(tmp), "--out", str(tmp)],
-     "{tmp}: is a directory; --out takes the HTML file to write"),
-    ("certs-negative-supernodes", lambda tmp: ["certs", "--out", str(tmp / "c"), "--supernodes", "-1"],
-     "--supernodes -1: must be >= 0"),
-    ("certs-bad-host", lambda tmp: ["certs", "--out", str(tmp / "c"), "--host", "bad host!"],
-     "host 'bad host!': not an IP address or a DNS host name"),
+    (
+        "resume-and-overwrite",
+        lambda tmp: ["simulate", "--resume", str(_run_folder(tmp / "old")), "--overwrite"],
+        "--resume and --overwrite exclude each other",
+    ),
+    (
+        "export-out-is-a-file",
+        lambda tmp: ["export", str(_release_run(tmp)), "--release", "r0000", "--out", str(_file(tmp))],
+        "notes.txt: is a file, not a folder",
+    ),
+    (
+        "report-out-is-a-directory",
+        lambda tmp: ["report", str(tmp), "--out", str(tmp)],
+        "{tmp}: is a directory; --out takes the HTML file to write",
+    ),
+    (
+        "certs-negative-supernodes",
+        lambda tmp: ["certs", "--out", str(tmp / "c"), "--supernodes", "-1"],
+        "--supernodes -1: must be >= 0",
+    ),
+    (
+        "certs-bad-host",
+        lambda tmp: ["certs", "--out", str(tmp / "c"), "--host", "bad host!"],
+        "host 'bad host!': not an IP address or a DNS host name",
+    ),
     ("certs-out-is-a-file", lambda tmp: ["certs", "--out", str(_file(tmp))], "notes.txt: is a file, not a folder"),
-    ("audit-policy-directory", lambda tmp: ["audit", str(tmp), "--policy", str(tmp)],
-     "{tmp}: is a directory, not a policy file"),
-    ("deploy-config-directory", lambda tmp: ["deploy-local", str(tmp / "d"), "--config", str(tmp)],
-     "{tmp}: is a directory, not a config file"),
+    (
+        "audit-policy-directory",
+        lambda tmp: ["audit", str(tmp), "--policy", str(tmp)],
+        "{tmp}: is a directory, not a policy file",
+    ),
+    (
+        "deploy-config-directory",
+        lambda tmp: ["deploy-local", str(tmp / "d"), "--config", str(tmp)],
+        "{tmp}: is a directory, not a config file",
+    ),
 ]
 
 
@@ -130,8 +177,14 @@ def test_cli_error_is_one_line_exit_2_no_traceback(case: Case, tmp_path: Path) -
     _, setup, expected = case
     argv = setup(tmp_path)
     before = sorted(str(p) for p in tmp_path.rglob("*"))
-    proc = subprocess.run([FEDDISTILL, *argv], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "COLUMNS": "60"})
+    proc = subprocess.run(
+        [FEDDISTILL, *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "COLUMNS": "60"},
+    )
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     assert "Traceback" not in proc.stderr + proc.stdout
     lines = proc.stderr.strip().splitlines()
@@ -143,9 +196,21 @@ def test_cli_error_is_one_line_exit_2_no_traceback(case: Case, tmp_path: Path) -
 
 # ---- what --overwrite deletes (in-process: these need no CLI) ----
 
+
 def test_overwrite_deletes_exactly_what_runs_write(tmp_path: Path) -> None:
-    run = _run_folder(tmp_path / "run", "results.json", "clients/", "releases/", "audit/", "audit-report/",
-                      "exports/", "fedavg/", "checkpoint.pt", "ledger-journal.jsonl", "report.html")
+    run = _run_folder(
+        tmp_path / "run",
+        "results.json",
+        "clients/",
+        "releases/",
+        "audit/",
+        "audit-report/",
+        "exports/",
+        "fedavg/",
+        "checkpoint.pt",
+        "ledger-journal.jsonl",
+        "report.html",
+    )
     (run / ".results.0123456789ab.tmp.json").write_text("{")  # a killed atomic write
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "keep.txt").write_text("keep")
@@ -177,22 +242,41 @@ def test_run_entries_cover_what_a_run_writes() -> None:
     from feddistill.server.checkpoint import CHECKPOINT, JOURNAL
     from feddistill.server.gate import RELEASES_DIR
 
-    assert {CHECKPOINT, JOURNAL, RELEASES_DIR, "config.json", "results.json", "clients", "audit",
-            "global_student.pt", "accuracy.png", "reliability.png", "fedavg", "dp-fedavg"} <= RUN_ENTRIES
+    assert {
+        CHECKPOINT,
+        JOURNAL,
+        RELEASES_DIR,
+        "config.json",
+        "results.json",
+        "clients",
+        "audit",
+        "global_student.pt",
+        "accuracy.png",
+        "reliability.png",
+        "fedavg",
+        "dp-fedavg",
+    } <= RUN_ENTRIES
 
 
 # ---- the same refusal where the ServerApp starts (`flwr run .` reads output-dir from its run config) ----
 
+
 def _flwr_context(output_dir: Path):
     from flwr.app import Context, RecordDict
 
-    return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                   run_config={**RunConfig().to_flat(), "output-dir": str(output_dir)})
+    return Context(
+        run_id=1,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config={**RunConfig().to_flat(), "output-dir": str(output_dir)},
+    )
 
 
 @pytest.mark.parametrize("where", ["holds-a-run", "is-a-file"])
-def test_server_app_refuses_before_it_touches_the_grid(where: str, tmp_path: Path,
-                                                       caplog: pytest.LogCaptureFixture) -> None:
+def test_server_app_refuses_before_it_touches_the_grid(
+    where: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """No grid is needed to fail: the check comes first. The error is one line, logged once,
     and it is what Flower reports as the run's failure."""
     from feddistill.server.app import make_server_app, run_distillation

@@ -47,9 +47,18 @@ def test_pyproject_flower_table_has_exactly_the_schema_keys_with_their_defaults(
 def test_security_and_scenario_keys_are_in_the_table() -> None:
     """The keys the issue found missing (signed downloads could not be switched on under flwr run)."""
     table = _flwr_table()
-    for key in ("security.signing-key", "security.release-public-key", "distill.trim-beta", "distill.keep-fraction",
-                "distill.client-start", "baselines.dp-fedavg", "baselines.dp-fedavg-clip",
-                "scenario.hostile-fraction", "scenario.attack", "scenario.dropout"):
+    for key in (
+        "security.signing-key",
+        "security.release-public-key",
+        "distill.trim-beta",
+        "distill.keep-fraction",
+        "distill.client-start",
+        "baselines.dp-fedavg",
+        "baselines.dp-fedavg-clip",
+        "scenario.hostile-fraction",
+        "scenario.attack",
+        "scenario.dropout",
+    ):
         assert key in table
 
 

@@ -14,8 +14,15 @@ from feddistill.training import evaluate_model
 
 @pytest.fixture(params=["kd", "fixmatch"])
 def setting(request, tmp_path, one_torch_thread):
-    cfg = load_config(None, {"output_dir": str(tmp_path / "run"), "distill.server-epochs": 1, "rounds": 2,
-                             "distill.server-training": request.param})
+    cfg = load_config(
+        None,
+        {
+            "output_dir": str(tmp_path / "run"),
+            "distill.server-epochs": 1,
+            "rounds": 2,
+            "distill.server-training": request.param,
+        },
+    )
     rng = np.random.default_rng(0)
     ref_x = torch.from_numpy(rng.random((60, 1, 8, 8), dtype=np.float32))
     test_x = torch.from_numpy(rng.random((40, 1, 8, 8), dtype=np.float32))

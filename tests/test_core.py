@@ -13,8 +13,8 @@ from feddistill.models import MODEL_NAMES, build_model
 from feddistill.strategies import EntropyReducedMean, MeanAnswers, ReplyCheck, check_reply, entropy_reduction
 from feddistill.training import expected_calibration_error, kd_loss, train_distill
 
-
 # ---- knowledge distillation ----
+
 
 def test_kd_loss_matches_hand_computed_value():
     # Teacher p=[0.8, 0.2] softened at T=2 -> [2/3, 1/3]; student logits [1, 0] at T=2 ->
@@ -52,6 +52,7 @@ def test_ece_of_perfectly_calibrated_and_overconfident_predictions():
 
 
 # ---- aggregation ----
+
 
 def _answers(k=4, q=5, c=3, seed=0):
     rng = np.random.default_rng(seed)
@@ -94,6 +95,7 @@ def test_poisson_sampling_picks_each_node_independently_with_rate_q():
 
 
 # ---- reply validation ----
+
 
 @pytest.fixture(autouse=True)
 def _task_identity():
@@ -138,8 +140,10 @@ def test_valid_reply_is_accepted():
         (lambda: _reply(np.ones((4, 3), np.float32) / 3), "wrong shape"),
         (lambda: _reply(np.ones((5, 3), np.float64) / 3), "wrong dtype"),
         (lambda: _reply(np.full((5, 3), 7.0, np.float32)), "values outside"),
-        (lambda: _reply(np.ones((5, 3), np.float32) / 3, extra={"weights": Array(np.zeros(3, np.float32))}),
-         "unexpected arrays"),
+        (
+            lambda: _reply(np.ones((5, 3), np.float32) / 3, extra={"weights": Array(np.zeros(3, np.float32))}),
+            "unexpected arrays",
+        ),
         (lambda: Message(Error(protocol.REFUSED, "over budget"), reply_to=_request()), "refused"),
         (lambda: Message(Error(99, "crashed"), reply_to=_request()), "error reply"),
     ],
@@ -150,6 +154,7 @@ def test_bad_replies_are_rejected_with_a_reason(reply, reason):
 
 
 # ---- config ----
+
 
 def test_defaults_are_valid_and_round_trip_through_flower_run_config():
     cfg = load_config(None)
@@ -177,8 +182,10 @@ def test_config_file_and_overrides(tmp_path):
         ({"colour": "red"}, "unknown key 'colour'"),
         ({"distill": {"aggregator": "max"}}, "'distill.aggregator' = 'max' is not one of"),
         ({"fleet": {"students": "mlp,resnet"}}, "unknown model 'resnet'"),
-        ({"data": {"public-labelled-size": 500, "reference-size": 100}, "distill": {"query-size": 50}},
-         "must not exceed 'data.reference-size'"),
+        (
+            {"data": {"public-labelled-size": 500, "reference-size": 100}, "distill": {"query-size": 50}},
+            "must not exceed 'data.reference-size'",
+        ),
         ({"fleet": 3}, "'fleet' must be a table"),
     ],
 )
@@ -199,6 +206,7 @@ def test_missing_and_malformed_config_files(tmp_path):
 
 # ---- DP aggregation ----
 
+
 class _Passthrough(MeanAnswers):
     def aggregate_answers(self, answers, weights):
         return answers[0]
@@ -207,8 +215,9 @@ class _Passthrough(MeanAnswers):
 def test_central_gaussian_noises_the_sum_and_divides_by_the_expected_count():
     from feddistill.strategies import CentralGaussianAnswers
 
-    dp = CentralGaussianAnswers(_Passthrough(sampling_rate=0.5), noise_std=3.0, expected_clients=4.0,
-                                rng=np.random.default_rng(0))
+    dp = CentralGaussianAnswers(
+        _Passthrough(sampling_rate=0.5), noise_std=3.0, expected_clients=4.0, rng=np.random.default_rng(0)
+    )
     answers = np.ones((4, 200, 50)) / 50  # 4 clients, sum = 4/50 per entry
     out = dp.aggregate_answers(answers, np.ones(4))
     assert out.mean() == pytest.approx(4 / 50 / 4, abs=0.01)
@@ -224,8 +233,9 @@ def test_gnmax_releases_the_consensus_and_confident_gnmax_abstains_without_one()
     plain = GNMaxVotes(sampling_rate=1.0, sigma=1.0, noise_rng=np.random.default_rng(0))
     out = plain.aggregate_answers(votes, np.ones(30))
     assert (out[:3].argmax(1) == 2).all() and np.allclose(out.sum(1), 1)
-    confident = GNMaxVotes(sampling_rate=1.0, sigma=1.0, noise_rng=np.random.default_rng(0), threshold=20,
-                           sigma_threshold=1.0)
+    confident = GNMaxVotes(
+        sampling_rate=1.0, sigma=1.0, noise_rng=np.random.default_rng(0), threshold=20, sigma_threshold=1.0
+    )
     out = confident.aggregate_answers(votes, np.ones(30))
     assert (out[:3].argmax(1) == 2).all()
     assert np.isnan(out[3:]).all()  # max count ~8 < 20: not answered, not used
@@ -240,7 +250,9 @@ def test_uint8_answers_round_trip_within_half_a_step():
     np.testing.assert_allclose(decode_answers(encoded), probs, atol=0.5 / 255 + 1e-7)
     assert check_reply(_reply(encoded), ReplyCheck(round=3, digest="abc", num_queries=50, num_classes=10))[1] is None
     with pytest.raises(ConfigError, match="uint8"):
-        parse_config({"distill": {"answer-dtype": "uint8"}, "privacy": {"client-level": "local", "noise-multiplier": 1.0}})
+        parse_config(
+            {"distill": {"answer-dtype": "uint8"}, "privacy": {"client-level": "local", "noise-multiplier": 1.0}}
+        )
 
 
 def test_vote_answers_are_one_byte_per_query_and_decode_to_one_hot_rows():
@@ -259,13 +271,18 @@ def test_vote_answers_are_one_byte_per_query_and_decode_to_one_hot_rows():
     assert "wrong shape" in check_reply(_reply(votes[:-1]), check)[1]
     assert "wrong dtype" in check_reply(_reply(votes.astype(np.int32)), check)[1]
     assert "wrong dtype" in check_reply(_reply(probs.astype(np.float16)), check)[1]  # a matrix when votes are due
-    assert "wrong shape" in check_reply(_reply(votes), ReplyCheck(round=3, digest="abc", num_queries=50,
-                                                                   num_classes=10))[1]  # votes when a matrix is due
+    assert (
+        "wrong shape"
+        in check_reply(_reply(votes), ReplyCheck(round=3, digest="abc", num_queries=50, num_classes=10))[1]
+    )  # votes when a matrix is due
     with pytest.raises(ConfigError, match="vote"):
-        parse_config({"distill": {"answer-dtype": "vote"}, "privacy": {"client-level": "local", "noise-multiplier": 1.0}})
+        parse_config(
+            {"distill": {"answer-dtype": "vote"}, "privacy": {"client-level": "local", "noise-multiplier": 1.0}}
+        )
 
 
 # ---- the public teacher's cache ----
+
 
 def test_public_teacher_cache_returns_the_same_teacher_without_training_or_inference(tmp_path, monkeypatch):
     """Weights, reference-set probabilities and test metrics come back from the cache; a

@@ -138,7 +138,9 @@ def test_device_answers_like_its_simulated_partition_and_refuses_other_reference
     on_device = handle_distill(_request(cfg, digest), _context({"partition-id": 2, "data-dir": str(device)}), cfg)
     simulated = handle_distill(_request(cfg, digest), _context({"partition-id": 2, "num-partitions": 3}), cfg)
     assert not on_device.has_error() and not simulated.has_error()
-    answers = [m.content.array_records[protocol.ANSWERS_RECORD][protocol.ANSWERS].numpy() for m in (on_device, simulated)]
+    answers = [
+        m.content.array_records[protocol.ANSWERS_RECORD][protocol.ANSWERS].numpy() for m in (on_device, simulated)
+    ]
     np.testing.assert_array_equal(answers[0], answers[1])  # same data, same seeds: same answers
     assert (device / "state" / "client2.pt").is_file()  # the device's state lives in its data dir
     assert (tmp_path / "run" / "clients" / "client2.pt").is_file()  # a simulated client's: under the run

@@ -20,8 +20,8 @@ from flwr.compat.common import recorddict_compat as compat
 
 from feddistill import protocol
 from feddistill.client.app import handle_distill
-from feddistill.client.secagg import ARRAY_NAMES, answers_as_fitres
 from feddistill.client.device import write_device_data
+from feddistill.client.secagg import ARRAY_NAMES, answers_as_fitres
 from feddistill.config import ConfigError, load_config
 from feddistill.data import ArrayDataset
 from feddistill.privacy.accounting import GaussianEvent
@@ -185,8 +185,11 @@ def _schema(reply: Message) -> dict:
 def test_a_reply_carries_the_answers_round_and_digest_only(tmp_path):
     cfg = _cfg(tmp_path, "run", **LOCAL, **OS)
     reply = handle_distill(_request(cfg), _device(tmp_path, cfg), cfg)
-    assert _schema(reply) == {"arrays": {"answers": ["answers"]}, "configs": {"meta": ["reference-digest", "round"]},
-                              "metrics": {"metrics": []}}
+    assert _schema(reply) == {
+        "arrays": {"answers": ["answers"]},
+        "configs": {"meta": ["reference-digest", "round"]},
+        "metrics": {"metrics": []},
+    }
     meta = reply.content.config_records[protocol.REPLY_META]
     assert meta[protocol.ROUND] == ROUND and isinstance(meta[protocol.ROUND], int)
     assert meta[protocol.DIGEST] == load_fleet(cfg.data, cfg.fleet, cfg.seed).splits.reference_digest
@@ -197,8 +200,10 @@ def test_record_epsilon_is_the_only_metric_and_does_not_depend_on_the_data(tmp_p
     fleet = load_fleet(cfg.data, cfg.fleet, cfg.seed)
     full = fleet.private_data(PID)
     half = ArrayDataset(full.x[: len(full.y) // 2], full.y[: len(full.y) // 2], full.num_classes)
-    replies = [handle_distill(_request(cfg), _device(tmp_path, cfg, name, private=data), cfg)
-               for name, data in (("full", full), ("half", half))]
+    replies = [
+        handle_distill(_request(cfg), _device(tmp_path, cfg, name, private=data), cfg)
+        for name, data in (("full", full), ("half", half))
+    ]
     for reply in replies:
         assert _schema(reply)["metrics"] == {"metrics": ["record-epsilon"]}
         assert set(_schema(reply)["configs"]["meta"]) == {"round", "reference-digest"}

@@ -49,7 +49,9 @@ def test_nothing_points_outside_the_repository():
     for file in project_files(*SCANNED):
         data = file.read_bytes()
         offenders += [f"{file.relative_to(ROOT)}: {bad}" for bad in FORBIDDEN if bad.encode() in data]
-    assert not offenders, "the design and references live in docs/, not outside the repository:\n" + "\n".join(offenders)
+    assert not offenders, "the design and references live in docs/, not outside the repository:\n" + "\n".join(
+        offenders
+    )
 
 
 def test_cited_docs_exist():

@@ -94,13 +94,18 @@ def test_label_shift_fires_the_alert_and_the_student_adapts(tmp_path):
     current = next(r for r in history["releases"] if r["id"] == history["current"])
     assert current["status"] == "promoted" and (out / current["path"]).is_file()
     deployed = torch.load(out / "global_student.pt", weights_only=True)
-    assert deployed["release"] == history["current"] and deployed["temperature"] == current["calibration"]["temperature"]
+    assert (
+        deployed["release"] == history["current"] and deployed["temperature"] == current["calibration"]["temperature"]
+    )
     released = torch.load(out / current["path"], weights_only=True)["state_dict"]
     assert all(torch.equal(deployed["state_dict"][k], v) for k, v in released.items())
     assert results["final"]["released_id"] == history["current"]
     assert (out / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     cal = results["calibration"]
-    assert cal["fitted_on"] == "public validation split" and cal["after"]["validation"]["nll"] <= cal["before"]["validation"]["nll"] + 1e-9
+    assert (
+        cal["fitted_on"] == "public validation split"
+        and cal["after"]["validation"]["nll"] <= cal["before"]["validation"]["nll"] + 1e-9
+    )
 
     # the run report renders from the real results
     from feddistill.cli import cli

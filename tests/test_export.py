@@ -70,15 +70,23 @@ def _run_with_releases(tmp_path):
     write_json(tmp_path / "config.json", cfg.to_dict())
     x, y, test_x, test_y = _digits(cfg)
     public = load_fleet(cfg.data, cfg.fleet, cfg.seed).splits.public_labelled  # validation: public labels only
-    rel = Releaser(tmp_path, cfg, reference_digest="d" * 64, model_name="mlp",
-                   validation=(as_tensors(public)[0], public.y), reference_x=x[:300], test=(test_x, test_y))
+    rel = Releaser(
+        tmp_path,
+        cfg,
+        reference_digest="d" * 64,
+        model_name="mlp",
+        validation=(as_tensors(public)[0], public.y),
+        reference_x=x[:300],
+        test=(test_x, test_y),
+    )
     build = lambda: build_model("mlp", 8, 10)  # noqa: E731
     signal = np.eye(10, dtype=np.float32)[y[:300].numpy()]
     good = build_model("mlp", 8, 10, seed=0)
     train_supervised(good, x[:600], y[:600], epochs=4, batch_size=32, lr=0.05, seed=0)
     for rnd, model in enumerate([good, build_model("mlp", 8, 10, seed=5)]):
-        rel.consider(rnd, model, signal, test_metrics={"accuracy": 0.0}, client_epsilon=None, record_epsilon=None,
-                     build=build)
+        rel.consider(
+            rnd, model, signal, test_metrics={"accuracy": 0.0}, client_epsilon=None, record_epsilon=None, build=build
+        )
     assert rel.history.current == "r0000" and rel.history.get("r0001").status == "rejected"
     return tmp_path
 

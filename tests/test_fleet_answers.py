@@ -29,6 +29,7 @@ def _cfg(**overrides):
 
 # ---- client side ----
 
+
 def test_prior_correction_moves_answers_toward_the_classes_a_client_rarely_saw():
     counts = np.array([90, 5, 5, 5])
     logits = np.array([[2.0, 1.0, 0.0, 0.0]])  # class 0 wins only because the client mostly saw class 0
@@ -63,6 +64,7 @@ def test_an_abstained_row_is_all_zero_and_survives_the_wire(bound):
 
 # ---- the reply schema ----
 
+
 @pytest.fixture()
 def _task_identity():
     from flwr.supercore.task_identity import TaskIdentity
@@ -71,10 +73,12 @@ def _task_identity():
 
 
 def _reply(answers: np.ndarray) -> Message:
-    content = RecordDict({
-        protocol.ANSWERS_RECORD: ArrayRecord({protocol.ANSWERS: Array(np.ascontiguousarray(answers))}),
-        protocol.REPLY_META: ConfigRecord({protocol.ROUND: 1, protocol.DIGEST: "d"}),
-    })
+    content = RecordDict(
+        {
+            protocol.ANSWERS_RECORD: ArrayRecord({protocol.ANSWERS: Array(np.ascontiguousarray(answers))}),
+            protocol.REPLY_META: ConfigRecord({protocol.ROUND: 1, protocol.DIGEST: "d"}),
+        }
+    )
     return Message(content, reply_to=Message(RecordDict({}), dst_node_id=7, message_type=protocol.DISTILL))
 
 
@@ -107,8 +111,10 @@ def test_the_mean_leaves_abstentions_out_and_leaves_unanswered_rows_unanswered()
     np.testing.assert_allclose(mean[1], [0, 0.5, 0.5, 0])
     assert np.isnan(mean[2]).all()
     full = np.stack([a + 0.25, b + 0.25]) / 1.25
-    assert np.array_equal(MeanAnswers(0.1, abstain=True).aggregate_answers(full, np.ones(2)),
-                          MeanAnswers(0.1).aggregate_answers(full, np.ones(2)))  # no abstention: as before
+    assert np.array_equal(
+        MeanAnswers(0.1, abstain=True).aggregate_answers(full, np.ones(2)),
+        MeanAnswers(0.1).aggregate_answers(full, np.ones(2)),
+    )  # no abstention: as before
 
 
 def test_config_refuses_abstention_where_a_zero_row_is_ambiguous_or_the_counts_are_unprotected():
@@ -123,11 +129,18 @@ def test_config_refuses_abstention_where_a_zero_row_is_ambiguous_or_the_counts_a
         _cfg(**record, **{"distill.abstain_min_records": 5})
     _cfg(**record, **{"distill.abstain_confidence": 0.5})  # reads only the DP-trained model
     with pytest.raises(ConfigError, match="validation-fraction"):
-        _cfg(**{"distill.fleet_labels": "consensus", "release.validation_fraction": 0.0,
-                "release.gate": False, "release.calibrate": False})
+        _cfg(
+            **{
+                "distill.fleet_labels": "consensus",
+                "release.validation_fraction": 0.0,
+                "release.gate": False,
+                "release.calibrate": False,
+            }
+        )
 
 
 # ---- the server's consensus gate and query choice ----
+
 
 def test_calibration_picks_the_smallest_share_that_reaches_the_precision():
     rng = np.random.default_rng(0)
@@ -140,8 +153,12 @@ def test_calibration_picks_the_smallest_share_that_reaches_the_precision():
     assert (label[share >= t] == truth[share >= t]).mean() >= 0.9
     lower = round(t - 0.05, 2)
     assert (label[share >= lower] == truth[share >= lower]).mean() < 0.9
-    assert calibrate_share(share[:MIN_CALIBRATION_ROWS - 1], label[:MIN_CALIBRATION_ROWS - 1],
-                           truth[:MIN_CALIBRATION_ROWS - 1], 0.5) is None  # too few to judge
+    assert (
+        calibrate_share(
+            share[: MIN_CALIBRATION_ROWS - 1], label[: MIN_CALIBRATION_ROWS - 1], truth[: MIN_CALIBRATION_ROWS - 1], 0.5
+        )
+        is None
+    )  # too few to judge
 
 
 def test_consensus_accepts_only_agreeing_rows_as_hard_labels_and_checkpoints():
@@ -170,8 +187,9 @@ def test_consensus_accepts_only_agreeing_rows_as_hard_labels_and_checkpoints():
 def test_uncertain_queries_go_where_the_student_is_least_sure():
     rng_a, rng_b = np.random.default_rng(1), np.random.default_rng(1)
     labelled = np.zeros(100, dtype=bool)
-    assert np.array_equal(select_queries(rng_a, 10, "uniform", None, labelled),
-                          np.sort(rng_b.choice(100, size=10, replace=False)))  # uniform: the historical draw
+    assert np.array_equal(
+        select_queries(rng_a, 10, "uniform", None, labelled), np.sort(rng_b.choice(100, size=10, replace=False))
+    )  # uniform: the historical draw
     margin = np.linspace(0, 1, 100)
     labelled[:3] = True  # already labelled: not asked again on purpose
     picked = select_queries(np.random.default_rng(2), 20, "uncertain", margin, labelled)
@@ -183,13 +201,24 @@ def test_a_simulation_with_abstaining_debiased_answers_and_consensus_labels(tmp_
     """Digits on Flower's simulation engine: clients correct their prior and abstain, the server
     accepts only consensus rows, queries go where the student is unsure; the run records it."""
     out = tmp_path / "consensus"
-    settings = {"rounds": 3, "fleet.num_clients": 5, "fleet.fraction": 1.0, "teacher.epochs": 40,
-                "data.public_labelled_size": 200,  # 40 held-out validation rows calibrate the gate
-                "distill.digest_epochs": 2, "distill.revisit_epochs": 2, "distill.query_size": 300,
-                "distill.prior_correction": "true", "distill.abstain_confidence": 0.6,
-                "distill.abstain_min_records": 5, "distill.fleet_labels": '"consensus"',
-                "distill.consensus_precision": 0.8, "distill.query_selection": '"uncertain"',
-                "distill.answer_dtype": '"vote"', "privacy.bound": '"votes"'}
+    settings = {
+        "rounds": 3,
+        "fleet.num_clients": 5,
+        "fleet.fraction": 1.0,
+        "teacher.epochs": 40,
+        "data.public_labelled_size": 200,  # 40 held-out validation rows calibrate the gate
+        "distill.digest_epochs": 2,
+        "distill.revisit_epochs": 2,
+        "distill.query_size": 300,
+        "distill.prior_correction": "true",
+        "distill.abstain_confidence": 0.6,
+        "distill.abstain_min_records": 5,
+        "distill.fleet_labels": '"consensus"',
+        "distill.consensus_precision": 0.8,
+        "distill.query_selection": '"uncertain"',
+        "distill.answer_dtype": '"vote"',
+        "privacy.bound": '"votes"',
+    }
     args = [sys.executable, "-m", "feddistill.cli", "simulate", "--no-baselines", "--out", str(out)]
     for key, value in settings.items():
         args += ["--set", f"{key}={value}"]

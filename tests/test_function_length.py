@@ -42,7 +42,9 @@ def function_lengths(path: Path) -> list[tuple[int, str, int]]:
 
 def test_the_scanner_measures_without_the_docstring(tmp_path):
     source = tmp_path / "m.py"
-    source.write_text('class A:\n    def f(self):\n        """Doc\n\n        more."""\n        x = 1\n        return x\n')
+    source.write_text(
+        'class A:\n    def f(self):\n        """Doc\n\n        more."""\n        x = 1\n        return x\n'
+    )
     assert function_lengths(source) == [(2, "A.f", 3)]
 
 

@@ -95,9 +95,22 @@ def _value(check: ReplyCheck, kind: str, u: float) -> float:
 
 
 # Ways a reply can be wrong besides its matrix (a generated reply has a few of them, often none).
-FAULTS = ("wrong round", "str round", "half round", "missing round", "wrong digest", "bytes digest",
-          "missing digest", "missing meta", "refused", "dropped", "error", "undecodable", "small max-bytes",
-          *EXTRAS[1:])
+FAULTS = (
+    "wrong round",
+    "str round",
+    "half round",
+    "missing round",
+    "wrong digest",
+    "bytes digest",
+    "missing digest",
+    "missing meta",
+    "refused",
+    "dropped",
+    "error",
+    "undecodable",
+    "small max-bytes",
+    *EXTRAS[1:],
+)
 ERROR_CODES = (("refused", protocol.REFUSED), ("dropped", protocol.DROPPED), ("error", 99))
 WRONG_DTYPES = (np.float64, np.int32, np.int64, np.bool_)
 
@@ -108,13 +121,20 @@ def reply_cases(draw) -> tuple[ReplyCheck, ReplyCase]:
     count = draw(st.sampled_from([0, 0, 1, 1, 1, 2, 3]))  # mostly none or one: each check gets tested alone
     faults = draw(st.sets(st.sampled_from(FAULTS), min_size=count, max_size=count))
     q, c = check.num_queries, check.num_classes
-    shape = draw(st.one_of(st.just((q, c)), st.sampled_from([(q + 1, c), (q, c + 1), (q, c - 1), (q * c,), (c, q),
-                                                             (1, q, c), ()])))
+    shape = draw(
+        st.one_of(
+            st.just((q, c)), st.sampled_from([(q + 1, c), (q, c + 1), (q, c - 1), (q * c,), (c, q), (1, q, c), ()])
+        )
+    )
     dtype = draw(st.one_of(st.sampled_from([np.float32, np.float16, np.uint8]), st.sampled_from(WRONG_DTYPES)))
     size = int(np.prod(shape))
     matrix = draw(st.sampled_from(["in range", "within tolerance", "one bad entry", "anything"]))
-    kinds = {"in range": st.just("in"), "within tolerance": st.sampled_from(VALID_KINDS),
-             "one bad entry": st.just("in"), "anything": st.sampled_from(VALID_KINDS + BAD_KINDS)}[matrix]
+    kinds = {
+        "in range": st.just("in"),
+        "within tolerance": st.sampled_from(VALID_KINDS),
+        "one bad entry": st.just("in"),
+        "anything": st.sampled_from(VALID_KINDS + BAD_KINDS),
+    }[matrix]
     entries = draw(st.lists(st.tuples(kinds, POSITIONS), min_size=size, max_size=size))
     if matrix == "one bad entry" and size:
         entries[draw(st.integers(0, size - 1))] = (draw(st.sampled_from(BAD_KINDS)), draw(POSITIONS))
@@ -122,11 +142,13 @@ def reply_cases(draw) -> tuple[ReplyCheck, ReplyCase]:
     with np.errstate(all="ignore"):  # casting NaN / Inf / 1e6 to int or float16 is part of the test
         array = np.array(flat, dtype=np.float64).reshape(shape).astype(dtype)
     meta: dict[str, Any] = {protocol.ROUND: check.round, protocol.DIGEST: check.digest}
-    for fault, key, value in [("wrong round", protocol.ROUND, check.round + draw(st.sampled_from([-1, 1, 7]))),
-                              ("str round", protocol.ROUND, str(check.round)),
-                              ("half round", protocol.ROUND, check.round + 0.5),
-                              ("wrong digest", protocol.DIGEST, check.digest + "0"),
-                              ("bytes digest", protocol.DIGEST, check.digest.encode())]:
+    for fault, key, value in [
+        ("wrong round", protocol.ROUND, check.round + draw(st.sampled_from([-1, 1, 7]))),
+        ("str round", protocol.ROUND, str(check.round)),
+        ("half round", protocol.ROUND, check.round + 0.5),
+        ("wrong digest", protocol.DIGEST, check.digest + "0"),
+        ("bytes digest", protocol.DIGEST, check.digest.encode()),
+    ]:
         if fault in faults:
             meta[key] = value
     for fault, key in [("missing round", protocol.ROUND), ("missing digest", protocol.DIGEST)]:
@@ -222,19 +244,26 @@ def test_check_reply_never_raises_and_accepts_iff_valid(generated):
 @pytest.mark.parametrize("round_", [3.0, True])
 def test_round_must_be_an_int(round_):
     check = ReplyCheck(round=int(round_), digest="abc", num_queries=2, num_classes=2)
-    case = ReplyCase(None, {protocol.ROUND: round_, protocol.DIGEST: "abc"}, np.full((2, 2), 0.5, np.float32),
-                     "none", check.max_bytes)
+    case = ReplyCase(
+        None,
+        {protocol.ROUND: round_, protocol.DIGEST: "abc"},
+        np.full((2, 2), 0.5, np.float32),
+        "none",
+        check.max_bytes,
+    )
     assert check_reply(_message(case), check)[1] is not None
 
 
 def test_empty_query_set_does_not_raise():
     check = ReplyCheck(round=1, digest="abc", num_queries=0, num_classes=3)
-    case = ReplyCase(None, {protocol.ROUND: 1, protocol.DIGEST: "abc"}, np.zeros((0, 3), np.float32), "none",
-                     check.max_bytes)
+    case = ReplyCase(
+        None, {protocol.ROUND: 1, protocol.DIGEST: "abc"}, np.zeros((0, 3), np.float32), "none", check.max_bytes
+    )
     check_reply(_message(case), check)
 
 
 # ---- the whole server path (bench/fuzz.py, a bounded slice) ----
+
 
 def test_fuzzed_replies_never_crash_the_server_path_nor_reach_aggregation():
     """300 hypothesis-generated rounds plus issue 15's failing replies through validation, every
@@ -311,21 +340,46 @@ WRONG_TYPE = {
 LEAF_VALUES = {
     dotted: st.one_of(
         st.sampled_from(KEY_CHOICES[dotted]) if dotted in KEY_CHOICES else PLAUSIBLE[typ],
-        PLAUSIBLE[typ], WRONG_TYPE[typ], ANY_VALUE,
+        PLAUSIBLE[typ],
+        WRONG_TYPE[typ],
+        ANY_VALUE,
     )
     for dotted, typ in LEAVES.items()
 }
 # Keys that take part in a cross-key rule get edited more often.
-LINKED_KEYS = ("data.reference_size", "data.public_labelled_size", "distill.query_size", "data.dataset",
-               "data.test_size", "fleet.num_clients", "audit.canary_client", "fleet.sampling", "fleet.fraction",
-               "fleet.students", "privacy.client_level", "privacy.bound", "privacy.noise_multiplier",
-               "privacy.target_epsilon", "privacy.gnmax_threshold", "privacy.threshold_noise_multiplier",
-               "privacy.record_level", "privacy.record_noise_multiplier", "privacy.record_target_epsilon",
-               "distill.revisit_epochs", "method", "baselines.dp_fedavg", "scenario.hostile_fraction")
+LINKED_KEYS = (
+    "data.reference_size",
+    "data.public_labelled_size",
+    "distill.query_size",
+    "data.dataset",
+    "data.test_size",
+    "fleet.num_clients",
+    "audit.canary_client",
+    "fleet.sampling",
+    "fleet.fraction",
+    "fleet.students",
+    "privacy.client_level",
+    "privacy.bound",
+    "privacy.noise_multiplier",
+    "privacy.target_epsilon",
+    "privacy.gnmax_threshold",
+    "privacy.threshold_noise_multiplier",
+    "privacy.record_level",
+    "privacy.record_noise_multiplier",
+    "privacy.record_target_epsilon",
+    "distill.revisit_epochs",
+    "method",
+    "baselines.dp_fedavg",
+    "scenario.hostile_fraction",
+)
 UNKNOWN_KEYS = st.one_of(st.text(max_size=8), st.sampled_from(["fleet.colour", "colour", "a.b.c", ".x", "x."]))
 EDITS = st.sampled_from(["known"] * 6 + ["unknown", "section"])
-NEAR_VALID = {dotted: st.one_of(st.sampled_from(KEY_CHOICES[dotted]), st.sampled_from(CHOICES))
-              if dotted in KEY_CHOICES else PLAUSIBLE[typ] for dotted, typ in LEAVES.items()}
+NEAR_VALID = {
+    dotted: st.one_of(st.sampled_from(KEY_CHOICES[dotted]), st.sampled_from(CHOICES))
+    if dotted in KEY_CHOICES
+    else PLAUSIBLE[typ]
+    for dotted, typ in LEAVES.items()
+}
 
 
 SECTION_NAMES = st.sampled_from(sorted(SECTIONS))
@@ -393,8 +447,18 @@ def _check_invariants(cfg: RunConfig) -> None:
     assert cfg.simulation.node_wait_timeout > 0
     assert cfg.audit.canaries >= 0 and 0 <= cfg.audit.canary_client < f.num_clients
     assert p.clip_norm > 0 and p.max_grad_norm > 0 and 0 < p.delta <= 0.1 and 0 < p.record_delta <= 0.1
-    assert min(p.noise_multiplier, p.target_epsilon, p.gnmax_threshold, p.threshold_noise_multiplier,
-               p.record_noise_multiplier, p.record_target_epsilon, p.record_participations) >= 0
+    assert (
+        min(
+            p.noise_multiplier,
+            p.target_epsilon,
+            p.gnmax_threshold,
+            p.threshold_noise_multiplier,
+            p.record_noise_multiplier,
+            p.record_target_epsilon,
+            p.record_participations,
+        )
+        >= 0
+    )
     calibrated = p.noise_multiplier > 0 or p.target_epsilon > 0
     if p.client_level != "off":
         assert calibrated and f.sampling == "poisson"

@@ -43,12 +43,14 @@ FAST = {
 def _meta(key, value):
     def edit(content: RecordDict) -> None:
         content.config_records[protocol.REPLY_META][key] = value
+
     return edit
 
 
 def _metric(key, value):
     def edit(content: RecordDict) -> None:
         content.metric_records[protocol.METRICS_RECORD][key] = value
+
     return edit
 
 
@@ -56,6 +58,7 @@ def _answers(edit_wire):
     def edit(content: RecordDict) -> None:
         record = content.array_records[protocol.ANSWERS_RECORD]
         record[protocol.ANSWERS] = Array(np.ascontiguousarray(edit_wire(record[protocol.ANSWERS].numpy())))
+
     return edit
 
 
@@ -124,9 +127,15 @@ def _run(cfg: RunConfig, client_app: ClientApp) -> None:
     from feddistill.server.app import make_server_app
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    run_simulation(server_app=make_server_app(cfg), client_app=client_app, num_supernodes=cfg.fleet.num_clients,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"logging_level": "ERROR", "log_to_driver": False}})
+    run_simulation(
+        server_app=make_server_app(cfg),
+        client_app=client_app,
+        num_supernodes=cfg.fleet.num_clients,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"logging_level": "ERROR", "log_to_driver": False},
+        },
+    )
 
 
 def test_hostile_node_is_dropped_every_round_and_cannot_touch_other_ledgers(tmp_path, caplog):
@@ -153,8 +162,12 @@ def test_hostile_node_is_dropped_every_round_and_cannot_touch_other_ledgers(tmp_
     # the honest devices' entries are their own ledgers' epsilons; the hostile node has none
     devices = results["privacy"]["record_level"]["devices"]
     assert sorted(devices) == ["0", "1"]
-    store = state_dir(cfg, Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3},
-                                   state=RecordDict(), run_config={}))
+    store = state_dir(
+        cfg,
+        Context(
+            run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(), run_config={}
+        ),
+    )
     for pid in range(2):
         ledger = PrivacyLedger.from_json(load_state(store, pid, len(CASES) + 1).ledger_json)
         assert devices[str(pid)]["record-epsilon"] == pytest.approx(ledger.epsilon())
@@ -192,9 +205,15 @@ def test_two_nodes_claiming_one_client_id_stop_the_start_up(tmp_path):
 
     from flwr.simulation import run_simulation
 
-    run_simulation(server_app=server, client_app=client, num_supernodes=3,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"logging_level": "ERROR", "log_to_driver": False}})
+    run_simulation(
+        server_app=server,
+        client_app=client,
+        num_supernodes=3,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"logging_level": "ERROR", "log_to_driver": False},
+        },
+    )
     assert len(errors) == 1 and "both claim client id 0" in errors[0], errors
     claimants = {(tmp_path / f"node{pid}").read_text() for pid in (0, 2)}
     assert "both claim client id 0" in errors[0] and all(node in errors[0] for node in claimants), errors[0]

@@ -93,7 +93,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
                 state[path.pop()] = 2
                 stack.pop()
             elif state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             elif not state.get(nxt):
                 state[nxt] = 1
                 path.append(nxt)
@@ -168,9 +168,8 @@ def test_no_import_cycles():
     graph = import_graph()
     components = strongly_connected(graph)
     cycle = find_cycle(graph)
-    assert not components and cycle is None, (
-        f"import cycle: {' -> '.join(cycle or [])}\n"
-        + "\n".join(f"modules importing one another: {', '.join(c)}" for c in components)
+    assert not components and cycle is None, f"import cycle: {' -> '.join(cycle or [])}\n" + "\n".join(
+        f"modules importing one another: {', '.join(c)}" for c in components
     )
 
 

@@ -18,18 +18,43 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ---- 1. piped output: plain, complete tables ----
 
+
 def _summary_results() -> dict:
     from feddistill.config import RunConfig
 
-    rounds = [{"round": r, "clients": 10, "replies": 10, "dropped": {}, "teacher_accuracy": 0.901,
-               "student_accuracy": 0.88, "student_ece": 0.031, "agreement": 0.933, "bytes_uploaded": 201_300}
-              for r in (1, 2, 3)]
-    return {"method": "feddistill", "config": RunConfig().to_dict(), "rounds": rounds,
-            "public_teacher": {"test_accuracy": 0.75}, "public_only_student": {"test_accuracy": 0.7},
-            "final": {"student_accuracy": 0.9, "bytes_per_client_round": 20_130, "private_gain": 3.1,
-                      "gap_closed": 0.4, "fleet_labelled_rows": 1234},
-            "baselines": {"public_control": {"accuracy": 0.86}, "centralized": {"accuracy": 0.95},
-                          "fedavg": {"accuracy": 0.6, "bytes_per_client_round": 90_000, "init": "public"}}}
+    rounds = [
+        {
+            "round": r,
+            "clients": 10,
+            "replies": 10,
+            "dropped": {},
+            "teacher_accuracy": 0.901,
+            "student_accuracy": 0.88,
+            "student_ece": 0.031,
+            "agreement": 0.933,
+            "bytes_uploaded": 201_300,
+        }
+        for r in (1, 2, 3)
+    ]
+    return {
+        "method": "feddistill",
+        "config": RunConfig().to_dict(),
+        "rounds": rounds,
+        "public_teacher": {"test_accuracy": 0.75},
+        "public_only_student": {"test_accuracy": 0.7},
+        "final": {
+            "student_accuracy": 0.9,
+            "bytes_per_client_round": 20_130,
+            "private_gain": 3.1,
+            "gap_closed": 0.4,
+            "fleet_labelled_rows": 1234,
+        },
+        "baselines": {
+            "public_control": {"accuracy": 0.86},
+            "centralized": {"accuracy": 0.95},
+            "fedavg": {"accuracy": 0.6, "bytes_per_client_round": 90_000, "init": "public"},
+        },
+    }
 
 
 class _Pipe(io.StringIO):
@@ -89,6 +114,7 @@ def test_cli_console_is_the_plain_one() -> None:
 
 # ---- 2. temperature scaling is kept only when it helps on held-out data ----
 
+
 def _calibrated(rng, n: int, classes: int = 10) -> tuple:
     """Logits and labels drawn from the logits' own softmax: calibrated at T = 1 by construction."""
     from feddistill.calibration import softmax
@@ -115,8 +141,16 @@ def test_temperature_that_hurts_held_out_nll_is_not_kept() -> None:
     assert cal.after == cal.before  # the release is exactly the uncalibrated student
     assert cal.validation_size == 10 and cal.criterion["name"] == "nll" and cal.criterion["folds"] == 5
     record = cal.to_dict()  # what the release records (index.json, results.json)
-    for key in ("temperature", "fitted_on", "before", "after", "fitted_temperature", "kept", "validation_size",
-                "criterion"):
+    for key in (
+        "temperature",
+        "fitted_on",
+        "before",
+        "after",
+        "fitted_temperature",
+        "kept",
+        "validation_size",
+        "criterion",
+    ):
         assert key in record
     json.dumps(record)
 
@@ -178,11 +212,24 @@ def test_the_gate_records_the_decision_and_saves_the_applied_temperature(tmp_pat
     x = lambda n: torch.from_numpy(rng.normal(0, 1, size=(n, 1, 8, 8)).astype(np.float32))  # noqa: E731
     val_y = rng.integers(0, 10, size=20)
     cfg = load_config(None, {"output_dir": str(tmp_path)})
-    rel = Releaser(tmp_path, cfg, reference_digest="d" * 64, model_name="mlp", validation=(x(20), val_y),
-                   reference_x=x(30), test=(x(40), rng.integers(0, 10, size=40)))
-    rel.consider(0, build_model("mlp", 8, 10, seed=0), np.eye(10, dtype=np.float32)[rng.integers(0, 10, size=30)],
-                 test_metrics={"accuracy": 0.0, "nll": 0.0, "ece": 0.0}, client_epsilon=None, record_epsilon=None,
-                 build=lambda: build_model("mlp", 8, 10))
+    rel = Releaser(
+        tmp_path,
+        cfg,
+        reference_digest="d" * 64,
+        model_name="mlp",
+        validation=(x(20), val_y),
+        reference_x=x(30),
+        test=(x(40), rng.integers(0, 10, size=40)),
+    )
+    rel.consider(
+        0,
+        build_model("mlp", 8, 10, seed=0),
+        np.eye(10, dtype=np.float32)[rng.integers(0, 10, size=30)],
+        test_metrics={"accuracy": 0.0, "nll": 0.0, "ece": 0.0},
+        client_epsilon=None,
+        record_epsilon=None,
+        build=lambda: build_model("mlp", 8, 10),
+    )
     release, blob = load_release_model(tmp_path, "r0000")
     cal = release.calibration
     assert cal["validation_size"] == 20 and isinstance(cal["kept"], bool)
@@ -191,6 +238,7 @@ def test_the_gate_records_the_decision_and_saves_the_applied_temperature(tmp_pat
 
 
 # ---- 5. a simulation starts without Flower's and Ray's boilerplate warnings ----
+
 
 class _Records(logging.Handler):
     def __init__(self) -> None:
@@ -244,18 +292,29 @@ def test_simulation_noise_filter_drops_exactly_the_three_messages() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quiet.silence_simulation_noise()
-        warnings.warn(quiet.RAY_ACCELERATOR_TIP + " env var if num_gpus=0 ...", FutureWarning)
-        warnings.warn(quiet.RAY_ACCELERATOR_TIP + " (same text, another category)", UserWarning)
-        warnings.warn("Pydantic v1 is deprecated and will no longer be supported in Ray 2.56.", FutureWarning)
+        warnings.warn(quiet.RAY_ACCELERATOR_TIP + " env var if num_gpus=0 ...", FutureWarning, stacklevel=1)
+        warnings.warn(quiet.RAY_ACCELERATOR_TIP + " (same text, another category)", UserWarning, stacklevel=1)
+        warnings.warn(
+            "Pydantic v1 is deprecated and will no longer be supported in Ray 2.56.", FutureWarning, stacklevel=1
+        )
     assert [str(w.message)[:8] for w in caught] == ["Tip: In ", "Pydantic"]
     assert caught[0].category is UserWarning
 
 
 # ---- 3. what the device recipe creates in the repo root stays out of git and out of `flwr run .` ----
 
-DEVICE_RECIPE_FILES = ["devices/device-0/private.npz", "devices/device-1/state/ledger.json", "certs/ca.crt",
-                       "certs/supernode-0.key", "certs/notes.json", "superlink.db", "superlink.db-shm",
-                       "superlink.db-wal", "runs/devices/results.json", "runs/flwr/config.json"]
+DEVICE_RECIPE_FILES = [
+    "devices/device-0/private.npz",
+    "devices/device-1/state/ledger.json",
+    "certs/ca.crt",
+    "certs/supernode-0.key",
+    "certs/notes.json",
+    "superlink.db",
+    "superlink.db-shm",
+    "superlink.db-wal",
+    "runs/devices/results.json",
+    "runs/flwr/config.json",
+]
 
 
 @pytest.mark.filterwarnings("ignore:GitWildMatchPattern:DeprecationWarning")  # flwr's pathspec call
@@ -264,8 +323,14 @@ def test_gitignore_covers_the_device_recipes_files() -> None:
 
     spec = build_pathspec(load_gitignore_patterns(ROOT / ".gitignore"))  # what `flwr run .` packs by
     assert [p for p in DEVICE_RECIPE_FILES if not spec.match_file(p)] == []
-    for kept in ("pyproject.toml", "src/feddistill/cli.py", "configs/digits.toml", "tests/test_newcomer.py",
-                 "src/feddistill/deploy/certs.py", "bench/results/frontier/runs/alpha0.5-seed0-era/results.json"):
+    for kept in (
+        "pyproject.toml",
+        "src/feddistill/cli.py",
+        "configs/digits.toml",
+        "tests/test_newcomer.py",
+        "src/feddistill/deploy/certs.py",
+        "bench/results/frontier/runs/alpha0.5-seed0-era/results.json",
+    ):
         assert not spec.match_file(kept), kept
 
 
@@ -273,13 +338,18 @@ def test_gitignore_covers_the_device_recipes_files() -> None:
 def test_flwr_packs_none_of_the_device_recipes_files() -> None:
     from flwr.cli.utils import filter_paths_for_publish
 
-    files = {".gitignore": ROOT / ".gitignore", "pyproject.toml": ROOT / "pyproject.toml",
-             "src/feddistill/cli.py": ROOT / "src" / "feddistill" / "cli.py", **{p: b"{}" for p in DEVICE_RECIPE_FILES}}
+    files = {
+        ".gitignore": ROOT / ".gitignore",
+        "pyproject.toml": ROOT / "pyproject.toml",
+        "src/feddistill/cli.py": ROOT / "src" / "feddistill" / "cli.py",
+        **{p: b"{}" for p in DEVICE_RECIPE_FILES},
+    }
     packed = filter_paths_for_publish(files)
     assert sorted(packed) == [".gitignore", "pyproject.toml", "src/feddistill/cli.py"]
 
 
 # ---- 4. the license is an SPDX string (no setuptools deprecation warning) ----
+
 
 def test_license_is_an_spdx_string_for_a_setuptools_that_reads_it() -> None:
     import tomllib
@@ -291,6 +361,7 @@ def test_license_is_an_spdx_string_for_a_setuptools_that_reads_it() -> None:
 
 
 # ---- 7. configs/digits.toml and the defaults `flwr run .` uses agree where its comment says ----
+
 
 def _flat(table: dict, prefix: str = "") -> dict:
     out = {}
@@ -330,10 +401,20 @@ def test_digits_config_agrees_with_the_flower_table_except_where_its_comment_say
 def test_report_says_whether_the_fitted_temperature_was_kept() -> None:
     from feddistill.report import _calibration_decision
 
-    crit = {"name": "nll", "estimate": "5-fold cross-fitting on the validation split", "folds": 5,
-            "before": 0.484, "after": 0.512}
-    rejected = {"temperature": 1.0, "fitted_temperature": 1.297, "kept": False, "validation_size": 20,
-                "criterion": crit}
+    crit = {
+        "name": "nll",
+        "estimate": "5-fold cross-fitting on the validation split",
+        "folds": 5,
+        "before": 0.484,
+        "after": 0.512,
+    }
+    rejected = {
+        "temperature": 1.0,
+        "fitted_temperature": 1.297,
+        "kept": False,
+        "validation_size": 20,
+        "criterion": crit,
+    }
     text = _calibration_decision(rejected)
     assert "the fitted T = 1.297 was not kept (T = 1)" in text and "20 examples" in text
     assert "0.484 at T = 1, 0.512 at the fitted T" in text

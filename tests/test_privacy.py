@@ -274,9 +274,7 @@ def test_gnmax_and_noisy_histogram():
 
 def test_confident_gnmax_answers_only_consensus():
     votes = np.concatenate([_votes(100, consensus=True), _votes(100, consensus=False)])
-    answered, labels = confident_gnmax(
-        votes, threshold=200.0, sigma_threshold=8.0, sigma_answer=40.0, rng=noise_rng(3)
-    )
+    answered, labels = confident_gnmax(votes, threshold=200.0, sigma_threshold=8.0, sigma_answer=40.0, rng=noise_rng(3))
     assert answered.dtype == bool and labels.dtype == np.int64
     assert answered[:100].all()
     assert not answered[100:].any()
@@ -522,8 +520,16 @@ def test_ledger_other_accountants_and_relations():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("unit", "user"), ("delta", 0.0), ("delta", 1.0), ("target_epsilon", 0.0), ("target_epsilon", -1.0),
-     ("accountant", "gdp"), ("neighbouring", "swap"), ("mechanism", "")],
+    [
+        ("unit", "user"),
+        ("delta", 0.0),
+        ("delta", 1.0),
+        ("target_epsilon", 0.0),
+        ("target_epsilon", -1.0),
+        ("accountant", "gdp"),
+        ("neighbouring", "swap"),
+        ("mechanism", ""),
+    ],
 )
 def test_ledger_validates_fields(field, value):
     with pytest.raises(ValueError, match=field):
@@ -633,9 +639,7 @@ def _spy_clip(monkeypatch):
             {
                 "optimizer": type(self).__name__,
                 "batch": len(self.grad_samples[0]),
-                "shapes_ok": all(
-                    p.grad_sample is not None and p.grad_sample.shape[1:] == p.shape for p in self.params
-                ),
+                "shapes_ok": all(p.grad_sample is not None and p.grad_sample.shape[1:] == p.shape for p in self.params),
             }
         )
         return original(self)
@@ -651,8 +655,16 @@ def test_dp_train_runs_opacus_in_place(monkeypatch):
     params_before = list(model.parameters())
     x, y = _data()
     res = dp_train(
-        model, x, y, epochs=2, sampling_rate=0.1, lr=0.05, momentum=0.9,
-        noise_multiplier=1.0, max_grad_norm=1.0, seed=0,
+        model,
+        x,
+        y,
+        epochs=2,
+        sampling_rate=0.1,
+        lr=0.05,
+        momentum=0.9,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        seed=0,
     )
     assert isinstance(res, DPTrainResult)
     assert res.sampling_rate == 0.1
@@ -689,8 +701,18 @@ def test_dp_train_clipping_bounds_update(monkeypatch):
     calls = _spy_clip(monkeypatch)
     model = _cnn()
     w0 = flat(model)
-    res = dp_train(model, x, y, epochs=1, sampling_rate=batch / len(x), lr=lr, momentum=0.0,
-                   noise_multiplier=0.0, max_grad_norm=clip, seed=3)
+    res = dp_train(
+        model,
+        x,
+        y,
+        epochs=1,
+        sampling_rate=batch / len(x),
+        lr=lr,
+        momentum=0.0,
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        seed=3,
+    )
     moved = float((flat(model) - w0).norm())
     bound = sum(lr * clip * c["batch"] / batch for c in calls)
     assert 0 < moved <= bound * (1 + 1e-4)
@@ -698,8 +720,18 @@ def test_dp_train_clipping_bounds_update(monkeypatch):
 
     # with a large C the same run moves orders of magnitude more: clipping did the bounding
     big = _cnn()
-    dp_train(big, x, y, epochs=1, sampling_rate=batch / len(x), lr=lr, momentum=0.0,
-             noise_multiplier=0.0, max_grad_norm=1e6, seed=3)
+    dp_train(
+        big,
+        x,
+        y,
+        epochs=1,
+        sampling_rate=batch / len(x),
+        lr=lr,
+        momentum=0.0,
+        noise_multiplier=0.0,
+        max_grad_norm=1e6,
+        seed=3,
+    )
     assert float((flat(big) - w0).norm()) > 100 * moved
 
 
@@ -720,16 +752,46 @@ def test_dp_train_rejects_batchnorm_and_bad_args():
     bn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(72, 10))
     bn.eval()
     with pytest.raises(ValueError, match="BatchNorm"):
-        dp_train(bn, x, y, epochs=1, sampling_rate=0.25, lr=0.1, momentum=0.0,
-                 noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
+        dp_train(
+            bn,
+            x,
+            y,
+            epochs=1,
+            sampling_rate=0.25,
+            lr=0.1,
+            momentum=0.0,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            seed=0,
+        )
     assert not bn.training  # mode restored
     for rate in (0.0, 1.5, float("nan")):
         with pytest.raises(ValueError, match="sampling_rate"):
-            dp_train(_cnn(), x, y, epochs=1, sampling_rate=rate, lr=0.1, momentum=0.0,
-                     noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
+            dp_train(
+                _cnn(),
+                x,
+                y,
+                epochs=1,
+                sampling_rate=rate,
+                lr=0.1,
+                momentum=0.0,
+                noise_multiplier=1.0,
+                max_grad_norm=1.0,
+                seed=0,
+            )
     with pytest.raises(ValueError, match="max_grad_norm"):
-        dp_train(_cnn(), x, y, epochs=1, sampling_rate=0.25, lr=0.1, momentum=0.0,
-                 noise_multiplier=1.0, max_grad_norm=0.0, seed=0)
+        dp_train(
+            _cnn(),
+            x,
+            y,
+            epochs=1,
+            sampling_rate=0.25,
+            lr=0.1,
+            momentum=0.0,
+            noise_multiplier=1.0,
+            max_grad_norm=0.0,
+            seed=0,
+        )
 
 
 def test_no_gdp_accountant_offered():

@@ -29,13 +29,22 @@ def task_identity():
 
 
 def _context(pid=1) -> Context:
-    return Context(run_id=1, node_id=1, node_config={"partition-id": pid, "num-partitions": 5}, state=RecordDict(),
-                   run_config={})
+    return Context(
+        run_id=1, node_id=1, node_config={"partition-id": pid, "num-partitions": 5}, state=RecordDict(), run_config={}
+    )
 
 
 def test_device_enforces_its_own_record_budget_across_rounds(tmp_path):
-    cfg = load_config(None, {**SMALL, "output_dir": str(tmp_path), "privacy.record_level": True, "privacy.record_noise_multiplier": 2.0,
-                             "distill.revisit_epochs": 1})
+    cfg = load_config(
+        None,
+        {
+            **SMALL,
+            "output_dir": str(tmp_path),
+            "privacy.record_level": True,
+            "privacy.record_noise_multiplier": 2.0,
+            "distill.revisit_epochs": 1,
+        },
+    )
     digest = load_fleet(cfg.data, cfg.fleet, cfg.seed).splits.reference_digest
     context = _context()
     first = handle_distill(_request(cfg, digest, rnd=1), context, cfg)
@@ -44,8 +53,17 @@ def test_device_enforces_its_own_record_budget_across_rounds(tmp_path):
     assert eps1 > 0 and load_state(tmp_path / "clients", 1, 2).ledger_json is not None
     # The same device, now with a budget just above what it has spent: the next round is refused,
     # whatever the server asks, and nothing is trained or sent.
-    tight = load_config(None, {**SMALL, "output_dir": str(tmp_path), "privacy.record_level": True, "privacy.record_noise_multiplier": 2.0,
-                               "privacy.record_target_epsilon": eps1 * 1.01, "distill.revisit_epochs": 1})
+    tight = load_config(
+        None,
+        {
+            **SMALL,
+            "output_dir": str(tmp_path),
+            "privacy.record_level": True,
+            "privacy.record_noise_multiplier": 2.0,
+            "privacy.record_target_epsilon": eps1 * 1.01,
+            "distill.revisit_epochs": 1,
+        },
+    )
     second = handle_distill(_request(tight, digest, rnd=2), context, tight)
     assert second.has_error() and second.error.code == protocol.REFUSED
     assert "record-level budget" in second.error.reason
@@ -55,9 +73,18 @@ def test_device_enforces_its_own_record_budget_across_rounds(tmp_path):
 
 
 def test_local_noise_is_added_on_the_device_with_std_z_times_sensitivity(tmp_path):
-    cfg = load_config(None, {**SMALL, "output_dir": str(tmp_path), "privacy.client_level": "local", "privacy.noise_multiplier": 0.05,
-                             "distill.answer_dtype": "float32", "distill.digest_epochs": 0,
-                             "distill.revisit_epochs": 0})
+    cfg = load_config(
+        None,
+        {
+            **SMALL,
+            "output_dir": str(tmp_path),
+            "privacy.client_level": "local",
+            "privacy.noise_multiplier": 0.05,
+            "distill.answer_dtype": "float32",
+            "distill.digest_epochs": 0,
+            "distill.revisit_epochs": 0,
+        },
+    )
     plan = upload_privacy(cfg)
     assert plan.sensitivity == pytest.approx(np.sqrt(cfg.distill.query_size))  # probs, add/remove
     digest = load_fleet(cfg.data, cfg.fleet, cfg.seed).splits.reference_digest
@@ -74,8 +101,9 @@ def test_privacy_config_errors():
     with pytest.raises(ConfigError, match="needs 'privacy.noise-multiplier' > 0"):
         load_config(None, {"privacy.client_level": "central"})
     with pytest.raises(ConfigError, match="needs 'fleet.sampling' = 'poisson'"):
-        load_config(None, {"privacy.client_level": "central", "privacy.noise_multiplier": 1.0,
-                           "fleet.sampling": "fixed"})
+        load_config(
+            None, {"privacy.client_level": "central", "privacy.noise_multiplier": 1.0, "fleet.sampling": "fixed"}
+        )
     with pytest.raises(ConfigError, match="needs 'privacy.bound' = 'votes'"):
         load_config(None, {"privacy.client_level": "gnmax", "privacy.noise_multiplier": 1.0})
     with pytest.raises(ConfigError, match="record-level"):
@@ -91,9 +119,16 @@ def test_server_stops_before_a_round_that_would_exceed_the_client_level_budget(t
     acc.compose(event, 2)
     eps_two_rounds = acc.get_epsilon(1e-5)
     out = tmp_path / "run"
-    settings = {**SMALL, "rounds": 4, "privacy.client_level": "central", "privacy.noise_multiplier": 2.0,
-                "privacy.target_epsilon": round(eps_two_rounds * 1.02, 4), "baselines.local_only": False,
-                "baselines.centralized": False, "baselines.fedavg": False}
+    settings = {
+        **SMALL,
+        "rounds": 4,
+        "privacy.client_level": "central",
+        "privacy.noise_multiplier": 2.0,
+        "privacy.target_epsilon": round(eps_two_rounds * 1.02, 4),
+        "baselines.local_only": False,
+        "baselines.centralized": False,
+        "baselines.fedavg": False,
+    }
     args = [sys.executable, "-m", "feddistill.cli", "simulate", "--out", str(out)]
     for key, value in settings.items():
         args += ["--set", f"{key}={json.dumps(value) if isinstance(value, bool) else value}"]

@@ -43,7 +43,11 @@ def test_plain_output_is_a_few_lines_at_milestones():
     lines = _plain(out.getvalue())
     assert lines[0] == "work: 0/10 clients"
     assert [re.sub(r" \(.*\)$", "", line) for line in lines[1:]] == [
-        "work: 3/10 clients", "work: 5/10 clients", "work: 8/10 clients", "work: 10/10 clients"]
+        "work: 3/10 clients",
+        "work: 5/10 clients",
+        "work: 8/10 clients",
+        "work: 10/10 clients",
+    ]
 
 
 def test_plain_output_of_a_task_told_by_its_phases():
@@ -113,7 +117,11 @@ def test_public_teacher_training_prints_plain_progress(tmp_path, monkeypatch, ca
     assert lines[0] == "public teacher (mlp, 100 labelled): 0/4 epochs"
     # one line per milestone, reached while it trained (the last one too, not only at the end)
     assert [re.sub(r" \(\d+ s\)$", "", line).rsplit(": ", 1)[1] for line in lines[1:]] == [
-        "1/4 epochs", "2/4 epochs", "3/4 epochs", "4/4 epochs"]
+        "1/4 epochs",
+        "2/4 epochs",
+        "3/4 epochs",
+        "4/4 epochs",
+    ]
     public_teacher(cfg.teacher, splits, cfg.seed)  # from the cache: nothing trains, nothing to show
     assert "epochs" not in capsys.readouterr().err
 
@@ -134,17 +142,21 @@ def test_baselines_print_plain_progress(tmp_path, capsys):
 
 
 def test_the_audit_prints_its_phases(tmp_path, capsys):
-    from test_audit_run import CHEAP, build_run
-
     from feddistill.privacy.audit.runner import run_audit
+    from test_audit_run import CHEAP, build_run
 
     build_run(tmp_path / "run", num_clients=3, epochs=5, canaries=10)
     capsys.readouterr()
     run_audit(tmp_path / "run", options=CHEAP)
     lines = [line for line in _plain(capsys.readouterr().err) if line.startswith("audit of run:")]
     phases = [re.sub(r" \(\d+ s\)$", "", line.split(": ", 1)[1]) for line in lines]
-    assert phases == ["0/4 steps, client 0 (uploads, local student)", "1/4 steps, global student",
-                      "2/4 steps, canaries (client 0)", "3/4 steps, label inference and report", "4/4 steps"]
+    assert phases == [
+        "0/4 steps, client 0 (uploads, local student)",
+        "1/4 steps, global student",
+        "2/4 steps, canaries (client 0)",
+        "3/4 steps, label inference and report",
+        "4/4 steps",
+    ]
 
 
 def test_the_client_app_never_imports_the_console():

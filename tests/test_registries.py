@@ -44,8 +44,11 @@ def readme_aggregator():
 
 def test_the_readme_aggregator_is_built_and_accepted_by_the_config(readme_aggregator):
     name, namespace = readme_aggregator
-    cls = next(v for v in namespace.values() if isinstance(v, type) and issubclass(v, AnswerStrategy)
-               and v is not AnswerStrategy)
+    cls = next(
+        v
+        for v in namespace.values()
+        if isinstance(v, type) and issubclass(v, AnswerStrategy) and v is not AnswerStrategy
+    )
     cfg = parse_config({"distill": {"aggregator": name}}, "test")  # the config accepts the new name
     assert cfg.distill.aggregator == name
     assert load_config(None, {"distill.aggregator": name}).distill.aggregator == name  # --set too
@@ -79,8 +82,15 @@ def test_built_in_aggregators_register_themselves_with_keys_the_config_has():
 
 
 def test_make_strategy_reads_the_config_and_the_server_keywords_alike():
-    cfg = load_config(None, {"distill.aggregator": "trimmed-mean", "distill.trim-beta": 0.3,
-                             "privacy.bound": "clipped_logits", "privacy.clip-norm": 2.0})
+    cfg = load_config(
+        None,
+        {
+            "distill.aggregator": "trimmed-mean",
+            "distill.trim-beta": 0.3,
+            "privacy.bound": "clipped_logits",
+            "privacy.clip-norm": 2.0,
+        },
+    )
     from_config = make_strategy("trimmed-mean", cfg=cfg, **COMMON)
     assert (from_config.beta, from_config.probabilities) == (0.3, False)
     # the keywords the server's builder passes (one per setting, whatever the aggregator)
@@ -122,11 +132,20 @@ def test_the_other_registries_are_what_the_config_and_the_code_accept():
     probs = lambda *shape: rng.dirichlet(np.ones(c), size=shape)  # noqa: E731
     mask_x = np.array([[True] * n, [True] * n, [False] * n, [False] * n])
     mask_z = np.array([[True] * z, [True] * z, [False] * z, [False] * z])
-    scores, skipped = attack_scores(probs(n), probs(z), probs(k, n), probs(k, z), rng.integers(0, c, n),
-                                    rng.integers(0, c, z), mask_x, mask_z)
+    scores, skipped = attack_scores(
+        probs(n), probs(z), probs(k, n), probs(k, z), rng.integers(0, c, n), rng.integers(0, c, z), mask_x, mask_z
+    )
     assert list(scores) == list(ATTACKS) and skipped == {}
-    scores, skipped = attack_scores(probs(n), probs(z), probs(0, n), probs(0, z), rng.integers(0, c, n),
-                                    rng.integers(0, c, z), mask_x[:0], mask_z[:0])
+    scores, skipped = attack_scores(
+        probs(n),
+        probs(z),
+        probs(0, n),
+        probs(0, z),
+        rng.integers(0, c, n),
+        rng.integers(0, c, z),
+        mask_x[:0],
+        mask_z[:0],
+    )
     assert list(scores) == ["loss"] and list(skipped) == list(ATTACKS)[1:]
 
 
@@ -154,7 +173,10 @@ def test_one_override_parser_and_one_flattening():
     cfg = RunConfig()
     assert flat_run_config(cfg.to_dict()) == cfg.to_flat()
     assert flat_run_config({"fleet": {"num_clients": 3}, "distill.trim_beta": 0.3, "rounds": 2}) == {
-        "fleet.num-clients": 3, "distill.trim-beta": 0.3, "rounds": 2}
+        "fleet.num-clients": 3,
+        "distill.trim-beta": 0.3,
+        "rounds": 2,
+    }
     assert parse_config(cfg.to_flat(), "flat") == cfg
 
 

@@ -24,13 +24,21 @@ def task_identity():
 @pytest.fixture()
 def setup(tmp_path):
     generate_credentials(tmp_path / "certs", num_supernodes=1)
-    cfg = load_config(None, {**SMALL, "output_dir": str(tmp_path / "run"), "distill.digest_epochs": 0,
-                             "distill.revisit_epochs": 0,
-                             "security.release_public_key": str(tmp_path / "certs" / "release-signing.pub")})
+    cfg = load_config(
+        None,
+        {
+            **SMALL,
+            "output_dir": str(tmp_path / "run"),
+            "distill.digest_epochs": 0,
+            "distill.revisit_epochs": 0,
+            "security.release_public_key": str(tmp_path / "certs" / "release-signing.pub"),
+        },
+    )
     digest = load_fleet(cfg.data, cfg.fleet, cfg.seed).splits.reference_digest
     key = str(tmp_path / "certs" / "release-signing.key")
-    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 5}, state=RecordDict(),
-                      run_config={})
+    context = Context(
+        run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 5}, state=RecordDict(), run_config={}
+    )
     return cfg, digest, key, context
 
 

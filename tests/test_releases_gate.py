@@ -27,8 +27,6 @@ from feddistill.server.gate import (
 )
 from feddistill.training import expected_calibration_error, train_supervised
 
-
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -75,8 +73,15 @@ def _releaser(tmp_path: Path) -> Releaser:
     val_x, val_y = _blobs(200, seed=1)
     ref_x, ref_y = _blobs(300, seed=2)
     test_x, test_y = _blobs(200, seed=3)
-    return Releaser(tmp_path, cfg, reference_digest="d" * 64, model_name="mlp", validation=(val_x, val_y),
-                    reference_x=ref_x, test=(test_x, test_y))
+    return Releaser(
+        tmp_path,
+        cfg,
+        reference_digest="d" * 64,
+        model_name="mlp",
+        validation=(val_x, val_y),
+        reference_x=ref_x,
+        test=(test_x, test_y),
+    )
 
 
 def _signal(seed: int = 2) -> np.ndarray:
@@ -85,8 +90,15 @@ def _signal(seed: int = 2) -> np.ndarray:
 
 
 def _consider(rel: Releaser, rnd: int, model: torch.nn.Module, eps: float) -> dict:
-    return rel.consider(rnd, model, _signal(), test_metrics={"accuracy": 0.0, "nll": 0.0, "ece": 0.0},
-                        client_epsilon=eps, record_epsilon=None, build=lambda: build_model("mlp", 8, 10))
+    return rel.consider(
+        rnd,
+        model,
+        _signal(),
+        test_metrics={"accuracy": 0.0, "nll": 0.0, "ece": 0.0},
+        client_epsilon=eps,
+        record_epsilon=None,
+        build=lambda: build_model("mlp", 8, 10),
+    )
 
 
 def test_rollback_keeps_the_last_good_release_on_disk_and_in_memory(tmp_path):
@@ -139,11 +151,20 @@ def test_gate_reuses_the_servers_predictions_and_decides_exactly_as_without_them
     for rnd, model in enumerate(models):
         a = _consider(own, rnd, model, 0.0)
         ref_x = given.ref_x
-        predictions = Predictions(predict_logits(model, ref_x).numpy().argmax(1), predict_logits(model, given.test_x).numpy())
+        predictions = Predictions(
+            predict_logits(model, ref_x).numpy().argmax(1), predict_logits(model, given.test_x).numpy()
+        )
         calls.clear()
-        b = given.consider(rnd, model, _signal(), test_metrics={"accuracy": 0.0, "nll": 0.0, "ece": 0.0},
-                           client_epsilon=0.0, record_epsilon=None, build=lambda: build_model("mlp", 8, 10),
-                           predictions=predictions)
+        b = given.consider(
+            rnd,
+            model,
+            _signal(),
+            test_metrics={"accuracy": 0.0, "nll": 0.0, "ece": 0.0},
+            client_epsilon=0.0,
+            record_epsilon=None,
+            build=lambda: build_model("mlp", 8, 10),
+            predictions=predictions,
+        )
         assert a == b
         assert calls == [False]  # the candidate's reference pass was reused; the released one's was kept
     mine, theirs = load_index(tmp_path / "own").to_dict(), load_index(tmp_path / "given").to_dict()

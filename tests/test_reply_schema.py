@@ -31,17 +31,29 @@ def _probs(seed: int = 0, q: int = Q, c: int = C, scale: float = 3.0) -> np.ndar
     return bound_answers(np.random.default_rng(seed).normal(0, scale, (q, c)), "probs")
 
 
-def _reply(wire: np.ndarray | Array | None = None, *, node: int = 101, meta: dict | None = None,
-           metrics: dict | None = None, extra: dict | None = None) -> Message:
-    array = wire if isinstance(wire, Array) else Array(np.ascontiguousarray(encode_answers(_probs(), "float16")
-                                                                             if wire is None else wire))
-    records = {protocol.ANSWERS_RECORD: ArrayRecord({protocol.ANSWERS: array}),
-               protocol.REPLY_META: ConfigRecord({protocol.ROUND: ROUND, protocol.DIGEST: DIGEST, **(meta or {})})}
+def _reply(
+    wire: np.ndarray | Array | None = None,
+    *,
+    node: int = 101,
+    meta: dict | None = None,
+    metrics: dict | None = None,
+    extra: dict | None = None,
+) -> Message:
+    array = (
+        wire
+        if isinstance(wire, Array)
+        else Array(np.ascontiguousarray(encode_answers(_probs(), "float16") if wire is None else wire))
+    )
+    records = {
+        protocol.ANSWERS_RECORD: ArrayRecord({protocol.ANSWERS: array}),
+        protocol.REPLY_META: ConfigRecord({protocol.ROUND: ROUND, protocol.DIGEST: DIGEST, **(meta or {})}),
+    }
     if metrics is not None:
         records[protocol.METRICS_RECORD] = MetricRecord(metrics)
     records.update(extra or {})
-    return Message(RecordDict(records), reply_to=Message(RecordDict({}), dst_node_id=node,
-                                                         message_type=protocol.DISTILL))
+    return Message(
+        RecordDict(records), reply_to=Message(RecordDict({}), dst_node_id=node, message_type=protocol.DISTILL)
+    )
 
 
 def _check(**kw) -> ReplyCheck:
@@ -74,18 +86,38 @@ def test_the_real_client_reply_passes_the_schema(tmp_path):
     from feddistill.simulations.fleet import load_fleet
     from feddistill.strategies import teacher_arrays
 
-    cfg = load_config(None, {"fleet.num_clients": 3, "distill.digest_epochs": 1, "distill.revisit_epochs": 1,
-                             "distill.query_size": 20, "output_dir": str(tmp_path)})
+    cfg = load_config(
+        None,
+        {
+            "fleet.num_clients": 3,
+            "distill.digest_epochs": 1,
+            "distill.revisit_epochs": 1,
+            "distill.query_size": 20,
+            "output_dir": str(tmp_path),
+        },
+    )
     fleet = load_fleet(cfg.data, cfg.fleet, cfg.seed)
     config = round_config(cfg, fleet.splits.reference_digest)
     config[protocol.ROUND] = 1
     signal = np.full((20, fleet.num_classes), 1.0 / fleet.num_classes, np.float32)
-    request = Message(RecordDict({protocol.TEACHER_RECORD: teacher_arrays(signal, np.arange(20)),
-                                  protocol.CONFIG_RECORD: config}), dst_node_id=55, message_type=protocol.DISTILL)
-    context = Context(run_id=1, node_id=55, node_config={"partition-id": 1, "num-partitions": 3}, state=RecordDict(),
-                      run_config={})
-    check = ReplyCheck.from_plan(upload_privacy(cfg), round=1, digest=fleet.splits.reference_digest, num_queries=20,
-                                 num_classes=fleet.num_classes, votes=False, record_level=False, nodes={55: 1})
+    request = Message(
+        RecordDict({protocol.TEACHER_RECORD: teacher_arrays(signal, np.arange(20)), protocol.CONFIG_RECORD: config}),
+        dst_node_id=55,
+        message_type=protocol.DISTILL,
+    )
+    context = Context(
+        run_id=1, node_id=55, node_config={"partition-id": 1, "num-partitions": 3}, state=RecordDict(), run_config={}
+    )
+    check = ReplyCheck.from_plan(
+        upload_privacy(cfg),
+        round=1,
+        digest=fleet.splits.reference_digest,
+        num_queries=20,
+        num_classes=fleet.num_classes,
+        votes=False,
+        record_level=False,
+        nodes={55: 1},
+    )
     reply, why = validate_reply(handle_distill(request, context, cfg), check)
     assert why is None and reply.sender == 1
 
@@ -156,42 +188,51 @@ def test_the_array_must_be_exactly_one_npy_of_its_declared_dtype_and_shape():
         assert _why(_reply(array)).startswith(expected.strip()), expected
 
 
-@pytest.mark.parametrize("meta, reason", [
-    ({protocol.PARTITION: "zero"}, "unexpected meta key"),
-    ({protocol.PARTITION: [0, 1]}, "unexpected meta key"),
-    ({protocol.PARTITION: math.nan}, "unexpected meta key"),
-    ({protocol.PARTITION: 1}, "unexpected meta key"),  # not even a well-formed id may be declared
-    ({"blob": b"\x00" * 4096}, "unexpected meta key"),
-    ({protocol.ROUND: True}, "wrong round"),
-    ({protocol.ROUND: float(ROUND)}, "wrong round"),
-    ({protocol.ROUND: str(ROUND)}, "wrong round"),
-    ({protocol.DIGEST: DIGEST.encode()}, "wrong reference-set digest"),
-])
+@pytest.mark.parametrize(
+    "meta, reason",
+    [
+        ({protocol.PARTITION: "zero"}, "unexpected meta key"),
+        ({protocol.PARTITION: [0, 1]}, "unexpected meta key"),
+        ({protocol.PARTITION: math.nan}, "unexpected meta key"),
+        ({protocol.PARTITION: 1}, "unexpected meta key"),  # not even a well-formed id may be declared
+        ({"blob": b"\x00" * 4096}, "unexpected meta key"),
+        ({protocol.ROUND: True}, "wrong round"),
+        ({protocol.ROUND: float(ROUND)}, "wrong round"),
+        ({protocol.ROUND: str(ROUND)}, "wrong round"),
+        ({protocol.DIGEST: DIGEST.encode()}, "wrong reference-set digest"),
+    ],
+)
 def test_meta_holds_exactly_round_and_digest(meta, reason):
     assert _why(_reply(meta=meta)).startswith(reason)
 
 
-@pytest.mark.parametrize("metrics, record_level, reason", [
-    ({protocol.RECORD_EPSILON: 0.5}, False, "unexpected metric"),  # only with record-level DP
-    ({protocol.NUM_EXAMPLES: [1.0]}, True, "unexpected metric"),
-    ({"revisit-loss": [0.5] * 50_000}, True, "unexpected metric"),
-    ({protocol.RECORD_EPSILON: [0.0, 0.0]}, True, "bad record-epsilon"),
-    ({protocol.RECORD_EPSILON: math.nan}, True, "bad record-epsilon"),
-    ({protocol.RECORD_EPSILON: math.inf}, True, "bad record-epsilon"),
-    ({protocol.RECORD_EPSILON: -0.1}, True, "bad record-epsilon"),
-    ({protocol.RECORD_EPSILON: 1e6 + 1}, True, "bad record-epsilon"),
-    ({protocol.RECORD_EPSILON: 10**400}, True, "bad record-epsilon"),
-])
+@pytest.mark.parametrize(
+    "metrics, record_level, reason",
+    [
+        ({protocol.RECORD_EPSILON: 0.5}, False, "unexpected metric"),  # only with record-level DP
+        ({protocol.NUM_EXAMPLES: [1.0]}, True, "unexpected metric"),
+        ({"revisit-loss": [0.5] * 50_000}, True, "unexpected metric"),
+        ({protocol.RECORD_EPSILON: [0.0, 0.0]}, True, "bad record-epsilon"),
+        ({protocol.RECORD_EPSILON: math.nan}, True, "bad record-epsilon"),
+        ({protocol.RECORD_EPSILON: math.inf}, True, "bad record-epsilon"),
+        ({protocol.RECORD_EPSILON: -0.1}, True, "bad record-epsilon"),
+        ({protocol.RECORD_EPSILON: 1e6 + 1}, True, "bad record-epsilon"),
+        ({protocol.RECORD_EPSILON: 10**400}, True, "bad record-epsilon"),
+    ],
+)
 def test_metrics_hold_at_most_a_bounded_record_epsilon(metrics, record_level, reason):
     assert _why(_reply(metrics=metrics), _check(record_level=record_level)).startswith(reason)
 
 
-@pytest.mark.parametrize("extra, reason", [
-    ({"meta2": ConfigRecord({protocol.ROUND: ROUND})}, "unexpected config record"),
-    ({"losses": MetricRecord({"loss": [0.5] * 50_000})}, "unexpected metric record"),
-    ({"weights": ArrayRecord({"w": Array(np.zeros(3, np.float32))})}, "unexpected arrays"),
-    ({protocol.REPLY_META: MetricRecord({protocol.ROUND: ROUND})}, "missing reply meta record"),
-])
+@pytest.mark.parametrize(
+    "extra, reason",
+    [
+        ({"meta2": ConfigRecord({protocol.ROUND: ROUND})}, "unexpected config record"),
+        ({"losses": MetricRecord({"loss": [0.5] * 50_000})}, "unexpected metric record"),
+        ({"weights": ArrayRecord({"w": Array(np.zeros(3, np.float32))})}, "unexpected arrays"),
+        ({protocol.REPLY_META: MetricRecord({protocol.ROUND: ROUND})}, "missing reply meta record"),
+    ],
+)
 def test_nothing_but_the_three_records(extra, reason):
     assert _why(_reply(extra=extra)).startswith(reason)
 
@@ -206,10 +247,12 @@ def test_errors_and_unknown_nodes_are_dropped_with_a_fixed_reason():
 def test_collect_keeps_a_node_s_first_reply_and_counts_the_rest():
     strategy = MeanAnswers(sampling_rate=1.0)
     check = _check(record_level=True)
-    replies = [_reply(node=101, metrics={protocol.RECORD_EPSILON: 3.0}),
-               _reply(node=101, metrics={protocol.RECORD_EPSILON: 0.0}),  # a second answer of client 0
-               _reply(node=102, meta={protocol.PARTITION: 0}),  # claims client 0
-               _reply(node=102, metrics={protocol.RECORD_EPSILON: 1.0})]
+    replies = [
+        _reply(node=101, metrics={protocol.RECORD_EPSILON: 3.0}),
+        _reply(node=101, metrics={protocol.RECORD_EPSILON: 0.0}),  # a second answer of client 0
+        _reply(node=102, meta={protocol.PARTITION: 0}),  # claims client 0
+        _reply(node=102, metrics={protocol.RECORD_EPSILON: 1.0}),
+    ]
     signal, collected = strategy.aggregate_round(replies, check)
     assert collected.senders == [0, 1] and collected.weights == [1.0, 1.0]
     assert collected.metrics == [{protocol.RECORD_EPSILON: 3.0}, {protocol.RECORD_EPSILON: 1.0}]
@@ -236,8 +279,14 @@ def test_identify_replies_must_name_one_int_id():
         return Message(RecordDict({protocol.REPLY_META: ConfigRecord(meta)}), reply_to=request)
 
     assert identify_reply(reply({protocol.PARTITION: 4, protocol.DEVICE: 1})) == (4, True)
-    for bad in ({protocol.PARTITION: "zero"}, {protocol.PARTITION: 1.0}, {protocol.PARTITION: True},
-                {protocol.PARTITION: -1}, {protocol.PARTITION: 1, protocol.DEVICE: 2}, {protocol.PARTITION: 1, "x": 1}):
+    for bad in (
+        {protocol.PARTITION: "zero"},
+        {protocol.PARTITION: 1.0},
+        {protocol.PARTITION: True},
+        {protocol.PARTITION: -1},
+        {protocol.PARTITION: 1, protocol.DEVICE: 2},
+        {protocol.PARTITION: 1, "x": 1},
+    ):
         with pytest.raises(RuntimeError, match="node 7 sent a malformed identify reply"):
             identify_reply(reply(bad))
 
@@ -250,9 +299,10 @@ def test_secagg_plain_text_metrics_follow_the_same_rule():
     from feddistill.server.secagg import SecAggReplies, survivor_metrics
 
     cfg = load_config(None, {"privacy.record_level": True, "privacy.record_noise_multiplier": 1.0})
-    results = [(GridClientProxy(node, None, 1), FitRes(Status(Code.OK, ""), Parameters([], ""), 1, metrics))
-               for node, metrics in ((101, {protocol.RECORD_EPSILON: [0.0, 0.0]}),
-                                     (102, {protocol.RECORD_EPSILON: 1.0}))]
+    results = [
+        (GridClientProxy(node, None, 1), FitRes(Status(Code.OK, ""), Parameters([], ""), 1, metrics))
+        for node, metrics in ((101, {protocol.RECORD_EPSILON: [0.0, 0.0]}), (102, {protocol.RECORD_EPSILON: 1.0}))
+    ]
     out = SecAggReplies()
     survivor_metrics(out, results, cfg, ROUND, NODES)
     assert out.senders == [0, 1] and out.metrics == [{}, {protocol.RECORD_EPSILON: 1.0}]

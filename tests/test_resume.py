@@ -67,8 +67,9 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
 def _kill_after_checkpoint(cmd: list[str], run_dir, rounds: int, cwd=None) -> None:
     """Start a run, and SIGKILL it (the server and its simulation workers, mid-run) as soon as
     its checkpoint holds `rounds` rounds."""
-    victim = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    victim = subprocess.Popen(
+        cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 400
         while _checkpoint_round(run_dir) < rounds:
@@ -111,4 +112,3 @@ def test_a_moved_run_resumes_by_its_content_not_its_path(tmp_path):
     assert got["privacy"]["client_level"]["steps"] == 3  # each round counted once
     assert got["config"]["output_dir"] == str(moved.resolve())
     assert not started.exists()  # nothing was written where the run used to be
-

@@ -35,8 +35,11 @@ def _with_hostile(attacks: tuple[str, ...], seed: int = 0) -> tuple[np.ndarray, 
 
 
 def _robust() -> list[AnswerStrategy]:
-    return [MedianAnswers(sampling_rate=1.0), TrimmedMeanAnswers(sampling_rate=1.0),
-            OutlierFilteredMean(sampling_rate=1.0)]
+    return [
+        MedianAnswers(sampling_rate=1.0),
+        TrimmedMeanAnswers(sampling_rate=1.0),
+        OutlierFilteredMean(sampling_rate=1.0),
+    ]
 
 
 def _agreement(a: np.ndarray, b: np.ndarray) -> float:
@@ -83,8 +86,9 @@ def test_outlier_filter_excludes_exactly_the_hostile_clients():
     out = strategy.aggregate_answers(answers, np.ones(10))
     assert strategy.last_excluded == hostile
     honest = [i for i in range(10) if i not in hostile]
-    np.testing.assert_allclose(out, answers[honest].mean(axis=0) / answers[honest].mean(axis=0).sum(1, keepdims=True),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        out, answers[honest].mean(axis=0) / answers[honest].mean(axis=0).sum(1, keepdims=True), atol=1e-6
+    )
     strategy.aggregate_answers(answers[honest], np.ones(len(honest)))
     assert len(strategy.last_excluded) == 2  # floor(0.3 * 7): the filter always drops its quota
 
@@ -92,8 +96,11 @@ def test_outlier_filter_excludes_exactly_the_hostile_clients():
 def test_outlier_filter_keeps_everyone_at_keep_fraction_one_and_at_least_one_client():
     answers = _honest_answers(4)
     everyone = OutlierFilteredMean(sampling_rate=1.0, keep_fraction=1.0)
-    np.testing.assert_allclose(everyone.aggregate_answers(answers, np.ones(4)),
-                               MeanAnswers(sampling_rate=1.0).aggregate_answers(answers, np.ones(4)), atol=1e-6)
+    np.testing.assert_allclose(
+        everyone.aggregate_answers(answers, np.ones(4)),
+        MeanAnswers(sampling_rate=1.0).aggregate_answers(answers, np.ones(4)),
+        atol=1e-6,
+    )
     assert everyone.last_excluded == []
     one = OutlierFilteredMean(sampling_rate=1.0, keep_fraction=0.01)
     assert one.aggregate_answers(answers, np.ones(4)).shape == (Q, C) and len(one.last_excluded) == 3
@@ -124,6 +131,7 @@ def test_single_client_and_all_zero_rows_give_a_finite_distribution(make):
 
 
 # ---- the attacks do what they claim ----
+
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_attacks_produce_what_they_claim(dtype):

@@ -43,32 +43,78 @@ REAL_RESULTS = sorted((ROOT / "bench" / "results").rglob("results.json"))
 
 # ---- typed records: round trips ----------------------------------------------------------------
 
+
 def _round(rnd: int) -> dict:
     """A round record as the round loop writes it (every key, in its order)."""
-    return {"round": rnd, "clients": 5, "replies": 4, "dropped": {"dropped out": 1}, "over_budget_skipped": 0,
-            "answered_queries": 200, "fleet_labelled_rows": 120, "consensus_threshold": 0.9, "teacher_accuracy": None,
-            "student_accuracy": 0.71, "student_nll": 0.9, "student_ece": 0.1, "agreement": 0.93,
-            "per_class_accuracy": [0.5, None, 0.7], "drift_kl": None, "drift_alert": None,
-            "release": {"candidate": f"r{rnd:04d}", "promoted": True, "reason": "no regression", "current": "r0001"},
-            "released_accuracy": 0.72, "bytes_uploaded": 4000, "client_epsilon": None, "seconds": 1.5}
+    return {
+        "round": rnd,
+        "clients": 5,
+        "replies": 4,
+        "dropped": {"dropped out": 1},
+        "over_budget_skipped": 0,
+        "answered_queries": 200,
+        "fleet_labelled_rows": 120,
+        "consensus_threshold": 0.9,
+        "teacher_accuracy": None,
+        "student_accuracy": 0.71,
+        "student_nll": 0.9,
+        "student_ece": 0.1,
+        "agreement": 0.93,
+        "per_class_accuracy": [0.5, None, 0.7],
+        "drift_kl": None,
+        "drift_alert": None,
+        "release": {"candidate": f"r{rnd:04d}", "promoted": True, "reason": "no regression", "current": "r0001"},
+        "released_accuracy": 0.72,
+        "bytes_uploaded": 4000,
+        "client_epsilon": None,
+        "seconds": 1.5,
+    }
 
 
 def _results() -> dict:
-    claim = {"epsilon": 1.5, "delta": 1e-5, "unit": "client", "neighbouring": "add/remove", "mechanism": "Gaussian",
-             "accountant": "pld", "target_epsilon": 4.0, "history": [{"round": 1, "cumulative_epsilon": 1.5}]}
+    claim = {
+        "epsilon": 1.5,
+        "delta": 1e-5,
+        "unit": "client",
+        "neighbouring": "add/remove",
+        "mechanism": "Gaussian",
+        "accountant": "pld",
+        "target_epsilon": 4.0,
+        "history": [{"round": 1, "cumulative_epsilon": 1.5}],
+    }
     return {
-        "method": "feddistill", "config": {"rounds": 2}, "config_digest": "c" * 64, "reference_digest": "d" * 64,
-        "num_nodes": 5, "public_teacher": {"model": "cnn", "test_accuracy": 0.75},
-        "public_only_student": {"test_accuracy": 0.7}, "student": {"model": "mlp", "parameters": 1000},
+        "method": "feddistill",
+        "config": {"rounds": 2},
+        "config_digest": "c" * 64,
+        "reference_digest": "d" * 64,
+        "num_nodes": 5,
+        "public_teacher": {"model": "cnn", "test_accuracy": 0.75},
+        "public_only_student": {"test_accuracy": 0.7},
+        "student": {"model": "mlp", "parameters": 1000},
         "rounds": [_round(1), {**_round(2), "population": "B"}],
-        "final": {"student_accuracy": 0.73, "student_nll": 0.9, "student_ece": 0.1, "agreement": 0.9,
-                  "released_id": "r0002", "released_accuracy": 0.72, "bytes_uploaded_total": 8000,
-                  "bytes_per_client_round": 1000.0, "fleet_labelled_rows": 120, "public_control_accuracy": 0.7,
-                  "private_gain": 3.0, "gap_closed": None},
-        "baselines": {"public_control": {"accuracy": 0.7, "per_round": [0.6, 0.7]},
-                      "public_teacher": {"test_accuracy": 0.75}, "centralized": {"accuracy": 0.95}},
-        "stop_reason": None, "validation": {"split": "held-out", "size": 20},
-        "releases": {"current": "r0002", "releases": []}, "calibration": None,
+        "final": {
+            "student_accuracy": 0.73,
+            "student_nll": 0.9,
+            "student_ece": 0.1,
+            "agreement": 0.9,
+            "released_id": "r0002",
+            "released_accuracy": 0.72,
+            "bytes_uploaded_total": 8000,
+            "bytes_per_client_round": 1000.0,
+            "fleet_labelled_rows": 120,
+            "public_control_accuracy": 0.7,
+            "private_gain": 3.0,
+            "gap_closed": None,
+        },
+        "baselines": {
+            "public_control": {"accuracy": 0.7, "per_round": [0.6, 0.7]},
+            "public_teacher": {"test_accuracy": 0.75},
+            "centralized": {"accuracy": 0.95},
+        },
+        "stop_reason": None,
+        "validation": {"split": "held-out", "size": 20},
+        "releases": {"current": "r0002", "releases": []},
+        "calibration": None,
         "drift": {"kl_threshold": 0.1, "alerts": []},
         "privacy": {"client_level": claim, "record_level": None},
         "label_histograms": [[1, 2], [3, 4]],
@@ -95,18 +141,28 @@ def test_records_round_trip_every_key_value_and_order():
     assert results.baselines.local_only is None and "local_only" not in results.baselines  # absent, not written
     assert results["a_key_from_the_future"] == {"kept": True}
     # every block on its own
-    for cls, block in ((RoundRecord, data["rounds"][1]), (FinalBlock, data["final"]),
-                       (Baselines, data["baselines"]), (PrivacyReport, data["privacy"])):
+    for cls, block in (
+        (RoundRecord, data["rounds"][1]),
+        (FinalBlock, data["final"]),
+        (Baselines, data["baselines"]),
+        (PrivacyReport, data["privacy"]),
+    ):
         assert _same(cls.from_dict(block).to_dict(), block)
         assert cls.from_dict(block) == cls.from_dict(json.loads(json.dumps(block)))
 
 
 def test_records_built_by_a_writer_write_only_what_it_gives():
     assert RoundRecord(round=1, student_accuracy=0.5, student_nll=0.6, student_ece=0.1).to_dict() == {
-        "round": 1, "student_accuracy": 0.5, "student_nll": 0.6, "student_ece": 0.1}  # a FedAvg round
+        "round": 1,
+        "student_accuracy": 0.5,
+        "student_nll": 0.6,
+        "student_ece": 0.1,
+    }  # a FedAvg round
     assert "population" not in RoundRecord(round=1, student_accuracy=0.5, population=None).to_dict()
     assert FinalBlock(student_accuracy=None, bytes_per_client_round=10).to_dict() == {
-        "student_accuracy": None, "bytes_per_client_round": 10}
+        "student_accuracy": None,
+        "bytes_per_client_round": 10,
+    }
     report = PrivacyReport(client_level=None, record_level={"epsilon": 2.0, "delta": 1e-5})
     assert report.to_dict() == {"client_level": None, "record_level": {"epsilon": 2.0, "delta": 1e-5}}
     report.secure_aggregation = {"on": True}  # set after construction: written
@@ -130,6 +186,7 @@ def test_records_name_what_is_missing_or_malformed():
 
 
 # ---- results.json written by real runs ---------------------------------------------------------
+
 
 def test_real_runs_results_parse_into_the_records():
     """Every results.json the benchmark suites kept (feddistill and its FedAvg / DP-FedAvg peers,
@@ -178,18 +235,39 @@ def test_the_round_loop_writes_the_records_keys():
     methods = {n.name: n for n in run.body if isinstance(n, ast.FunctionDef)}
     keys = _dict_keys_returned(methods["results"])
     assert keys == [k for k in RunResults.keys_() if k != "init"]  # `init`: a FedAvg peer's
-    built = {n.func.id for name in ("round_record", "final") for n in ast.walk(methods[name])
-             if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    built = {
+        n.func.id
+        for name in ("round_record", "final")
+        for n in ast.walk(methods[name])
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+    }
     assert {"RoundRecord", "FinalBlock"} <= built
 
 
 # ---- no run-folder path outside the schema -----------------------------------------------------
 
 # file names and path templates ("{}" for an f-string's replacement field) of a run folder
-FILES = {"results.json", "config.json", "checkpoint.pt", "ledger-journal.jsonl", "global_student.pt", "accuracy.png",
-         "reliability.png", "index.json", "canaries.npz", "report.html", "audit.json", "report.md", "export.json",
-         "student_fp32.torchscript.pt", "student_int8.torchscript.pt", ".prev.pt", "round{}.npz", "client{}.pt",
-         "roc_{}.png"}
+FILES = {
+    "results.json",
+    "config.json",
+    "checkpoint.pt",
+    "ledger-journal.jsonl",
+    "global_student.pt",
+    "accuracy.png",
+    "reliability.png",
+    "index.json",
+    "canaries.npz",
+    "report.html",
+    "audit.json",
+    "report.md",
+    "export.json",
+    "student_fp32.torchscript.pt",
+    "student_int8.torchscript.pt",
+    ".prev.pt",
+    "round{}.npz",
+    "client{}.pt",
+    "roc_{}.png",
+}
 # folder names: also words of results.json or method names, so a path only where one is built
 DIRS = {"releases", "clients", "audit", "uploads", "audit-report", "exports", "fedavg", "dp-fedavg"}
 
@@ -235,7 +313,12 @@ def run_folder_literals(source: str) -> list[tuple[int, str]]:
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
             in_path.update({id(node.left), id(node.right)})
         elif isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) in (
-                "Path", "joinpath", "join", "glob", "with_name"):
+            "Path",
+            "joinpath",
+            "join",
+            "glob",
+            "with_name",
+        ):
             in_path.update(id(a) for a in node.args)
     found = []
     for node in ast.walk(tree):
@@ -251,12 +334,20 @@ def run_folder_literals(source: str) -> list[tuple[int, str]]:
 
 
 def test_the_scanner_finds_paths_and_leaves_words_alone():
-    code = ('"""results.json: docs are prose."""\n'
-            'a = run / "results.json"\nb = out / "audit" / "uploads" / f"round{r:04d}.npz"\n'
-            'c = {"clients": 3, "releases": []}\nd = f"{x}: see results.json for more"\n'
-            'e = "exports/*/export.json"\nf = Path(run_dir, "fedavg")\ng = "audit"\n')
-    assert run_folder_literals(code) == [(2, "results.json"), (3, "audit"), (3, "uploads"), (3, "round{}.npz"),
-                                         (6, "exports/*/export.json"), (7, "fedavg")]
+    code = (
+        '"""results.json: docs are prose."""\n'
+        'a = run / "results.json"\nb = out / "audit" / "uploads" / f"round{r:04d}.npz"\n'
+        'c = {"clients": 3, "releases": []}\nd = f"{x}: see results.json for more"\n'
+        'e = "exports/*/export.json"\nf = Path(run_dir, "fedavg")\ng = "audit"\n'
+    )
+    assert run_folder_literals(code) == [
+        (2, "results.json"),
+        (3, "audit"),
+        (3, "uploads"),
+        (3, "round{}.npz"),
+        (6, "exports/*/export.json"),
+        (7, "fedavg"),
+    ]
 
 
 def test_no_run_folder_path_outside_the_schema_module():
@@ -268,11 +359,14 @@ def test_no_run_folder_path_outside_the_schema_module():
         for line, text in run_folder_literals(path.read_text(encoding="utf-8")):
             if text not in allowed:
                 offenders.append(f"{path.relative_to(ROOT)}:{line}: {text!r}")
-    assert not offenders, ("run-folder paths belong to feddistill.runfolder (RunFolder and its names); "
-                           "spelled elsewhere:\n" + "\n".join(offenders))
+    assert not offenders, (
+        "run-folder paths belong to feddistill.runfolder (RunFolder and its names); "
+        "spelled elsewhere:\n" + "\n".join(offenders)
+    )
 
 
 # ---- model files and client states -------------------------------------------------------------
+
 
 def _weights() -> dict[str, torch.Tensor]:
     return {"w": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(2)}
@@ -380,23 +474,44 @@ def test_what_the_writers_write_is_what_the_auditor_reads(tmp_path):
     from feddistill.server.outputs import save_audit_setup, save_student, save_uploads, write_json
     from feddistill.simulations.fleet import load_fleet
 
-    cfg = parse_config({"rounds": 1, "output-dir": str(tmp_path), "fleet": {"num-clients": 3, "fraction": 1.0},
-                        "audit": {"keep-artifacts": True, "canaries": 5, "canary-client": 0}}, "test")
+    cfg = parse_config(
+        {
+            "rounds": 1,
+            "output-dir": str(tmp_path),
+            "fleet": {"num-clients": 3, "fraction": 1.0},
+            "audit": {"keep-artifacts": True, "canaries": 5, "canary-client": 0},
+        },
+        "test",
+    )
     fleet = load_fleet(cfg.data, cfg.fleet, cfg.seed)
     run, classes = RunFolder(tmp_path), fleet.num_classes
     save_audit_setup(run, cfg)
-    save_student(build_model(cfg.distill.server_student, fleet.image_size, classes, seed=0), run.global_student, cfg,
-                 release="r0001", temperature=1.25)
+    save_student(
+        build_model(cfg.distill.server_student, fleet.image_size, classes, seed=0),
+        run.global_student,
+        cfg,
+        release="r0001",
+        temperature=1.25,
+    )
     for pid in range(3):
         save_local_student(build_model(cfg.student_for(pid), fleet.image_size, classes, seed=pid), cfg, pid)
     answers = [np.full((10, classes), 1 / classes, dtype=np.float32) for _ in range(3)]
     save_uploads(run.upload(1), np.arange(10), SimpleNamespace(senders=[0, 1, 2], answers=answers))
-    write_json(run.results, {"method": "feddistill", "config": cfg.to_dict(),
-                             "reference_digest": fleet.splits.reference_digest, "rounds": [],
-                             "privacy": {"client_level": None, "record_level": None}})
+    write_json(
+        run.results,
+        {
+            "method": "feddistill",
+            "config": cfg.to_dict(),
+            "reference_digest": fleet.splits.reference_digest,
+            "rounds": [],
+            "privacy": {"client_level": None, "record_level": None},
+        },
+    )
     art = load_run(tmp_path)
     assert art.global_student[0] == cfg.distill.server_student and load_model(run.global_student).metadata == {
-        "temperature": 1.25, "release": "r0001"}
+        "temperature": 1.25,
+        "release": "r0001",
+    }
     assert sorted(art.uploads) == [0, 1, 2] and art.uploads[1].rounds == [1]
     assert sorted(art.client_students) == [0, 1, 2] and art.canaries is not None and art.canaries.client == 0
     assert art.privacy == {"record_level": None, "client_level": None} and not art.warnings

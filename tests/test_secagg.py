@@ -57,12 +57,17 @@ def test_secagg_round_gives_the_server_the_mean_of_the_plain_answers(tmp_path, m
     assert results["final"]["student_accuracy"] > 0.6
     assert [rnd for rnd, *_ in seen] == [1, 2]
     step = run_secagg_noise(cfg).step
-    for rnd, content, collected, signal in seen:
+    for _rnd, content, collected, signal in seen:
         assert collected.answers == [] and collected.survivors == 5 and sorted(collected.senders) == list(range(5))
         plain = []
         for pid in range(5):
-            context = Context(run_id=1, node_id=1, node_config={"partition-id": pid, "num-partitions": 5},
-                              state=RecordDict(), run_config={})
+            context = Context(
+                run_id=1,
+                node_id=1,
+                node_config={"partition-id": pid, "num-partitions": 5},
+                state=RecordDict(),
+                run_config={},
+            )
             request = Message(content, dst_node_id=1, message_type=protocol.DISTILL)
             reply = handle_distill(request, context, cfg)
             plain.append(decode_answers(reply.content.array_records[protocol.ANSWERS_RECORD][protocol.ANSWERS].numpy()))
@@ -86,18 +91,40 @@ def test_secagg_misconfigurations_are_refused():
     with pytest.raises(ConfigError, match="'scenario.hostile-fraction' > 0"):
         load_config(None, {**SECAGG, "scenario.hostile_fraction": 0.2})
     with pytest.raises(ConfigError, match="'confident-gnmax'"):
-        load_config(None, {**SECAGG, "privacy.client_level": "confident-gnmax", "privacy.bound": "votes",
-                           "privacy.noise_multiplier": 1.0, "privacy.gnmax_threshold": 3.0,
-                           "privacy.threshold_noise_multiplier": 2.0})
+        load_config(
+            None,
+            {
+                **SECAGG,
+                "privacy.client_level": "confident-gnmax",
+                "privacy.bound": "votes",
+                "privacy.noise_multiplier": 1.0,
+                "privacy.gnmax_threshold": 3.0,
+                "privacy.threshold_noise_multiplier": 2.0,
+            },
+        )
     with pytest.raises(ConfigError, match="'distill.secagg-clipping-range' \\(0.5\\) must be >= 1"):
         load_config(None, {**SECAGG, "distill.secagg_clipping_range": 0.5})
     # a clipping range that would clip the noise shares too often for the accounting is refused
     with pytest.raises(ConfigError, match="'distill.secagg-clipping-range' = 8 clips a noise share"):
-        load_config(None, {**SECAGG, "privacy.client_level": "central", "privacy.noise_multiplier": 1.0,
-                           "distill.secagg_clipping_range": 8.0})
+        load_config(
+            None,
+            {
+                **SECAGG,
+                "privacy.client_level": "central",
+                "privacy.noise_multiplier": 1.0,
+                "distill.secagg_clipping_range": 8.0,
+            },
+        )
     with pytest.raises(ConfigError, match="'distill.secagg-quantization-range' = 64 quantizes with step"):
-        load_config(None, {**SECAGG, "privacy.client_level": "central", "privacy.noise_multiplier": 1.0,
-                           "distill.secagg_quantization_range": 64})
+        load_config(
+            None,
+            {
+                **SECAGG,
+                "privacy.client_level": "central",
+                "privacy.noise_multiplier": 1.0,
+                "distill.secagg_quantization_range": 64,
+            },
+        )
 
 
 def test_client_refuses_a_server_that_lowers_the_threshold_or_changes_the_range():
@@ -108,8 +135,12 @@ def test_client_refuses_a_server_that_lowers_the_threshold_or_changes_the_range(
 
     cfg = load_config(None, {**SECAGG, "privacy.client_level": "central", "privacy.noise_multiplier": 1.0})
     noise = run_secagg_noise(cfg)
-    good = {Key.CLIPPING_RANGE: noise.clipping_range, Key.TARGET_RANGE: noise.quantization_range,
-            Key.MAX_WEIGHT: 1.0, Key.THRESHOLD: 3}
+    good = {
+        Key.CLIPPING_RANGE: noise.clipping_range,
+        Key.TARGET_RANGE: noise.quantization_range,
+        Key.MAX_WEIGHT: 1.0,
+        Key.THRESHOLD: 3,
+    }
     check_setup(ConfigRecord(good), cfg)
     with pytest.raises(SecAggRefused, match="reconstruction threshold 2 < 3"):
         check_setup(ConfigRecord({**good, Key.THRESHOLD: 2}), cfg)
@@ -119,8 +150,9 @@ def test_client_refuses_a_server_that_lowers_the_threshold_or_changes_the_range(
 
 @pytest.mark.parametrize("client_level,bound", [("central", "probs"), ("gnmax", "votes")])
 def test_noise_shares_of_any_accepted_number_of_survivors_carry_the_planned_noise(client_level, bound):
-    cfg = load_config(None, {**SECAGG, "privacy.client_level": client_level, "privacy.bound": bound,
-                             "privacy.noise_multiplier": 0.8})
+    cfg = load_config(
+        None, {**SECAGG, "privacy.client_level": client_level, "privacy.bound": bound, "privacy.noise_multiplier": 0.8}
+    )
     plan, noise = secagg_privacy(cfg)
     assert plan is not None and upload_privacy(cfg) == plan
     # replace-one sensitivity, q = 1 (no amplification claimed), sum noise z * Delta

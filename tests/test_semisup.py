@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from bench.ablation import label_rows, vote_variants
+
 from feddistill.models import build_model
 from feddistill.semisup import strong_view, train_fixmatch, weak_view
 from feddistill.training import predict_logits
@@ -45,8 +45,19 @@ def test_fixmatch_learns_from_unlabelled_images(one_torch_thread):
     accuracy = {}
     for name, unlabelled in (("fixmatch", _toy(1000, 2)[0]), ("labelled only", torch.zeros(0, 1, 8, 8))):
         model = build_model("mlp", 8, 2, seed=0)
-        stats = train_fixmatch(model, labelled_x, targets, unlabelled, steps=300, batch_size=4, mu=16, threshold=0.9,
-                               lr=0.05, flip=True, seed=0)
+        stats = train_fixmatch(
+            model,
+            labelled_x,
+            targets,
+            unlabelled,
+            steps=300,
+            batch_size=4,
+            mu=16,
+            threshold=0.9,
+            lr=0.05,
+            flip=True,
+            seed=0,
+        )
         accuracy[name] = float((predict_logits(model, test_x).argmax(1) == test_y).float().mean())
         assert (stats.mask_rate > 0) == (name == "fixmatch") and stats.steps == 300
     assert accuracy["fixmatch"] > accuracy["labelled only"] + 0.08, accuracy
@@ -60,8 +71,7 @@ def test_fixmatch_refuses_nothing_to_learn_from():
 
 def test_the_ablation_counts_votes_with_the_products_answer_rules():
     # 2 clients x 3 rows x 3 classes; client 1 holds no record of class 2
-    logits = np.array([[[3.0, 0, 0], [0, 3.0, 0], [0, 0, 3.0]],
-                       [[3.0, 0, 0], [0, 0, 3.0], [0, 0, 3.0]]])
+    logits = np.array([[[3.0, 0, 0], [0, 3.0, 0], [0, 0, 3.0]], [[3.0, 0, 0], [0, 0, 3.0], [0, 0, 3.0]]])
     counts = np.array([[60, 60, 60], [60, 60, 0]])
     variants = vote_variants(logits, counts, {"min_records": 50})
     np.testing.assert_array_equal(variants["plain votes"], [[2, 0, 0], [0, 1, 1], [0, 0, 2]])

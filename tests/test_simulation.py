@@ -48,8 +48,9 @@ def _request(cfg, digest: str, rnd: int = 1) -> Message:
 
 
 def _context() -> Context:
-    return Context(run_id=1, node_id=1, node_config={"partition-id": 2, "num-partitions": 5}, state=RecordDict(),
-                   run_config={})
+    return Context(
+        run_id=1, node_id=1, node_config={"partition-id": 2, "num-partitions": 5}, state=RecordDict(), run_config={}
+    )
 
 
 def test_client_answers_with_only_the_answers_matrix_and_scalars(task_identity, tmp_path):
@@ -84,9 +85,18 @@ def test_cli_simulation_on_flower_engine_completes_and_student_learns(tmp_path):
 
     generate_credentials(tmp_path / "certs", num_supernodes=1)  # every download signed and verified
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "feddistill.cli", "simulate", "--out", str(out),
-            "--set", f'security.signing-key="{tmp_path / "certs" / "release-signing.key"}"',
-            "--set", f'security.release-public-key="{tmp_path / "certs" / "release-signing.pub"}"']
+    args = [
+        sys.executable,
+        "-m",
+        "feddistill.cli",
+        "simulate",
+        "--out",
+        str(out),
+        "--set",
+        f'security.signing-key="{tmp_path / "certs" / "release-signing.key"}"',
+        "--set",
+        f'security.release-public-key="{tmp_path / "certs" / "release-signing.pub"}"',
+    ]
     for key, value in SMALL.items():
         args += ["--set", f"{key}={value}"]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=os.environ.copy())
@@ -114,7 +124,9 @@ def test_cli_simulation_on_flower_engine_completes_and_student_learns(tmp_path):
 def test_cli_rejects_bad_config_with_exit_code_2(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "feddistill.cli", "simulate", "--set", "fleet.alpha=-1", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "'fleet.alpha' = -1.0 must be > 0" in proc.stderr
@@ -123,8 +135,13 @@ def test_cli_rejects_bad_config_with_exit_code_2(tmp_path):
 def test_run_survives_hostile_clients_and_dropouts(tmp_path):
     """A Flower run with a NaN-sending client and 30 % dropouts completes; bad replies are counted."""
     out = tmp_path / "faults"
-    settings = {**SMALL, "rounds": 3, "scenario.hostile_fraction": 0.2, "scenario.attack": '"nan"',
-                "scenario.dropout": 0.3}
+    settings = {
+        **SMALL,
+        "rounds": 3,
+        "scenario.hostile_fraction": 0.2,
+        "scenario.attack": '"nan"',
+        "scenario.dropout": 0.3,
+    }
     args = [sys.executable, "-m", "feddistill.cli", "simulate", "--no-baselines", "--out", str(out)]
     for key, value in settings.items():
         args += ["--set", f"{key}={value}"]

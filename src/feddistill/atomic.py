@@ -14,8 +14,13 @@ from typing import Any
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike[str], *, mode: int | None = None, durable: bool = False,
-                previous: str | os.PathLike[str] | None = None) -> Iterator[Path]:
+def atomic_path(
+    path: str | os.PathLike[str],
+    *,
+    mode: int | None = None,
+    durable: bool = False,
+    previous: str | os.PathLike[str] | None = None,
+) -> Iterator[Path]:
     """Yield a temp path (same folder, same suffix); on success it replaces `path`.
 
     mode: create the temp file with exactly these permissions before anything is written

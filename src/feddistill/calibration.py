@@ -110,12 +110,22 @@ def cross_fitted_nll(logits: np.ndarray, labels: np.ndarray, folds: int = CROSS_
         held_out = fold == f
         t = fit_temperature(logits[~held_out], labels[~held_out])
         after += _nll(logits[held_out], labels[held_out], t) * held_out.sum()
-    return {"name": "nll", "estimate": f"{k}-fold cross-fitting on the validation split", "folds": k,
-            "before": _nll(logits, labels, 1.0), "after": float(after / n)}
+    return {
+        "name": "nll",
+        "estimate": f"{k}-fold cross-fitting on the validation split",
+        "folds": k,
+        "before": _nll(logits, labels, 1.0),
+        "after": float(after / n),
+    }
 
 
-def calibrate(val_logits: np.ndarray, val_labels: np.ndarray, *, fitted_on: str = "public validation split",
-              extra: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> Calibration:
+def calibrate(
+    val_logits: np.ndarray,
+    val_labels: np.ndarray,
+    *,
+    fitted_on: str = "public validation split",
+    extra: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> Calibration:
     """Fit T on the validation logits and keep it only if it lowers the cross-fitted validation
     NLL (else T = 1); report ECE/NLL before and after (at the T kept) on it and on `extra`
     splits (e.g. the test split, for reporting only: it never influences T)."""
@@ -132,8 +142,16 @@ def calibrate(val_logits: np.ndarray, val_labels: np.ndarray, *, fitted_on: str 
     for name, (logits, labels) in splits.items():
         before[name] = evaluate_probs(softmax(logits), labels).to_dict()
         after[name] = evaluate_probs(softmax(logits, t), labels).to_dict()
-    return Calibration(temperature=t, fitted_on=fitted_on, before=before, after=after, fitted_temperature=fitted,
-                       kept=kept, validation_size=int(n), criterion=criterion)
+    return Calibration(
+        temperature=t,
+        fitted_on=fitted_on,
+        before=before,
+        after=after,
+        fitted_temperature=fitted,
+        kept=kept,
+        validation_size=int(n),
+        criterion=criterion,
+    )
 
 
 def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> dict[str, list[float]]:
@@ -167,7 +185,9 @@ def plot_reliability(diagrams: dict[str, dict[str, list[float]]], path: Path, ti
         acc = np.where(counts > 0, d["accuracy"], 0.0)
         ax.bar(edges[:-1], acc, width=width, align="edge", edgecolor="black", alpha=0.7, label="accuracy")
         gap = np.where(counts > 0, np.asarray(d["confidence"]) - acc, 0.0)
-        ax.bar(edges[:-1], gap, bottom=acc, width=width, align="edge", color="red", alpha=0.3, label="gap to confidence")
+        ax.bar(
+            edges[:-1], gap, bottom=acc, width=width, align="edge", color="red", alpha=0.3, label="gap to confidence"
+        )
         ax.plot([0, 1], [0, 1], "k--", linewidth=1)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)

@@ -7,7 +7,6 @@ import logging
 import re
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -17,7 +16,9 @@ from rich.text import Text
 from feddistill.config import ConfigError, load_config, parse_override
 from feddistill.console import make_console
 
-cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated, privacy-preserving knowledge distillation on Flower.")
+cli = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Federated, privacy-preserving knowledge distillation on Flower."
+)
 console = make_console()  # tables and results: plain and complete when stdout is not a terminal
 # log lines and one-line errors: rich's own console (its log layout pads every line to the width)
 err_console = Console(stderr=True)
@@ -57,12 +58,16 @@ def _fail(message: str, code: int = 2) -> None:
 
 @cli.command()
 def simulate(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML run config (defaults: digits, 10 clients)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (overrides output-dir)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="TOML run config (defaults: digits, 10 clients)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Results folder (overrides output-dir)."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set fleet.num-clients=20."),
     no_baselines: bool = typer.Option(False, "--no-baselines", help="Skip local-only, centralized and FedAvg."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run from its folder's checkpoint."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in the results folder (deletes what it wrote)."),
+    resume: Path | None = typer.Option(
+        None, "--resume", help="Continue an interrupted run from its folder's checkpoint."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace the run already in the results folder (deletes what it wrote)."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's and Ray's own logs."),
 ) -> None:
     """Run a simulated fleet on Flower's simulation engine and write results.json + accuracy.png."""
@@ -86,8 +91,8 @@ def simulate(
     except (ConfigError, RunFolderError) as exc:
         _fail(str(exc))
     from feddistill.data import DataError
-    from feddistill.server.checkpoint import CheckpointError
     from feddistill.report import plot_accuracy, print_summary
+    from feddistill.server.checkpoint import CheckpointError
     from feddistill.simulations.run import simulate as run
 
     try:
@@ -108,11 +113,25 @@ def simulate(
 
 @cli.command()
 def audit(
-    run_dir: Path = typer.Argument(..., help="A finished run's folder (simulate with --set audit.keep-artifacts=true)."),
-    policy: Optional[Path] = typer.Option(None, "--policy", "-p", help="TOML policy: max_auc, max_tpr_at_0_1pct_fpr, max_tpr_at_1pct_fpr, max_empirical_epsilon, fail_on_dp_violation (default true), min_label_tv."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder (default RUN_DIR/audit-report)."),
-    reference_models: int = typer.Option(4, "--reference-models", help="Reference (shadow) models per target for LiRA/RMIA."),
-    target_clients: int = typer.Option(2, "--target-clients", help="Clients audited as targets (a) uploads and (b) local student; the canary client first."),
+    run_dir: Path = typer.Argument(
+        ..., help="A finished run's folder (simulate with --set audit.keep-artifacts=true)."
+    ),
+    policy: Path | None = typer.Option(
+        None,
+        "--policy",
+        "-p",
+        help="TOML policy: max_auc, max_tpr_at_0_1pct_fpr, max_tpr_at_1pct_fpr, max_empirical_epsilon, "
+        "fail_on_dp_violation (default true), min_label_tv.",
+    ),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Report folder (default RUN_DIR/audit-report)."),
+    reference_models: int = typer.Option(
+        4, "--reference-models", help="Reference (shadow) models per target for LiRA/RMIA."
+    ),
+    target_clients: int = typer.Option(
+        2,
+        "--target-clients",
+        help="Clients audited as targets (a) uploads and (b) local student; the canary client first.",
+    ),
 ) -> None:
     """Membership-inference and DP-claim audit of a finished run: audit.json, report.md, roc_*.png.
 
@@ -120,13 +139,22 @@ def audit(
     _setup_logging(False)
     from feddistill.privacy.audit.runner import main as audit_main
 
-    raise typer.Exit(audit_main(str(run_dir), None if policy is None else str(policy),
-                                None if out is None else str(out), reference_models, target_clients))
+    raise typer.Exit(
+        audit_main(
+            str(run_dir),
+            None if policy is None else str(policy),
+            None if out is None else str(out),
+            reference_models,
+            target_clients,
+        )
+    )
 
 
 @cli.command()
 def certs(
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for the CA, server certificate, signing and SuperNode keys."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Folder for the CA, server certificate, signing and SuperNode keys."
+    ),
     host: list[str] = typer.Option(["localhost", "127.0.0.1"], "--host", help="Server host name or IP (repeatable)."),
     supernodes: int = typer.Option(3, "--supernodes", help="SuperNode authentication key pairs to create."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing files."),
@@ -171,8 +199,12 @@ def releases(
         history = load_index(run_dir)
     except ReleaseError as exc:
         _fail(str(exc))
-    table = Table(title=f"Releases of {run_dir} (* = released now: {history.current})", box=box.SIMPLE_HEAD,
-                  pad_edge=False, padding=(0, 0, 0, 1))
+    table = Table(
+        title=f"Releases of {run_dir} (* = released now: {history.current})",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        padding=(0, 0, 0, 1),
+    )
     for col in ("id", "rnd", "parent", "status", "val acc", "val ECE", "agree", "test acc", "T", "eps"):
         table.add_column(col, justify="left" if col in ("id", "parent", "status") else "right", no_wrap=True)
 
@@ -182,12 +214,23 @@ def releases(
     for r in history.releases:
         mark = "*" if r.id == history.current else ""
         style = "green" if r.status == PROMOTED else "yellow"
-        table.add_row(r.id + mark, str(r.round), r.parent or "-", f"[{style}]{r.status}[/]", num(r.validation.get("accuracy")),
-                      num(r.validation.get("ece")), num(r.validation.get("agreement")), num(r.test.get("accuracy")),
-                      num((r.calibration or {}).get("temperature"), "{:.2f}"), num(r.client_epsilon))
+        table.add_row(
+            r.id + mark,
+            str(r.round),
+            r.parent or "-",
+            f"[{style}]{r.status}[/]",
+            num(r.validation.get("accuracy")),
+            num(r.validation.get("ece")),
+            num(r.validation.get("agreement")),
+            num(r.test.get("accuracy")),
+            num((r.calibration or {}).get("temperature"), "{:.2f}"),
+            num(r.client_epsilon),
+        )
     console.print(table)
-    console.print("val = held-out labelled public data; T = calibration temperature; eps = client-level epsilon "
-                  "when the candidate was made (delta, accountant: results.json); the gate's reasons:")
+    console.print(
+        "val = held-out labelled public data; T = calibration temperature; eps = client-level epsilon "
+        "when the candidate was made (delta, accountant: results.json); the gate's reasons:"
+    )
     for r in history.releases:
         console.print(f"  {r.id}: {r.reason}", soft_wrap=True, markup=False)
 
@@ -195,8 +238,10 @@ def releases(
 @cli.command()
 def export(
     run_dir: Path = typer.Argument(..., help="A finished feddistill run's folder."),
-    release: str = typer.Option(..., "--release", "-r", help="Release id (see `feddistill releases RUN_DIR`), e.g. r0003."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Export folder (default RUN_DIR/exports/ID)."),
+    release: str = typer.Option(
+        ..., "--release", "-r", help="Release id (see `feddistill releases RUN_DIR`), e.g. r0003."
+    ),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Export folder (default RUN_DIR/exports/ID)."),
     latency_runs: int = typer.Option(200, "--latency-runs", min=1, help="Timed batch-1 forward passes per form."),
 ) -> None:
     """Export a released student for devices: TorchScript fp32 and int8 (dynamic quantization) + export.json."""
@@ -212,16 +257,18 @@ def export(
     target = out if out is not None else run_dir / "exports" / release
     for name, form in meta["forms"].items():
         lat = form["latency"]
-        console.print(f"{name}: {target / form['file']}  {form['bytes'] / 1000:.1f} KB, test acc "
-                      f"{form['test_accuracy']:.3f} (delta vs fp32 {form['accuracy_delta_vs_fp32']:+.3f}), "
-                      f"latency p50 {lat['p50_ms']:.3f} ms / p95 {lat['p95_ms']:.3f} ms (batch 1, CPU)")
+        console.print(
+            f"{name}: {target / form['file']}  {form['bytes'] / 1000:.1f} KB, test acc "
+            f"{form['test_accuracy']:.3f} (delta vs fp32 {form['accuracy_delta_vs_fp32']:+.3f}), "
+            f"latency p50 {lat['p50_ms']:.3f} ms / p95 {lat['p95_ms']:.3f} ms (batch 1, CPU)"
+        )
     console.print(f"metadata: {target / META_FILE}")
 
 
 @cli.command()
 def report(
     run_dir: Path = typer.Argument(..., help="A finished feddistill run's folder (with results.json)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file (default RUN_DIR/report.html)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="HTML file (default RUN_DIR/report.html)."),
 ) -> None:
     """A self-contained HTML run report: accuracy, epsilon, bytes, drops, releases, drift, calibration, audit."""
     from feddistill.report import ReportError, write_html_report

@@ -71,7 +71,7 @@ class DistillConfig:
     query_size: int = 450  # |Q|: reference examples queried per round
     digest_epochs: int = 10  # client: KD toward the teacher signal on the queries
     revisit_epochs: int = 5  # client: cross-entropy on private data
-    client_start: str = "global"  # each round a client starts from: "global" (the released global student) | "own"
+    client_start: str = "global"  # each round a client starts from: "global" (the server's latest global student) | "own"
     revisit_kd_weight: float = 1.0  # client: weight of KD on the queries while revisiting (0 = plain FedMD revisit)
     batch_size: int = 32
     lr: float = 0.05
@@ -439,7 +439,8 @@ def _check(cfg: RunConfig, source: str) -> None:
     if cfg.data.public_labelled_size > cfg.data.reference_size:
         raise ConfigError(
             f"{source}: 'data.public-labelled-size' ({cfg.data.public_labelled_size}) must not exceed "
-            f"'data.reference-size' ({cfg.data.reference_size}): the labelled public sample is drawn from the reference set"
+            f"'data.reference-size' ({cfg.data.reference_size}): "
+            "the labelled public sample is drawn from the reference set"
         )
     if cfg.distill.query_size > cfg.data.reference_size:
         raise ConfigError(
@@ -450,10 +451,13 @@ def _check(cfg: RunConfig, source: str) -> None:
     _check_secagg(cfg, source)
     _check_release(cfg, source)
     if cfg.scenario.shift_round > cfg.rounds:
-        raise ConfigError(f"{source}: 'scenario.shift-round' ({cfg.scenario.shift_round}) must be <= 'rounds' ({cfg.rounds})")
+        raise ConfigError(
+            f"{source}: 'scenario.shift-round' ({cfg.scenario.shift_round}) must be <= 'rounds' ({cfg.rounds})"
+        )
     if cfg.audit.canary_client >= cfg.fleet.num_clients:
         raise ConfigError(
-            f"{source}: 'audit.canary-client' ({cfg.audit.canary_client}) must be < 'fleet.num-clients' ({cfg.fleet.num_clients})"
+            f"{source}: 'audit.canary-client' ({cfg.audit.canary_client}) "
+            f"must be < 'fleet.num-clients' ({cfg.fleet.num_clients})"
         )
     if cfg.data.dataset == "digits" and cfg.data.test_size < 1:
         raise ConfigError(f"{source}: 'data.test-size' must be >= 1 for digits (it has no test split of its own)")
@@ -468,8 +472,10 @@ def _check_release(cfg: RunConfig, source: str) -> None:
     r = cfg.release
     if r.validation_fraction == 0:
         if r.gate or r.calibrate:
-            raise ConfigError(f"{source}: 'release.gate' and 'release.calibrate' need a validation split: "
-                              "'release.validation-fraction' must be > 0 (or turn both off)")
+            raise ConfigError(
+                f"{source}: 'release.gate' and 'release.calibrate' need a validation split: "
+                "'release.validation-fraction' must be > 0 (or turn both off)"
+            )
         return
     n = validation_size(cfg)
     if not 1 <= n < cfg.data.public_labelled_size:
@@ -494,13 +500,16 @@ def _check_privacy(cfg: RunConfig, source: str) -> None:
                 "accountant assumes each client is sampled independently"
             )
     if cfg.distill.answer_dtype in ("uint8", "vote") and (p.client_level == "local" or p.bound == "clipped_logits"):
-        raise ConfigError(f"{source}: 'distill.answer-dtype' = {cfg.distill.answer_dtype!r} carries bounded, noise-free "
-                          "answers only: it cannot carry locally noised answers or clipped logits; use float16")
+        raise ConfigError(
+            f"{source}: 'distill.answer-dtype' = {cfg.distill.answer_dtype!r} carries bounded, noise-free "
+            "answers only: it cannot carry locally noised answers or clipped logits; use float16"
+        )
     if p.client_level in ("gnmax", "confident-gnmax") and p.bound != "votes":
         raise ConfigError(f"{source}: 'privacy.client-level' = {p.client_level!r} needs 'privacy.bound' = 'votes'")
     if p.client_level == "confident-gnmax" and (p.gnmax_threshold == 0 or p.threshold_noise_multiplier == 0):
         raise ConfigError(
-            f"{source}: confident-gnmax needs 'privacy.gnmax-threshold' > 0 and 'privacy.threshold-noise-multiplier' > 0"
+            f"{source}: confident-gnmax needs 'privacy.gnmax-threshold' > 0 "
+            "and 'privacy.threshold-noise-multiplier' > 0"
         )
     if (cfg.method == "dp-fedavg" or cfg.baselines.dp_fedavg) and p.noise_multiplier == 0 and p.target_epsilon == 0:
         raise ConfigError(f"{source}: DP-FedAvg needs 'privacy.noise-multiplier' > 0 or 'privacy.target-epsilon' > 0")
@@ -522,16 +531,22 @@ def abstains(cfg: RunConfig) -> bool:
 def _check_abstention(cfg: RunConfig, source: str) -> None:
     d, p = cfg.distill, cfg.privacy
     if d.fleet_labels == "consensus" and cfg.release.validation_fraction == 0:
-        raise ConfigError(f"{source}: 'distill.fleet-labels' = 'consensus' calibrates its threshold on the held-out "
-                          "public labels: 'release.validation-fraction' must be > 0")
+        raise ConfigError(
+            f"{source}: 'distill.fleet-labels' = 'consensus' calibrates its threshold on the held-out "
+            "public labels: 'release.validation-fraction' must be > 0"
+        )
     if abstains(cfg) and (p.bound == "clipped_logits" or d.aggregator != "mean"):
-        raise ConfigError(f"{source}: abstention ('distill.abstain-confidence' / 'distill.abstain-min-records') needs "
-                          "'privacy.bound' = 'probs' or 'votes' and 'distill.aggregator' = 'mean': an abstention is an "
-                          "all-zero row, which only those tell apart from an answer")
+        raise ConfigError(
+            f"{source}: abstention ('distill.abstain-confidence' / 'distill.abstain-min-records') needs "
+            "'privacy.bound' = 'probs' or 'votes' and 'distill.aggregator' = 'mean': an abstention is an "
+            "all-zero row, which only those tell apart from an answer"
+        )
     if p.record_level and (d.prior_correction or d.abstain_min_records > 0):
-        raise ConfigError(f"{source}: 'privacy.record-level' = true cannot be combined with 'distill.prior-correction' "
-                          "or 'distill.abstain-min-records': both read the device's label counts, which DP-SGD does "
-                          "not protect (use 'distill.abstain-confidence', which reads only the DP-trained model)")
+        raise ConfigError(
+            f"{source}: 'privacy.record-level' = true cannot be combined with 'distill.prior-correction' "
+            "or 'distill.abstain-min-records': both read the device's label counts, which DP-SGD does "
+            "not protect (use 'distill.abstain-confidence', which reads only the DP-trained model)"
+        )
 
 
 def _check_secagg(cfg: RunConfig, source: str) -> None:
@@ -550,8 +565,10 @@ def _check_secagg(cfg: RunConfig, source: str) -> None:
             f"'mean' (got {d.aggregator!r}: robust and entropy-reduced aggregators need every single reply)"
         )
     if p.client_level == "confident-gnmax":
-        raise ConfigError(f"{source}: {mode} does not support 'privacy.client-level' = 'confident-gnmax' "
-                          "(its threshold check needs a second noisy sum); use 'gnmax', 'central' or 'local'")
+        raise ConfigError(
+            f"{source}: {mode} does not support 'privacy.client-level' = 'confident-gnmax' "
+            "(its threshold check needs a second noisy sum); use 'gnmax', 'central' or 'local'"
+        )
     if d.secagg_reconstruction_threshold >= d.secagg_num_shares:
         raise ConfigError(
             f"{source}: 'distill.secagg-reconstruction-threshold' ({d.secagg_reconstruction_threshold}) must be < "
@@ -571,8 +588,10 @@ def _check_secagg(cfg: RunConfig, source: str) -> None:
             f"wraps around; use at most {(2**32 - 1) // cfg.fleet.num_clients}"
         )
     if cfg.audit.keep_artifacts:
-        raise ConfigError(f"{source}: {mode} and 'audit.keep-artifacts' = true: the server never sees a single "
-                          "upload, so there are none to keep for the uploads audit")
+        raise ConfigError(
+            f"{source}: {mode} and 'audit.keep-artifacts' = true: the server never sees a single "
+            "upload, so there are none to keep for the uploads audit"
+        )
     if d.secagg_clipping_range:
         bound = row_norm_bound(p.bound, clip_norm=p.clip_norm)
         if d.secagg_clipping_range < bound:
@@ -618,8 +637,9 @@ def _nest(values: dict[str, Any], source: str) -> dict[str, Any]:
     return nested
 
 
-def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None,
-                overrides_source: str = "--set") -> RunConfig:
+def load_config(
+    path: str | Path | None, overrides: dict[str, Any] | None = None, overrides_source: str = "--set"
+) -> RunConfig:
     """Read a TOML config file (None = all defaults) and apply flat dotted overrides.
 
     Errors name where the bad value came from: the file for its own keys, ``overrides_source``
@@ -634,8 +654,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         return parse_config(values, source)
     # an override's own key and value: its mistakes are the override's, not the file's
     nested = _nest(overrides, overrides_source)
-    _check_values(_build(RunConfig, nested, "", overrides_source), overrides_source,
-                  keys={_norm(k) for k in overrides})
+    _check_values(_build(RunConfig, nested, "", overrides_source), overrides_source, keys={_norm(k) for k in overrides})
     for key, value in nested.items():
         if isinstance(value, dict):
             if not isinstance(values.setdefault(key, {}), dict):

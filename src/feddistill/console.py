@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import IO, Any, Optional
+from typing import IO, Any
 
 from rich.console import Console, ConsoleDimensions, RenderableType
 from rich.rule import Rule
@@ -65,19 +65,19 @@ class CliConsole(Console):
         self._width = width
         self._explicit_width = True
 
-    def rule(self, title: RenderableType = "", *, characters: str = "─", style="rule.line",
-             align="center") -> None:
+    def rule(self, title: RenderableType = "", *, characters: str = "─", style="rule.line", align="center") -> None:
         if not self.plain:
             super().rule(title, characters=characters, style=style, align=align)
             return
         from rich.text import Text
 
         title_width = Text.from_markup(title).cell_len if isinstance(title, str) else self.measure(title).maximum
-        self.print(Rule(title, characters=characters, style=style, align=align),
-                   width=max(PLAIN_RULE_WIDTH, title_width + 6))
+        self.print(
+            Rule(title, characters=characters, style=style, align=align), width=max(PLAIN_RULE_WIDTH, title_width + 6)
+        )
 
 
-def make_console(*, stderr: bool = False, file: Optional[IO[str]] = None) -> CliConsole:
+def make_console(*, stderr: bool = False, file: IO[str] | None = None) -> CliConsole:
     """A console for the CLI's output: rich on a terminal, plain and complete otherwise (see
     the module docstring). ``file`` None: the process's stdout (stderr with ``stderr``), looked
     up at each print."""
@@ -120,14 +120,27 @@ class _Shared:
         self.users = 0
 
     def enter(self, console: Console):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         with self.lock:
             if self.progress is None:
-                self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                         TextColumn("{task.fields[unit]}"), TimeElapsedColumn(),
-                                         TextColumn("eta"), TimeRemainingColumn(), console=console)
+                self.progress = Progress(
+                    TextColumn("{task.description}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TextColumn("{task.fields[unit]}"),
+                    TimeElapsedColumn(),
+                    TextColumn("eta"),
+                    TimeRemainingColumn(),
+                    console=console,
+                )
                 self.progress.start()
             self.users += 1
             return self.progress
@@ -153,7 +166,13 @@ class ProgressTask:
     returns, no cursor movement, no colour."""
 
     def __init__(self, description: str, total: float, unit: str, console: Console, lines: int) -> None:
-        self.description, self.total, self.unit, self.console, self.lines = description, float(total), unit, console, lines
+        self.description, self.total, self.unit, self.console, self.lines = (
+            description,
+            float(total),
+            unit,
+            console,
+            lines,
+        )
         self.completed, self.current_phase, self.done = 0.0, "", False
         self._milestone = 0
         self._start = time.monotonic()
@@ -221,8 +240,9 @@ class ProgressTask:
 
 
 @contextmanager
-def progress(description: str, total: float, *, unit: str = "steps", console: Optional[Console] = None,
-             lines: int = PLAIN_LINES) -> Iterator[ProgressTask]:
+def progress(
+    description: str, total: float, *, unit: str = "steps", console: Console | None = None, lines: int = PLAIN_LINES
+) -> Iterator[ProgressTask]:
     """Show the progress of a long step: ``with progress("public teacher", 150, unit="epochs") as p:``
     then ``p.advance()`` per epoch. On a terminal a live rich bar (elapsed time, estimate of the
     time left); elsewhere a few plain lines (see :class:`ProgressTask`). A task that ends without
@@ -241,8 +261,9 @@ def progress(description: str, total: float, *, unit: str = "steps", console: Op
 
 
 @contextmanager
-def training_progress(model: Any, description: str, *, epochs: int, rows: int, batch_size: int,
-                      console: Optional[Console] = None) -> Iterator[ProgressTask]:
+def training_progress(
+    model: Any, description: str, *, epochs: int, rows: int, batch_size: int, console: Console | None = None
+) -> Iterator[ProgressTask]:
     """:func:`progress` over the epochs of one call of ``feddistill.training``'s loops on ``model``.
 
     The training loops take no callback, so this counts the model's forward passes in training

@@ -23,8 +23,9 @@ def encode_answers(answers: np.ndarray, dtype: str) -> np.ndarray:
         return np.rint(np.clip(answers, 0.0, 1.0) * 255).astype(np.uint8)
     if dtype == "vote":
         if answers.shape[1] > ABSTAIN_VOTE:
-            raise ValueError(f"vote answers carry a class index in one byte: at most {ABSTAIN_VOTE} classes, "
-                             f"got {answers.shape[1]}")
+            raise ValueError(
+                f"vote answers carry a class index in one byte: at most {ABSTAIN_VOTE} classes, got {answers.shape[1]}"
+            )
         votes = answers.argmax(axis=1).astype(np.uint8)
         votes[~(answers > 0).any(axis=1)] = ABSTAIN_VOTE  # an all-zero row is an abstention
         return np.ascontiguousarray(votes)

@@ -36,8 +36,18 @@ from feddistill.runfolder import EXPORT_FP32 as FP32_FILE
 from feddistill.runfolder import EXPORT_INT8 as INT8_FILE
 from feddistill.runfolder import EXPORT_META as META_FILE
 
-__all__ = ["FP32_FILE", "INT8_FILE", "META_FILE", "CalibratedStudent", "export_model", "export_release", "latency_ms",
-           "predict", "quantize_int8", "to_torchscript"]
+__all__ = [
+    "FP32_FILE",
+    "INT8_FILE",
+    "META_FILE",
+    "CalibratedStudent",
+    "export_model",
+    "export_release",
+    "latency_ms",
+    "predict",
+    "quantize_int8",
+    "to_torchscript",
+]
 
 
 class CalibratedStudent(nn.Module):
@@ -99,12 +109,26 @@ def latency_ms(model: nn.Module, example: torch.Tensor, runs: int = 200, warmup:
     finally:
         torch.set_num_threads(threads)
     arr = np.asarray(times)
-    return {"p50_ms": float(np.percentile(arr, 50)), "p95_ms": float(np.percentile(arr, 95)),
-            "mean_ms": float(arr.mean()), "runs": runs, "batch_size": 1, "threads": 1}
+    return {
+        "p50_ms": float(np.percentile(arr, 50)),
+        "p95_ms": float(np.percentile(arr, 95)),
+        "mean_ms": float(arr.mean()),
+        "runs": runs,
+        "batch_size": 1,
+        "threads": 1,
+    }
 
 
-def export_model(model: nn.Module, temperature: float, test_x: torch.Tensor, test_y: np.ndarray, out_dir: Path,
-                 *, metadata: dict[str, Any] | None = None, latency_runs: int = 200) -> dict[str, Any]:
+def export_model(
+    model: nn.Module,
+    temperature: float,
+    test_x: torch.Tensor,
+    test_y: np.ndarray,
+    out_dir: Path,
+    *,
+    metadata: dict[str, Any] | None = None,
+    latency_runs: int = 200,
+) -> dict[str, Any]:
     """Export `model` (calibrated by `temperature`) to TorchScript fp32 and int8; measure and
     write ``export.json``. Returns that metadata."""
     out_dir = Path(out_dir)
@@ -148,8 +172,11 @@ def export_model(model: nn.Module, temperature: float, test_x: torch.Tensor, tes
         "test_examples": int(len(test_y)),
         "forms": forms,
         "size_ratio_int8_vs_fp32": forms["int8"]["bytes"] / forms["fp32"]["bytes"],
-        "environment": {"torch": torch.__version__,
-                        "quantized_engine": torch.backends.quantized.engine, "machine": platform.machine()},
+        "environment": {
+            "torch": torch.__version__,
+            "quantized_engine": torch.backends.quantized.engine,
+            "machine": platform.machine(),
+        },
     }
     _write_json(out_dir / META_FILE, meta)
     return meta
@@ -175,9 +202,23 @@ def export_release(run_dir: Path, rid: str, out_dir: Path | None = None, *, late
     model = build_model(saved.model, fleet.image_size, fleet.num_classes)
     model.load_state_dict(saved.state_dict)
     test_x, _ = as_tensors(fleet.splits.test)
-    meta = {"release": release.id, "round": release.round, "parent": release.parent, "model": release.model,
-            "reference_digest": release.reference_digest, "config_digest": release.config_digest,
-            "client_epsilon": release.client_epsilon, "record_epsilon": release.record_epsilon,
-            "test_split": f"{cfg.data.dataset} test split ({len(fleet.splits.test.y)} examples)"}
-    return export_model(model, float(saved.metadata.get("temperature", 1.0)), test_x, fleet.splits.test.y, out,
-                        metadata=meta, latency_runs=latency_runs)
+    meta = {
+        "release": release.id,
+        "round": release.round,
+        "parent": release.parent,
+        "model": release.model,
+        "reference_digest": release.reference_digest,
+        "config_digest": release.config_digest,
+        "client_epsilon": release.client_epsilon,
+        "record_epsilon": release.record_epsilon,
+        "test_split": f"{cfg.data.dataset} test split ({len(fleet.splits.test.y)} examples)",
+    }
+    return export_model(
+        model,
+        float(saved.metadata.get("temperature", 1.0)),
+        test_x,
+        fleet.splits.test.y,
+        out,
+        metadata=meta,
+        latency_runs=latency_runs,
+    )

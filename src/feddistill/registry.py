@@ -36,9 +36,14 @@ class Registry(Mapping[str, T], Generic[T]):
         Called once before the first read (it registers the entries it finds).
     """
 
-    def __init__(self, kind: str, *, error: type[Exception] = ValueError,
-                 unknown: str = "unknown {kind} {name!r} (known: {known})",
-                 discover: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        *,
+        error: type[Exception] = ValueError,
+        unknown: str = "unknown {kind} {name!r} (known: {known})",
+        discover: Callable[[], None] | None = None,
+    ) -> None:
         self.kind = kind
         self._error = error
         self._unknown = unknown

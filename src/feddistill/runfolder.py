@@ -54,16 +54,35 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from feddistill.atomic import atomic_path
 
 __all__ = [
-    "RUN_ENTRIES", "RUN_MARKERS", "RunFolder", "RunFolderError", "check_output_folder", "clear_run_folder",
-    "prepare_run_folder", "run_markers", "client_state_paths",
-    "ResultsFormatError", "UNSET", "RunResults", "RoundRecord", "FinalBlock", "Baselines", "PrivacyReport",
-    "PrivacyClaim", "read_results",
-    "MODEL_FILE_VERSION", "ModelFileError", "SavedModel", "save_model", "load_model", "model_of_blob",
+    "RUN_ENTRIES",
+    "RUN_MARKERS",
+    "RunFolder",
+    "RunFolderError",
+    "check_output_folder",
+    "clear_run_folder",
+    "prepare_run_folder",
+    "run_markers",
+    "client_state_paths",
+    "ResultsFormatError",
+    "UNSET",
+    "RunResults",
+    "RoundRecord",
+    "FinalBlock",
+    "Baselines",
+    "PrivacyReport",
+    "PrivacyClaim",
+    "read_results",
+    "MODEL_FILE_VERSION",
+    "ModelFileError",
+    "SavedModel",
+    "save_model",
+    "load_model",
+    "model_of_blob",
 ]
 
 # ---- the layout ---------------------------------------------------------------------------
@@ -101,12 +120,24 @@ RUN_MARKERS = (RESULTS, CHECKPOINT, CONFIG, CLIENTS)
 
 # Everything a run writes in its folder, and what the commands that read a run back write
 # there by default (audit, export, report): the only names --overwrite deletes.
-RUN_ENTRIES = frozenset({
-    CONFIG, RESULTS, CHECKPOINT, JOURNAL, GLOBAL_STUDENT, ACCURACY_PLOT, RELIABILITY_PLOT, RELEASES, CLIENTS,
-    AUDIT,  # the run itself
-    *BASELINE_DIRS,  # its baselines (Flower's FedAvg / DP-FedAvg on the same fleet)
-    AUDIT_REPORT, EXPORTS, REPORT_HTML,  # feddistill audit / export / report
-})
+RUN_ENTRIES = frozenset(
+    {
+        CONFIG,
+        RESULTS,
+        CHECKPOINT,
+        JOURNAL,
+        GLOBAL_STUDENT,
+        ACCURACY_PLOT,
+        RELIABILITY_PLOT,
+        RELEASES,
+        CLIENTS,
+        AUDIT,  # the run itself
+        *BASELINE_DIRS,  # its baselines (Flower's FedAvg / DP-FedAvg on the same fleet)
+        AUDIT_REPORT,
+        EXPORTS,
+        REPORT_HTML,  # feddistill audit / export / report
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -208,8 +239,9 @@ def run_markers(path: str | os.PathLike[str]) -> list[str]:
     return [name for name in RUN_MARKERS if os.path.lexists(path / name)] if path.is_dir() else []
 
 
-def prepare_run_folder(path: str | os.PathLike[str], *, resume: bool = False, overwrite: bool = False,
-                       ways_out: str = CLI_WAYS_OUT) -> Path:
+def prepare_run_folder(
+    path: str | os.PathLike[str], *, resume: bool = False, overwrite: bool = False, ways_out: str = CLI_WAYS_OUT
+) -> Path:
     """Make ``path`` ready for a run and return it, or raise :class:`RunFolderError`.
 
     - a new run (neither flag): the folder must not hold a run (:data:`RUN_MARKERS`);
@@ -229,8 +261,7 @@ def prepare_run_folder(path: str | os.PathLike[str], *, resume: bool = False, ov
     else:
         found = run_markers(path)
         if found and not overwrite:
-            raise RunFolderError(f"{path}: holds an earlier run ({', '.join(found)}); "
-                                 + ways_out.format(path=path))
+            raise RunFolderError(f"{path}: holds an earlier run ({', '.join(found)}); " + ways_out.format(path=path))
         if found:
             clear_run_folder(path)
     return check_output_folder(path)
@@ -259,8 +290,10 @@ def clear_run_folder(path: str | os.PathLike[str]) -> list[str]:
     strangers = [e.name for e in entries if e.name not in RUN_ENTRIES and not _TEMP_FILE.match(e.name)]
     if strangers:
         shown = ", ".join(strangers[:3]) + (", ..." if len(strangers) > 3 else "")
-        raise RunFolderError(f"{path}: not cleared: it also holds {shown}, which no feddistill run writes; "
-                             "move those away or choose another folder")
+        raise RunFolderError(
+            f"{path}: not cleared: it also holds {shown}, which no feddistill run writes; "
+            "move those away or choose another folder"
+        )
     for entry in entries:
         try:
             if entry.is_dir() and not entry.is_symlink():  # a link is removed, never followed
@@ -305,6 +338,7 @@ def _check_writable(path: Path) -> None:
 
 
 # ---- results.json: typed records ----------------------------------------------------------
+
 
 class ResultsFormatError(ValueError):
     """results.json, or a block of it, does not have the schema's shape; the message names the key."""
@@ -365,8 +399,11 @@ class _Record:
 
     @classmethod
     def required(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.name not in _BASE_FIELDS
-                and f.default is MISSING and f.default_factory is MISSING]
+        return [
+            f.name
+            for f in fields(cls)
+            if f.name not in _BASE_FIELDS and f.default is MISSING and f.default_factory is MISSING
+        ]
 
     def __post_init__(self) -> None:
         absent = frozenset(name for name in self.keys_() if getattr(self, name) is UNSET)
@@ -385,7 +422,7 @@ class _Record:
             object.__setattr__(self, "_absent", absent - {name})
 
     @classmethod
-    def from_dict(cls, d: Any, where: str = ""):
+    def from_dict(cls, d: Any, where: str = "") -> Self:
         """The record of ``d``; :class:`ResultsFormatError` names a missing key or a block that is not an object."""
         if not isinstance(d, dict):
             raise ResultsFormatError(f"'{where or cls.__name__}' must be an object, got {type(d).__name__}")
@@ -394,8 +431,11 @@ class _Record:
         if missing:
             raise ResultsFormatError(f"missing key '{_join(where, missing[0])}'")
         nested = cls._nested()
-        values = {name: (nested[name](d[name], _join(where, name)) if name in nested and d[name] is not None
-                         else d[name]) for name in names if name in d}
+        values = {
+            name: (nested[name](d[name], _join(where, name)) if name in nested and d[name] is not None else d[name])
+            for name in names
+            if name in d
+        }
         record = cls(**values, extra={k: v for k, v in d.items() if k not in names})
         object.__setattr__(record, "_order", tuple(d))
         return record
@@ -431,21 +471,25 @@ class _Record:
 
 def _record(cls: type[_Record]) -> Callable[[Any, str], Any]:
     """Parser of a key holding one ``cls`` record (or null)."""
+
     def parse(value: Any, where: str) -> Any:
         if isinstance(value, cls):
             return value
         if not isinstance(value, dict):
             raise ResultsFormatError(f"'{where}' must be an object or null, got {type(value).__name__}")
         return cls.from_dict(value, where)
+
     return parse
 
 
 def _records(cls: type[_Record]) -> Callable[[Any, str], Any]:
     """Parser of a key holding a list of ``cls`` records."""
+
     def parse(value: Any, where: str) -> list[Any]:
         if not isinstance(value, list):
             raise ResultsFormatError(f"'{where}' must be a list, got {type(value).__name__}")
         return [v if isinstance(v, cls) else cls.from_dict(v, f"{where}[{i}]") for i, v in enumerate(value)]
+
     return parse
 
 
@@ -568,8 +612,12 @@ class RunResults(_Record):
 
     @classmethod
     def _nested(cls) -> dict[str, Callable[[Any, str], Any]]:
-        return {"rounds": _records(RoundRecord), "final": _record(FinalBlock), "baselines": _record(Baselines),
-                "privacy": _record(PrivacyReport)}
+        return {
+            "rounds": _records(RoundRecord),
+            "final": _record(FinalBlock),
+            "baselines": _record(Baselines),
+            "privacy": _record(PrivacyReport),
+        }
 
     @classmethod
     def coerce(cls, results: RunResults | Mapping[str, Any]) -> RunResults:
@@ -618,8 +666,14 @@ class SavedModel:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def save_model(path: str | os.PathLike[str], model: str | None, state_dict: Mapping[str, Any], *,
-               previous: str | os.PathLike[str] | None = None, **metadata: Any) -> Path:
+def save_model(
+    path: str | os.PathLike[str],
+    model: str | None,
+    state_dict: Mapping[str, Any],
+    *,
+    previous: str | os.PathLike[str] | None = None,
+    **metadata: Any,
+) -> Path:
     """Write a model file atomically: ``{"model", "state_dict", **metadata, "version"}``.
 
     ``metadata`` is plain data (numbers, strings, lists, dicts, tensors): what
@@ -638,8 +692,12 @@ def save_model(path: str | os.PathLike[str], model: str | None, state_dict: Mapp
     return path
 
 
-def load_model(path: str | os.PathLike[str], *, what: str = "model file",
-               legacy: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> SavedModel:
+def load_model(
+    path: str | os.PathLike[str],
+    *,
+    what: str = "model file",
+    legacy: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> SavedModel:
     """Read a model file written by :func:`save_model` (or before it had a ``version``: the
     same shape). ``legacy`` maps an older shape without ``version`` to this one.
     :class:`ModelFileError` names the file: missing, unreadable, not a model file, or of a
@@ -666,6 +724,9 @@ def model_of_blob(blob: Any, what: str = "model file", path: str | os.PathLike[s
         raise ModelFileError(f"{where}{what} must be a dict with keys 'model' and 'state_dict'")
     version = blob.get("version", MODEL_FILE_VERSION)  # files from before `version`: the same shape
     if version != MODEL_FILE_VERSION:
-        raise ModelFileError(f"{where}{what} is a version-{version!r} model file; this feddistill reads version "
-                             f"{MODEL_FILE_VERSION}: read it with the feddistill that wrote it", unknown_version=True)
+        raise ModelFileError(
+            f"{where}{what} is a version-{version!r} model file; this feddistill reads version "
+            f"{MODEL_FILE_VERSION}: read it with the feddistill that wrote it",
+            unknown_version=True,
+        )
     return SavedModel(blob["model"], blob["state_dict"], {k: v for k, v in blob.items() if k not in _MODEL_KEYS})

@@ -56,10 +56,17 @@ class SecAggNoise:
         return 2 * self.clipping_range / self.quantization_range
 
     def to_dict(self) -> dict[str, float | int | bool]:
-        return {"min_survivors": self.min_survivors, "sum_noise_std": self.sum_std, "share_noise_std": self.share_std,
-                "answer_bound": self.bound, "clipping_range": self.clipping_range,
-                "quantization_range": self.quantization_range, "quantization_step": self.step,
-                "clip_failure_probability": self.clip_failure, "distributed_noise": self.distributed}
+        return {
+            "min_survivors": self.min_survivors,
+            "sum_noise_std": self.sum_std,
+            "share_noise_std": self.share_std,
+            "answer_bound": self.bound,
+            "clipping_range": self.clipping_range,
+            "quantization_range": self.quantization_range,
+            "quantization_step": self.step,
+            "clip_failure_probability": self.clip_failure,
+            "distributed_noise": self.distributed,
+        }
 
 
 def share_std(sum_std: float, min_survivors: int) -> float:
@@ -102,9 +109,16 @@ def secagg_noise(cfg, sum_std: float, *, distributed: bool, delta_share: float) 
     entries = entries_per_run(cfg)
     c = d.secagg_clipping_range or derived_clipping_range(s, b, entries, delta_share) * (1 + 1e-9)
     failure = clip_failure_probability(s, c, b, entries)
-    noise = SecAggNoise(min_survivors=t, sum_std=sum_std if distributed else 0.0, share_std=s, bound=b,
-                        clipping_range=c, quantization_range=d.secagg_quantization_range, clip_failure=failure,
-                        distributed=distributed)
+    noise = SecAggNoise(
+        min_survivors=t,
+        sum_std=sum_std if distributed else 0.0,
+        share_std=s,
+        bound=b,
+        clipping_range=c,
+        quantization_range=d.secagg_quantization_range,
+        clip_failure=failure,
+        distributed=distributed,
+    )
     if distributed and failure > delta_share:
         best = derived_clipping_range(s, b, entries, delta_share)
         raise ConfigError(
@@ -130,12 +144,15 @@ def run_shares(cfg, noise_multiplier: float) -> SecAggNoise:
     - otherwise no noise (SecAgg+ alone)."""
     p = cfg.privacy
     if p.client_level in ("central", "gnmax"):
-        sensitivity = reply_sensitivity(p.bound, cfg.distill.query_size, neighbouring="replace-one",
-                                        clip_norm=p.clip_norm)
-        return secagg_noise(cfg, noise_multiplier * sensitivity, distributed=True,
-                            delta_share=CLIP_FAILURE_SHARE * p.delta)
+        sensitivity = reply_sensitivity(
+            p.bound, cfg.distill.query_size, neighbouring="replace-one", clip_norm=p.clip_norm
+        )
+        return secagg_noise(
+            cfg, noise_multiplier * sensitivity, distributed=True, delta_share=CLIP_FAILURE_SHARE * p.delta
+        )
     if p.client_level == "local":
-        sensitivity = reply_sensitivity(p.bound, cfg.distill.query_size, neighbouring="add/remove",
-                                        clip_norm=p.clip_norm)
+        sensitivity = reply_sensitivity(
+            p.bound, cfg.distill.query_size, neighbouring="add/remove", clip_norm=p.clip_norm
+        )
         return secagg_noise(cfg, noise_multiplier * sensitivity, distributed=False, delta_share=LOCAL_CLIP_FAILURE)
     return secagg_noise(cfg, 0.0, distributed=False, delta_share=LOCAL_CLIP_FAILURE)

@@ -150,5 +150,6 @@ def train_fixmatch(
             sup_sum += float(sup.detach())
             unsup_sum += float(unsup.detach())
             mask_sum += mask_rate
-    return FixMatchStats(steps=steps, supervised_loss=sup_sum / tail, unsupervised_loss=unsup_sum / tail,
-                         mask_rate=mask_sum / tail)
+    return FixMatchStats(
+        steps=steps, supervised_loss=sup_sum / tail, unsupervised_loss=unsup_sum / tail, mask_rate=mask_sum / tail
+    )

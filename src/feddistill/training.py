@@ -97,7 +97,9 @@ def train_revisit(
 
     def loss(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         pub = torch.randint(len(public_x), (len(idx),), generator=gen)
-        return F.cross_entropy(logits, y[idx]) + kd_weight * kd_loss(model(public_x[pub]), public_probs[pub], temperature)
+        return F.cross_entropy(logits, y[idx]) + kd_weight * kd_loss(
+            model(public_x[pub]), public_probs[pub], temperature
+        )
 
     return _train(model, x, loss, epochs, batch_size, lr, momentum, seed)
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -53,13 +54,11 @@ from flwr.clientapp import ClientApp
 
 from feddistill import protocol
 from feddistill.client.answers import abstentions, answer_logits, label_counts
-from feddistill.client.device import client_data, device_id, is_device
+from feddistill.client.device import ClientData, client_data, device_id, is_device
 from feddistill.client.state import load_state, save_state, state_dir
 from feddistill.config import RunConfig, parse_config
 from feddistill.encoding import encode_answers
 from feddistill.models import build_model
-from feddistill.simulations.attacks import corrupt_answers, hostile_clients
-from feddistill.simulations.fleet import load_fleet, private_tensors
 from feddistill.privacy.mechanisms import add_gaussian_noise, bound_answers, noise_rng
 from feddistill.privacy.plan import (
     UploadPrivacy,
@@ -69,7 +68,13 @@ from feddistill.privacy.plan import (
     record_noise_multiplier,
     upload_privacy,
 )
+from feddistill.simulations.attacks import corrupt_answers, hostile_clients
+from feddistill.simulations.fleet import load_fleet, private_tensors
 from feddistill.training import predict_logits, train_distill, train_revisit, train_supervised
+
+if TYPE_CHECKING:  # imported lazily below (inside the functions) at run time
+    from feddistill.privacy.accounting import GaussianEvent
+    from feddistill.privacy.ledger import PrivacyLedger
 
 log = logging.getLogger("feddistill")
 
@@ -77,8 +82,9 @@ log = logging.getLogger("feddistill")
 torch.set_num_threads(1)
 
 
-def _student(cfg: RunConfig, image_size: int, num_classes: int, partition_id: int, saved: dict | None,
-             arch: str) -> torch.nn.Module:
+def _student(
+    cfg: RunConfig, image_size: int, num_classes: int, partition_id: int, saved: dict | None, arch: str
+) -> torch.nn.Module:
     model = build_model(arch, image_size, num_classes, seed=cfg.seed * 100_003 + partition_id)
     if saved is not None:
         model.load_state_dict(saved)
@@ -92,13 +98,9 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
     mismatch, a rejected signed download, or a round over the device's record-level budget.
     """
     device = is_device(context)
-    refusal = device_noise_refusal(cfg) if device else None
-    if refusal is not None:  # a device never runs seeded noise, whatever the server asks
+    refusal, cap = _device_refusal(cfg, context, device)
+    if refusal is not None:
         return Message(Error(protocol.REFUSED, refusal), reply_to=msg)
-    cap = device_record_cap(context) if device else None
-    if cap is not None and not cfg.privacy.record_level:  # the owner's rule, whatever the server asks
-        return Message(Error(protocol.REFUSED, f"this device requires record-level DP (node config {RECORD_CAP} = "
-                             f"{cap:g}) and the run config has privacy.record-level = false"), reply_to=msg)
     config = msg.content.config_records[protocol.CONFIG_RECORD]
     # a device reads its own data dir (node config `data-dir`), a simulated client its partition
     data = client_data(cfg, context)
@@ -108,7 +110,11 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
 
     rnd = int(config[protocol.ROUND])
     # simulation scenarios (dropouts, hostile answers) never run on a real device, whatever the server asks
-    if not device and cfg.scenario.dropout and np.random.default_rng([cfg.seed, rnd, partition_id, 0xD0]).random() < cfg.scenario.dropout:
+    if (
+        not device
+        and cfg.scenario.dropout
+        and np.random.default_rng([cfg.seed, rnd, partition_id, 0xD0]).random() < cfg.scenario.dropout
+    ):
         return Message(Error(protocol.DROPPED, "dropped out (simulated)"), reply_to=msg)
     teacher = msg.content.array_records[protocol.TEACHER_RECORD]
     rejected = _release_rejection(msg, context, cfg, config, teacher, rnd)
@@ -134,34 +140,89 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
     if cfg.privacy.record_level:
         ledger, event = _record_plan(kept.ledger_json, cfg, int(config["revisit-epochs"]), cap)
         if not ledger.can_afford(event):
-            reason = (f"record-level budget: this round would raise epsilon from {ledger.epsilon():.3f} to "
-                      f"{ledger.epsilon_if(event):.3f} > target {ledger.target_epsilon} (delta={ledger.delta})")
+            reason = (
+                f"record-level budget: this round would raise epsilon from {ledger.epsilon():.3f} to "
+                f"{ledger.epsilon_if(event):.3f} > target {ledger.target_epsilon} (delta={ledger.delta})"
+            )
             return Message(Error(protocol.REFUSED, reason), reply_to=msg)
 
-    train_distill(student, query_x, signal, temperature=temperature, epochs=int(config["digest-epochs"]),
-                  seed=seed, **common)
-    if ledger is not None:
-        from feddistill.privacy.dpsgd import dp_train  # Opacus: only where DP-SGD runs (cold start)
-
-        dp_train(student, data.private_x, data.private_y, epochs=int(config["revisit-epochs"]),
-                 sampling_rate=event.sampling_rate, lr=common["lr"], momentum=common["momentum"],
-                 noise_multiplier=event.noise_multiplier, max_grad_norm=cfg.privacy.max_grad_norm,
-                 seed=None if private is None else private + 1)
-        ledger.record(event, rnd)
-    else:
-        train_revisit(student, data.private_x, data.private_y, query_x, signal,
-                      kd_weight=float(config["revisit-kd-weight"]), temperature=temperature,
-                      epochs=int(config["revisit-epochs"]), seed=seed + 1, **common)
+    train_distill(
+        student, query_x, signal, temperature=temperature, epochs=int(config["digest-epochs"]), seed=seed, **common
+    )
+    _revisit(student, data, query_x, signal, cfg, config, common, ledger, event, seed=seed, private=private, rnd=rnd)
     counts = label_counts(data.private_y.numpy(), num_classes)  # stays on the device
     logits = answer_logits(predict_logits(student, query_x).numpy(), counts, cfg)
-    answers = answer_matrix(logits, upload_privacy(cfg), None if private is None else private + 2,
-                            abstain=abstentions(logits, counts, cfg))
+    answers = answer_matrix(
+        logits, upload_privacy(cfg), None if private is None else private + 2, abstain=abstentions(logits, counts, cfg)
+    )
     answers = _encode(answers, cfg, str(config["answer-dtype"]), -1 if device else partition_id, seed, num_classes)
     save_state(store, partition_id, rnd, student.state_dict(), None if ledger is None else ledger.to_json())
     if cfg.audit.keep_artifacts:  # simulation only: the auditor's target (b), the local student
         save_local_student(student, cfg, partition_id)
-    return distill_reply(msg, answers, rnd, data.reference_digest,
-                         None if ledger is None else ledger.epsilon())
+    return distill_reply(msg, answers, rnd, data.reference_digest, None if ledger is None else ledger.epsilon())
+
+
+def _device_refusal(cfg: RunConfig, context: Context, device: bool) -> tuple[str | None, float | None]:
+    """Why this client refuses every round of the run (None: it does not), and the record-level
+    epsilon its owner allows (None: no cap; only a device has one)."""
+    refusal = device_noise_refusal(cfg) if device else None
+    if refusal is not None:  # a device never runs seeded noise, whatever the server asks
+        return refusal, None
+    cap = device_record_cap(context) if device else None
+    if cap is not None and not cfg.privacy.record_level:  # the owner's rule, whatever the server asks
+        return (
+            f"this device requires record-level DP (node config {RECORD_CAP} = "
+            f"{cap:g}) and the run config has privacy.record-level = false"
+        ), cap
+    return None, cap
+
+
+def _revisit(
+    student: torch.nn.Module,
+    data: ClientData,
+    query_x: torch.Tensor,
+    signal: torch.Tensor,
+    cfg: RunConfig,
+    config: ConfigRecord,
+    common: dict[str, Any],
+    ledger: PrivacyLedger | None,
+    event: GaussianEvent | None,
+    *,
+    seed: int,
+    private: int | None,
+    rnd: int,
+) -> None:
+    """Train ``student`` on the private data: DP-SGD charged to ``ledger`` under record-level DP,
+    else the revisit loss (labels plus distillation on the queries)."""
+    if ledger is not None and event is not None:
+        from feddistill.privacy.dpsgd import dp_train  # Opacus: only where DP-SGD runs (cold start)
+
+        dp_train(
+            student,
+            data.private_x,
+            data.private_y,
+            epochs=int(config["revisit-epochs"]),
+            sampling_rate=event.sampling_rate,
+            lr=common["lr"],
+            momentum=common["momentum"],
+            noise_multiplier=event.noise_multiplier,
+            max_grad_norm=cfg.privacy.max_grad_norm,
+            seed=None if private is None else private + 1,
+        )
+        ledger.record(event, rnd)
+    else:
+        train_revisit(
+            student,
+            data.private_x,
+            data.private_y,
+            query_x,
+            signal,
+            kd_weight=float(config["revisit-kd-weight"]),
+            temperature=float(config["temperature"]),
+            epochs=int(config["revisit-epochs"]),
+            seed=seed + 1,
+            **common,
+        )
 
 
 def distill_reply(msg: Message, answers: np.ndarray, rnd: int, digest: str, record_epsilon: float | None) -> Message:
@@ -179,53 +240,70 @@ def distill_reply(msg: Message, answers: np.ndarray, rnd: int, digest: str, reco
     )
 
 
-def _release_rejection(msg: Message, context: Context, cfg: RunConfig, config: ConfigRecord, teacher: ArrayRecord,
-                       rnd: int) -> str | None:
+def _release_rejection(
+    msg: Message, context: Context, cfg: RunConfig, config: ConfigRecord, teacher: ArrayRecord, rnd: int
+) -> str | None:
     """A device that pins the server's key accepts only signed, fresh downloads: why not, or None."""
     pinned = str(context.node_config.get("release-public-key", "") or cfg.security.release_public_key)
     if not pinned:
         return None
-    from feddistill.deploy.signing import ReleaseRejected
     from feddistill.deploy.download_signing import verify_download
+    from feddistill.deploy.signing import ReleaseRejected
 
     try:
-        verify_download(config, teacher, key_path=pinned, rnd=rnd, run_id=msg.metadata.run_id,
-                        state=state_dir(cfg, context))
+        verify_download(
+            config, teacher, key_path=pinned, rnd=rnd, run_id=msg.metadata.run_id, state=state_dir(cfg, context)
+        )
     except ReleaseRejected as exc:
         log.warning("round %d: release rejected: %s", rnd, exc)
         return f"release rejected: {exc}"
     return None
 
 
-def _start_student(cfg: RunConfig, config: ConfigRecord, teacher: ArrayRecord, own: dict | None, partition_id: int,
-                   image_size: int, num_classes: int) -> torch.nn.Module:
+def _start_student(
+    cfg: RunConfig,
+    config: ConfigRecord,
+    teacher: ArrayRecord,
+    own: dict | None,
+    partition_id: int,
+    image_size: int,
+    num_classes: int,
+) -> torch.nn.Module:
     arch = cfg.student_for(partition_id)
     start = own
     if arch == config.get("student-model") and any(k.startswith(protocol.STUDENT_PREFIX) for k in teacher.keys()):
-        # start from the released global student (public): a client of the same architecture
+        # start from the server's latest global student (public): a client of the same architecture
         # refines it on its private data instead of relearning what the fleet already knows
-        start = {k[len(protocol.STUDENT_PREFIX):]: torch.from_numpy(teacher[k].numpy().copy())
-                 for k in teacher.keys() if k.startswith(protocol.STUDENT_PREFIX)}
+        start = {
+            k[len(protocol.STUDENT_PREFIX) :]: torch.from_numpy(teacher[k].numpy().copy())
+            for k in teacher.keys()
+            if k.startswith(protocol.STUDENT_PREFIX)
+        }
     return _student(cfg, image_size, num_classes, partition_id, start, arch)
 
 
-def _encode(answers: np.ndarray, cfg: RunConfig, encoding: str, partition_id: int, seed: int,
-            num_classes: int) -> np.ndarray:
+def _encode(
+    answers: np.ndarray, cfg: RunConfig, encoding: str, partition_id: int, seed: int, num_classes: int
+) -> np.ndarray:
     """The wire form; a hostile simulated client (scenario.hostile-fraction) corrupts it."""
     hostile = partition_id in hostile_clients(cfg.fleet.num_clients, cfg.scenario.hostile_fraction, cfg.seed)
     # With one-byte votes a hostile client can only lie about the class, so it corrupts the
     # matrix first and the vote carries the lie.
     if hostile and encoding == "vote":
-        answers = corrupt_answers(answers, cfg.scenario.attack, np.random.default_rng(seed + 3), num_classes=num_classes)
+        answers = corrupt_answers(
+            answers, cfg.scenario.attack, np.random.default_rng(seed + 3), num_classes=num_classes
+        )
     answers = encode_answers(answers, encoding)
     if hostile and encoding != "vote":
-        answers = corrupt_answers(answers, cfg.scenario.attack, np.random.default_rng(seed + 3),
-                                  num_classes=num_classes)
+        answers = corrupt_answers(
+            answers, cfg.scenario.attack, np.random.default_rng(seed + 3), num_classes=num_classes
+        )
     return answers
 
 
-def answer_matrix(logits: np.ndarray, plan: UploadPrivacy, seed: int | None,
-                  abstain: np.ndarray | None = None) -> np.ndarray:
+def answer_matrix(
+    logits: np.ndarray, plan: UploadPrivacy, seed: int | None, abstain: np.ndarray | None = None
+) -> np.ndarray:
     """Bound the answers (probabilities, votes or clipped logits), zero the rows the client
     abstains on (``feddistill.client.answers``); with local DP, noise them here, on the device,
     before they leave it (Gaussian mechanism, see ``feddistill.privacy.plan``).
@@ -237,8 +315,9 @@ def answer_matrix(logits: np.ndarray, plan: UploadPrivacy, seed: int | None,
     if abstain is not None:
         answers[abstain] = 0.0
     if plan.mode == "local":
-        answers = add_gaussian_noise(answers, noise_multiplier=plan.noise_multiplier, sensitivity=plan.sensitivity,
-                                     rng=noise_rng(seed))
+        answers = add_gaussian_noise(
+            answers, noise_multiplier=plan.noise_multiplier, sensitivity=plan.sensitivity, rng=noise_rng(seed)
+        )
     return answers
 
 
@@ -264,8 +343,9 @@ def device_record_cap(context: Context) -> float | None:
     return cap
 
 
-def _record_plan(saved: str | None, cfg: RunConfig, epochs: int,
-                 cap: float | None = None) -> tuple["PrivacyLedger", "GaussianEvent"]:
+def _record_plan(
+    saved: str | None, cfg: RunConfig, epochs: int, cap: float | None = None
+) -> tuple[PrivacyLedger, GaussianEvent]:
     """The device's record-level ledger and what this round's DP-SGD would cost.
 
     The cost, ``GaussianEvent(z, q, epochs * int(1/q))``, depends only on public parameters
@@ -284,7 +364,7 @@ def _record_plan(saved: str | None, cfg: RunConfig, epochs: int,
     return ledger, GaussianEvent(record_noise_multiplier(cfg, rate, steps), rate, steps)
 
 
-def _record_ledger(saved: str | None, cfg: RunConfig) -> "PrivacyLedger":
+def _record_ledger(saved: str | None, cfg: RunConfig) -> PrivacyLedger:
     from feddistill.privacy.ledger import PrivacyLedger
 
     if saved is not None:
@@ -292,15 +372,20 @@ def _record_ledger(saved: str | None, cfg: RunConfig) -> "PrivacyLedger":
         # the history is the device's; the budget is whatever the device's config says now
         ledger.target_epsilon = cfg.privacy.record_target_epsilon or None
         return ledger
-    return PrivacyLedger(unit="record", delta=cfg.privacy.record_delta,
-                         target_epsilon=cfg.privacy.record_target_epsilon or None, mechanism=record_mechanism(cfg))
+    return PrivacyLedger(
+        unit="record",
+        delta=cfg.privacy.record_delta,
+        target_epsilon=cfg.privacy.record_target_epsilon or None,
+        mechanism=record_mechanism(cfg),
+    )
 
 
 def save_local_student(student: torch.nn.Module, cfg: RunConfig, partition_id: int) -> None:
     from feddistill.runfolder import RunFolder, save_model
 
-    save_model(RunFolder(cfg.output_dir).local_student(partition_id), cfg.student_for(partition_id),
-               student.state_dict())
+    save_model(
+        RunFolder(cfg.output_dir).local_student(partition_id), cfg.student_for(partition_id), student.state_dict()
+    )
 
 
 def handle_fedavg(msg: Message, context: Context, cfg: RunConfig) -> Message:
@@ -312,8 +397,14 @@ def handle_fedavg(msg: Message, context: Context, cfg: RunConfig) -> Message:
     model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
     x, y = private_tensors(fleet, partition_id)
     loss = train_supervised(
-        model, x, y, epochs=int(config["epochs"]), batch_size=int(config["batch-size"]), lr=float(config["lr"]),
-        momentum=float(config["momentum"]), seed=cfg.seed * 1_000_003 + int(config["server-round"]) * 10_007 + partition_id,
+        model,
+        x,
+        y,
+        epochs=int(config["epochs"]),
+        batch_size=int(config["batch-size"]),
+        lr=float(config["lr"]),
+        momentum=float(config["momentum"]),
+        seed=cfg.seed * 1_000_003 + int(config["server-round"]) * 10_007 + partition_id,
     )
     metrics = {"num-examples": len(y)}
     if np.isfinite(loss):

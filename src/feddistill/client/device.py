@@ -73,8 +73,10 @@ def device_id(context: Context) -> int:
                 return int(config[key])
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"node config '{key}' = {config[key]!r} is not an integer") from exc
-    raise ValueError("node config has neither 'partition-id' nor 'device-id': start the SuperNode with "
-                     "--node-config \"device-id=<int> data-dir=\\\"/path\\\"\"")
+    raise ValueError(
+        "node config has neither 'partition-id' nor 'device-id': start the SuperNode with "
+        '--node-config "device-id=<int> data-dir=\\"/path\\""'
+    )
 
 
 def write_device_data(data_dir: str | Path, private: ArrayDataset, reference: ArrayDataset | np.ndarray) -> Path:
@@ -82,8 +84,11 @@ def write_device_data(data_dir: str | Path, private: ArrayDataset, reference: Ar
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     ref_x = reference.x if isinstance(reference, ArrayDataset) else np.asarray(reference, dtype=np.float32)
-    _save_npz(data_dir / PRIVATE_FILE, x=np.ascontiguousarray(private.x, dtype=np.float32),
-              y=np.ascontiguousarray(private.y, dtype=np.int64))
+    _save_npz(
+        data_dir / PRIVATE_FILE,
+        x=np.ascontiguousarray(private.x, dtype=np.float32),
+        y=np.ascontiguousarray(private.y, dtype=np.int64),
+    )
     _save_npz(data_dir / REFERENCE_FILE, x=np.ascontiguousarray(ref_x, dtype=np.float32))
     return data_dir
 
@@ -95,8 +100,10 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 def _load_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     if not path.is_file():
-        raise DataError(f"{path}: file not found; a device's data dir must hold {PRIVATE_FILE} (x, y) and "
-                        f"{REFERENCE_FILE} (x) (see feddistill.client.device.write_device_data)")
+        raise DataError(
+            f"{path}: file not found; a device's data dir must hold {PRIVATE_FILE} (x, y) and "
+            f"{REFERENCE_FILE} (x) (see feddistill.client.device.write_device_data)"
+        )
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in keys if k not in npz.files]
@@ -126,8 +133,10 @@ def _read_cached(data_dir: str, private_mtime: int, reference_mtime: int) -> Cli
     px = _check_images(base / PRIVATE_FILE, private["x"])
     py = private["y"]
     if py.shape != (px.shape[0],) or not np.issubdtype(py.dtype, np.integer) or (py.size and py.min() < 0):
-        raise DataError(f"{base / PRIVATE_FILE}: corrupt device data: 'y' must be non-negative integers of shape "
-                        f"({px.shape[0]},), got {py.dtype} {py.shape}")
+        raise DataError(
+            f"{base / PRIVATE_FILE}: corrupt device data: 'y' must be non-negative integers of shape "
+            f"({px.shape[0]},), got {py.dtype} {py.shape}"
+        )
     rx = _check_images(base / REFERENCE_FILE, reference["x"])
     if rx.shape[2:] != px.shape[2:]:
         raise DataError(f"{base / REFERENCE_FILE}: images are {rx.shape[2:]} but {PRIVATE_FILE}'s are {px.shape[2:]}")
@@ -185,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path, help="writes OUT_DIR/device-<i>/{private,reference}.npz")
     parser.add_argument("--devices", type=int, required=True)
     parser.add_argument("--config", type=Path, default=None, help="TOML run config (data set, split sizes, seed)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="KEY=VALUE, e.g. data.dataset=digits")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="KEY=VALUE, e.g. data.dataset=digits"
+    )
     args = parser.parse_args(argv)
     try:
         overrides = {**dict(parse_override(s) for s in args.overrides), "fleet.num_clients": args.devices}

@@ -65,8 +65,10 @@ def check_setup(configs: ConfigRecord, cfg: RunConfig) -> None:
     if float(configs.get(Key.MAX_WEIGHT, 0.0)) != 1.0:
         problems.append(f"max weight {configs.get(Key.MAX_WEIGHT)} != 1")
     if int(configs[Key.THRESHOLD]) < noise.min_survivors:
-        problems.append(f"reconstruction threshold {configs[Key.THRESHOLD]} < {noise.min_survivors}, the survivors "
-                        "this device's noise share is calibrated for")
+        problems.append(
+            f"reconstruction threshold {configs[Key.THRESHOLD]} < {noise.min_survivors}, the survivors "
+            "this device's noise share is calibrated for"
+        )
     if problems:
         raise SecAggRefused("SecAgg+ setup refused: " + "; ".join(problems))
 

@@ -73,7 +73,9 @@ def load_state(directory: Path, partition_id: int, round_: int) -> ClientState:
     return ClientState(student, newest.metadata.get("ledger"))
 
 
-def save_state(directory: Path, partition_id: int, round_: int, student: dict[str, Any], ledger_json: str | None) -> None:
+def save_state(
+    directory: Path, partition_id: int, round_: int, student: dict[str, Any], ledger_json: str | None
+) -> None:
     """Write the client's state after round `round_`, keeping the version before it."""
     current, previous = client_state_paths(directory, partition_id)
     last = _read(current)

@@ -61,6 +61,7 @@ _FIX_HINT = (
     "holding the four Fashion-MNIST IDX files"
 )
 
+
 class DataError(ValueError):
     """Missing/corrupt data; the message names the file and how to fix it."""
 
@@ -91,8 +92,7 @@ class ArrayDataset:
             raise ValueError(f"ArrayDataset.num_classes must be >= 1, got {self.num_classes}")
         if y.size and (y.min() < 0 or y.max() >= self.num_classes):
             raise ValueError(
-                f"ArrayDataset.y has labels outside 0..{self.num_classes - 1} "
-                f"(min {y.min()}, max {y.max()})"
+                f"ArrayDataset.y has labels outside 0..{self.num_classes - 1} (min {y.min()}, max {y.max()})"
             )
         object.__setattr__(self, "x", x)
         object.__setattr__(self, "y", y)
@@ -247,12 +247,18 @@ class Dataset:
 
 
 #: The data sets by name: the config's ``data.dataset`` choices and what :func:`load_dataset` loads.
-DATASETS: Registry[Dataset] = Registry("data set", error=DataError,
-                                      unknown="unknown {kind} {name!r}; valid names: {known}")
+DATASETS: Registry[Dataset] = Registry(
+    "data set", error=DataError, unknown="unknown {kind} {name!r}; valid names: {known}"
+)
 
 
-def register_dataset(name: str, load: Callable[[str | None], tuple[ArrayDataset, ArrayDataset | None]], *,
-                     num_classes: int, flip_keeps_class: bool) -> Dataset:
+def register_dataset(
+    name: str,
+    load: Callable[[str | None], tuple[ArrayDataset, ArrayDataset | None]],
+    *,
+    num_classes: int,
+    flip_keeps_class: bool,
+) -> Dataset:
     return DATASETS.register(name, Dataset(name, load, num_classes, flip_keeps_class))
 
 

@@ -77,9 +77,7 @@ def partition(
     if min_size < 0:
         raise ValueError(f"min_size must be >= 0, got {min_size}")
     if min_size * num_clients > n:
-        raise ValueError(
-            f"impossible min_size={min_size}: {num_clients} clients x {min_size} > {n} examples"
-        )
+        raise ValueError(f"impossible min_size={min_size}: {num_clients} clients x {min_size} > {n} examples")
     rng = np.random.default_rng(seed)
     if scheme == "iid":
         parts = _iid(n, num_clients, rng)
@@ -141,8 +139,7 @@ def _shards(
         )
     if shard_size * shards_per_client < min_size:
         raise ValueError(
-            f"impossible min_size={min_size}: shards give each client "
-            f"{shard_size * shards_per_client} examples"
+            f"impossible min_size={min_size}: shards give each client {shard_size * shards_per_client} examples"
         )
     # Drop a random remainder (not always the last class), then sort by label; the
     # random pre-order also shuffles examples within each label.

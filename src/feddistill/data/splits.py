@@ -76,8 +76,7 @@ def _check_sizes(n: int, *, reference_size: int, public_labelled_size: int, test
     if used >= n:
         what = "reference_size" if has_test else "reference_size + test_size"
         raise DataError(
-            f"{what} ({used}) must be < the {n} available training examples "
-            "so that the private pool is non-empty"
+            f"{what} ({used}) must be < the {n} available training examples so that the private pool is non-empty"
         )
 
 
@@ -91,9 +90,7 @@ def _stratified_test_indices(y: np.ndarray, test_size: int, rng: np.random.Gener
     # (stable sort: ties go to the lower class, so the result is deterministic).
     order = np.argsort(-(exact - quota), kind="stable")
     quota[order[: test_size - int(quota.sum())]] += 1
-    picked = [
-        rng.choice(np.flatnonzero(y == c), size=int(q), replace=False) for c, q in zip(classes, quota) if q > 0
-    ]
+    picked = [rng.choice(np.flatnonzero(y == c), size=int(q), replace=False) for c, q in zip(classes, quota) if q > 0]
     return np.sort(np.concatenate(picked)).astype(np.int64)
 
 

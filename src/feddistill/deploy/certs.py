@@ -218,12 +218,8 @@ def _layout(out_dir: Path, num_supernodes: int, hosts: Sequence[str]) -> Credent
         server_key=out_dir / SERVER_KEY,
         release_signing_key=out_dir / RELEASE_SIGNING_KEY,
         release_signing_pub=out_dir / RELEASE_SIGNING_PUB,
-        supernode_private_keys=tuple(
-            out_dir / supernode_private_key_name(i) for i in range(num_supernodes)
-        ),
-        supernode_public_keys=tuple(
-            out_dir / supernode_public_key_name(i) for i in range(num_supernodes)
-        ),
+        supernode_private_keys=tuple(out_dir / supernode_private_key_name(i) for i in range(num_supernodes)),
+        supernode_public_keys=tuple(out_dir / supernode_public_key_name(i) for i in range(num_supernodes)),
         hosts=tuple(hosts),
     )
 
@@ -261,8 +257,10 @@ def _check_host(host: str) -> None:
     except ValueError:
         pass
     if len(host) > 253 or not all(_DNS_LABEL.match(label) for label in host.split(".")):
-        raise ValueError(f"host {host!r}: not an IP address or a DNS host name "
-                         "(dot-separated labels of letters, digits and inner hyphens)")
+        raise ValueError(
+            f"host {host!r}: not an IP address or a DNS host name "
+            "(dot-separated labels of letters, digits and inner hyphens)"
+        )
 
 
 def _san_entries(hosts: Sequence[str]) -> list[x509.GeneralName]:
@@ -303,9 +301,7 @@ def _pem_pkcs8(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> b
     )
 
 
-def _build_ca(
-    now: _dt.datetime, valid_days: int
-) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def _build_ca(now: _dt.datetime, valid_days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP384R1())
     name = x509.Name(
         [
@@ -362,9 +358,7 @@ def _build_server(
         ]
     )
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    not_after = min(
-        now + _dt.timedelta(days=valid_days), ca_cert.not_valid_after_utc
-    )
+    not_after = min(now + _dt.timedelta(days=valid_days), ca_cert.not_valid_after_utc)
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -389,12 +383,8 @@ def _build_server(
             ),
             critical=True,
         )
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
             critical=False,
@@ -461,7 +451,7 @@ def _credential_contents(
     paths: CredentialPaths, host_list: list[str], valid_days: int, num_supernodes: int
 ) -> list[tuple[Path, bytes, bool]]:
     """(path, bytes, is private) of every credential file: CA, server TLS, release signing, SuperNodes."""
-    now = _dt.datetime.now(_dt.timezone.utc)
+    now = _dt.datetime.now(_dt.UTC)
     ca_key, ca_cert = _build_ca(now, valid_days)
     server_key, server_cert = _build_server(ca_key, ca_cert, host_list, now, valid_days)
     release_key = ed25519.Ed25519PrivateKey.generate()
@@ -501,9 +491,7 @@ def _supernode_contents(paths: CredentialPaths, i: int) -> list[tuple[Path, byte
         ),
         (
             paths.supernode_public_keys[i],
-            node_key.public_key().public_bytes(
-                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-            )
+            node_key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
             + f" feddistill-supernode-{i}\n".encode(),
             False,
         ),
@@ -538,8 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dest="hosts",
         action="append",
         default=None,
-        help="Host name or IP for the server certificate SAN (repeatable; "
-        "default: localhost and 127.0.0.1).",
+        help="Host name or IP for the server certificate SAN (repeatable; default: localhost and 127.0.0.1).",
     )
     parser.add_argument("--supernodes", type=int, default=3)
     parser.add_argument("--valid-days", type=int, default=365)

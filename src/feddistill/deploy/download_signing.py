@@ -52,18 +52,27 @@ def _public_key(path: str):
 
 def sign_download(config: ConfigRecord, arrays: ArrayRecord, *, key_path: str, rnd: int, run_id: int) -> None:
     config[protocol.RELEASE_ID] = download_id(rnd)
-    config[protocol.SIGNATURE] = sign_release(_private_key(key_path), payload(arrays), round=rnd,
-                                              release_id=download_id(rnd), run_id=run_id)
+    config[protocol.SIGNATURE] = sign_release(
+        _private_key(key_path), payload(arrays), round=rnd, release_id=download_id(rnd), run_id=run_id
+    )
 
 
-def verify_download(config: ConfigRecord, arrays: ArrayRecord, *, key_path: str, rnd: int, run_id: int,
-                    state: Path) -> None:
+def verify_download(
+    config: ConfigRecord, arrays: ArrayRecord, *, key_path: str, rnd: int, run_id: int, state: Path
+) -> None:
     """Raise ``ReleaseRejected`` unless the download is signed by the pinned key and not a replay."""
     record = state / "last-release.json"
     last = json.loads(record.read_text()) if record.is_file() else {}
     min_round = last.get("round") if last.get("run_id") == run_id else None
-    verify_release(_public_key(key_path), payload(arrays), round=rnd, release_id=str(config.get(protocol.RELEASE_ID, "")),
-                   signature=config.get(protocol.SIGNATURE), min_round=min_round, run_id=run_id)
+    verify_release(
+        _public_key(key_path),
+        payload(arrays),
+        round=rnd,
+        release_id=str(config.get(protocol.RELEASE_ID, "")),
+        signature=config.get(protocol.SIGNATURE),
+        min_round=min_round,
+        run_id=run_id,
+    )
     if str(config.get(protocol.RELEASE_ID)) != download_id(rnd):
         from feddistill.deploy.signing import ReleaseRejected
 

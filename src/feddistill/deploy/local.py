@@ -192,9 +192,16 @@ class LocalDeployment:
     Use as a context manager: every process it started is stopped on exit.
     """
 
-    def __init__(self, out_dir: str | Path, *, num_supernodes: int = 3, app_dir: str | Path | None = None,
-                 config: Mapping[str, Any] | None = None, startup_timeout_s: float = 60.0,
-                 sign: bool = True) -> None:
+    def __init__(
+        self,
+        out_dir: str | Path,
+        *,
+        num_supernodes: int = 3,
+        app_dir: str | Path | None = None,
+        config: Mapping[str, Any] | None = None,
+        startup_timeout_s: float = 60.0,
+        sign: bool = True,
+    ) -> None:
         from feddistill.config import flat_run_config, parse_config
 
         if num_supernodes < 1:
@@ -211,9 +218,11 @@ class LocalDeployment:
         if sign:
             mine = [k for k in user if k.startswith("security.")]
             if mine:
-                raise DeploymentError(f"{', '.join(mine)}: deploy-local signs every download with its own key "
-                                      f"({self.out / 'certs' / RELEASE_SIGNING_KEY}) and pins it on every "
-                                      "SuperNode; drop these keys, or turn signing off (--no-sign)")
+                raise DeploymentError(
+                    f"{', '.join(mine)}: deploy-local signs every download with its own key "
+                    f"({self.out / 'certs' / RELEASE_SIGNING_KEY}) and pins it on every "
+                    "SuperNode; drop these keys, or turn signing off (--no-sign)"
+                )
             self.run_config["security.signing-key"] = str(self.out / "certs" / RELEASE_SIGNING_KEY)
         self._app_keys = set(
             tomllib.loads((self.app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"].get("config", {})
@@ -254,8 +263,15 @@ class LocalDeployment:
         with open(log, "ab" if append else "wb") as fh:
             fh.write(f"$ {' '.join(cmd)}\n".encode())
             fh.flush()
-            popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     cwd=self.out, env=env, start_new_session=True)
+            popen = subprocess.Popen(
+                cmd,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.out,
+                env=env,
+                start_new_session=True,
+            )
         return _Proc(name, popen, log)
 
     def _run_all(self, jobs: Mapping[str, list[str]], timeout_s: float) -> dict[str, subprocess.CompletedProcess]:
@@ -269,8 +285,9 @@ class LocalDeployment:
                 try:
                     rc = proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
-                    raise DeploymentError(f"`{' '.join(jobs[name][:3])} ...` did not finish in {timeout_s:.0f} s; "
-                                          f"see {proc.log}") from None
+                    raise DeploymentError(
+                        f"`{' '.join(jobs[name][:3])} ...` did not finish in {timeout_s:.0f} s; see {proc.log}"
+                    ) from None
                 done[name] = subprocess.CompletedProcess(jobs[name], rc, proc.tail(20_000), "")
             return done
         finally:
@@ -335,8 +352,9 @@ class LocalDeployment:
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.superlink.popen.poll() is not None:
-                raise DeploymentError(f"flower-superlink exited ({self.superlink.popen.returncode}):\n"
-                                      f"{self.superlink.tail()}")
+                raise DeploymentError(
+                    f"flower-superlink exited ({self.superlink.popen.returncode}):\n{self.superlink.tail()}"
+                )
             conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=ctx, timeout=3)
             try:
                 conn.request("GET", "/health")
@@ -347,28 +365,40 @@ class LocalDeployment:
             finally:
                 conn.close()
             time.sleep(0.3)
-        raise DeploymentError(f"flower-superlink not healthy after {self.startup_timeout_s:.0f} s; see "
-                              f"{self.superlink.log}")
+        raise DeploymentError(
+            f"flower-superlink not healthy after {self.startup_timeout_s:.0f} s; see {self.superlink.log}"
+        )
 
     def register(self, indices: Sequence[int] | None = None) -> dict[int, int]:
         """``flwr supernode register <supernode-i.pub> <connection>`` for each SuperNode (all by
         default, concurrently); returns their node ids."""
         assert self.creds is not None
         indices = range(self.num_supernodes) if indices is None else indices
-        jobs = {f"register-{i}": [str(_VENV_BIN / "flwr"), "supernode", "register",
-                                  str(self.creds.supernode_public_keys[i]), CONNECTION, "--format", "json"]
-                for i in indices}
+        jobs = {
+            f"register-{i}": [
+                str(_VENV_BIN / "flwr"),
+                "supernode",
+                "register",
+                str(self.creds.supernode_public_keys[i]),
+                CONNECTION,
+                "--format",
+                "json",
+            ]
+            for i in indices
+        }
         done = self._run_all(jobs, timeout_s=self.startup_timeout_s)
         for i in indices:
             out = done[f"register-{i}"].stdout
             try:
-                result = json.loads(out[out.index("{", out.index("\n") + 1):])  # skip the echoed command line
+                result = json.loads(out[out.index("{", out.index("\n") + 1) :])  # skip the echoed command line
             except ValueError:
                 result = {}
             if done[f"register-{i}"].returncode != 0 or not result.get("success"):
-                raise DeploymentError(f"registering {self.creds.supernode_public_keys[i]} failed (exit "
-                                      f"{done[f'register-{i}'].returncode}); see {self.logs / f'register-{i}.log'}:\n"
-                                      f"{out[-2000:]}")
+                raise DeploymentError(
+                    f"registering {self.creds.supernode_public_keys[i]} failed (exit "
+                    f"{done[f'register-{i}'].returncode}); see {self.logs / f'register-{i}.log'}:\n"
+                    f"{out[-2000:]}"
+                )
             self.node_ids[i] = int(result["node-id"])
         return {i: self.node_ids[i] for i in indices}
 
@@ -376,8 +406,9 @@ class LocalDeployment:
         assert self.creds is not None
         home = self.out / "nodes" / f"node-{i}"
         home.mkdir(parents=True, exist_ok=True)
-        node_config = (f"partition-id={i} num-partitions={self.num_supernodes} "
-                       f"data-dir={_toml_string_path(self.device_dir(i))}")
+        node_config = (
+            f"partition-id={i} num-partitions={self.num_supernodes} data-dir={_toml_string_path(self.device_dir(i))}"
+        )
         if self.sign:  # the device accepts only downloads signed by the deployment's key
             node_config += f" release-public-key={_toml_string_path(self.creds.release_signing_pub.resolve())}"
         cmd = [
@@ -410,19 +441,31 @@ class LocalDeployment:
             self.start_supernode(i)
         return self
 
-    def run(self, *, rounds: int, output_dir: str | Path, overrides: Mapping[str, Any] | None = None,
-            timeout_s: float = 600.0) -> dict[str, Any]:
+    def run(
+        self,
+        *,
+        rounds: int,
+        output_dir: str | Path,
+        overrides: Mapping[str, Any] | None = None,
+        timeout_s: float = 600.0,
+    ) -> dict[str, Any]:
         """``flwr run`` the app on this deployment; returns the ServerApp's results.json."""
         from feddistill.config import flat_run_config, parse_config
 
         output_dir = Path(output_dir).expanduser().resolve()
-        run_config = {**self.run_config, **flat_run_config(overrides or {}), "rounds": rounds,
-                      "output-dir": str(output_dir)}
+        run_config = {
+            **self.run_config,
+            **flat_run_config(overrides or {}),
+            "rounds": rounds,
+            "output-dir": str(output_dir),
+        }
         parse_config(run_config, "deploy-local config")
         unknown = sorted(set(run_config) - self._app_keys)
         if unknown:
-            raise DeploymentError(f"run-config keys {unknown} are not in [tool.flwr.app.config] of "
-                                  f"{self.app_dir / 'pyproject.toml'}: Flower would reject them")
+            raise DeploymentError(
+                f"run-config keys {unknown} are not in [tool.flwr.app.config] of "
+                f"{self.app_dir / 'pyproject.toml'}: Flower would reject them"
+            )
         from feddistill.runfolder import RunFolder, RunFolderError, prepare_run_folder
 
         try:  # the ServerApp would refuse it too, but only after Flower has started the run
@@ -432,8 +475,15 @@ class LocalDeployment:
         results_path = RunFolder(output_dir).results
         config_file = self.out / f"run-config-{output_dir.name}.toml"
         config_file.write_text("".join(f"{json.dumps(k)} = {_toml_value(v)}\n" for k, v in sorted(run_config.items())))
-        cmd = [str(_VENV_BIN / "flwr"), "run", str(self.app_dir), CONNECTION, "--stream",
-               "--run-config", str(config_file)]
+        cmd = [
+            str(_VENV_BIN / "flwr"),
+            "run",
+            str(self.app_dir),
+            CONNECTION,
+            "--stream",
+            "--run-config",
+            str(config_file),
+        ]
         name = f"flwr-run-{output_dir.name}"
         proc = self._spawn(name, cmd, self.env())
         self._others.append(proc)
@@ -446,8 +496,10 @@ class LocalDeployment:
                     time.sleep(1.0)
                     if results_path.is_file():
                         break
-                    raise DeploymentError(f"the run ended without {results_path} (flwr run exit "
-                                          f"{proc.popen.returncode}); see {proc.log}:\n{proc.tail()}")
+                    raise DeploymentError(
+                        f"the run ended without {results_path} (flwr run exit "
+                        f"{proc.popen.returncode}); see {proc.log}:\n{proc.tail()}"
+                    )
                 self._check_alive()
                 time.sleep(0.5)
             else:
@@ -461,8 +513,11 @@ class LocalDeployment:
             stop_process(proc.popen, grace_s=5.0)
             self._others.remove(proc)
         match = re.search(r"Successfully started run (\d+)", proc.tail(1_000_000))
-        self.last_run = {"run_id": int(match.group(1)) if match else None, "log": str(proc.log),
-                         "run_config": str(config_file)}
+        self.last_run = {
+            "run_id": int(match.group(1)) if match else None,
+            "log": str(proc.log),
+            "run_config": str(config_file),
+        }
         return results
 
     def _check_alive(self) -> None:
@@ -491,9 +546,16 @@ class LocalDeployment:
         self.stop()
 
 
-def deploy_local(out_dir: str | Path, *, num_supernodes: int = 3, rounds: int = 2,
-                 config_overrides: Mapping[str, Any] | None = None, timeout_s: float = 600.0,
-                 app_dir: str | Path | None = None, sign: bool = True) -> dict[str, Any]:
+def deploy_local(
+    out_dir: str | Path,
+    *,
+    num_supernodes: int = 3,
+    rounds: int = 2,
+    config_overrides: Mapping[str, Any] | None = None,
+    timeout_s: float = 600.0,
+    app_dir: str | Path | None = None,
+    sign: bool = True,
+) -> dict[str, Any]:
     """Deploy on 127.0.0.1 with TLS + SuperNode auth (+ signed downloads and pinned key unless
     ``sign=False``), run `rounds` rounds, stop everything.
 
@@ -505,12 +567,14 @@ def deploy_local(out_dir: str | Path, *, num_supernodes: int = 3, rounds: int = 
 
     t0 = time.monotonic()
     deadline = t0 + timeout_s
-    deployment = LocalDeployment(out_dir, num_supernodes=num_supernodes, app_dir=app_dir, config=config_overrides,
-                                 sign=sign)
+    deployment = LocalDeployment(
+        out_dir, num_supernodes=num_supernodes, app_dir=app_dir, config=config_overrides, sign=sign
+    )
     with deployment:
         deployment.start()
-        results = deployment.run(rounds=rounds, output_dir=deployment.out / "run",
-                                 timeout_s=max(1.0, deadline - time.monotonic()))
+        results = deployment.run(
+            rounds=rounds, output_dir=deployment.out / "run", timeout_s=max(1.0, deadline - time.monotonic())
+        )
     assert deployment.creds is not None
     return {
         "results": results,
@@ -533,12 +597,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--supernodes", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--config", type=Path, default=None, help="TOML run config (feddistill simulate format)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        help="Override a run-config key, e.g. --set teacher.epochs=20")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="Override a run-config key, e.g. --set teacher.epochs=20",
+    )
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--app-dir", type=Path, default=None)
-    parser.add_argument("--no-sign", dest="sign", action="store_false",
-                        help="Send unsigned downloads and pin no key on the SuperNodes (signed and pinned by default)")
+    parser.add_argument(
+        "--no-sign",
+        dest="sign",
+        action="store_false",
+        help="Send unsigned downloads and pin no key on the SuperNodes (signed and pinned by default)",
+    )
     args = parser.parse_args(argv)
     from feddistill.config import ConfigError, flat_run_config, parse_override, read_toml
 
@@ -552,15 +625,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     overrides.pop("output-dir", None)
     try:
-        info = deploy_local(args.out_dir, num_supernodes=args.supernodes, rounds=args.rounds,
-                            config_overrides=overrides, timeout_s=args.timeout, app_dir=args.app_dir, sign=args.sign)
+        info = deploy_local(
+            args.out_dir,
+            num_supernodes=args.supernodes,
+            rounds=args.rounds,
+            config_overrides=overrides,
+            timeout_s=args.timeout,
+            app_dir=args.app_dir,
+            sign=args.sign,
+        )
     except (DeploymentError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for r in info["results"]["rounds"]:
-        print(f"round {r['round']}: {r['replies']}/{r['clients']} replies, student accuracy {r['student_accuracy']:.3f}")
+        print(
+            f"round {r['round']}: {r['replies']}/{r['clients']} replies, student accuracy {r['student_accuracy']:.3f}"
+        )
     if info["signed"]:
-        print(f"downloads signed with {Path(info['certs']) / RELEASE_SIGNING_KEY}; every SuperNode pinned its public key")
+        print(
+            f"downloads signed with {Path(info['certs']) / RELEASE_SIGNING_KEY}; every SuperNode pinned its public key"
+        )
     print(f"results: {info['results_path']}  logs: {Path(info['out_dir']) / 'logs'}  ({info['seconds']:.0f} s)")
     return 0
 

@@ -81,9 +81,7 @@ def _field(value: str) -> bytes:
     return struct.pack(">I", len(data)) + data
 
 
-def signed_message(
-    payload_sha256: str, round: int, release_id: str, run_id: str | int = ""
-) -> bytes:
+def signed_message(payload_sha256: str, round: int, release_id: str, run_id: str | int = "") -> bytes:
     """Canonical bytes that are signed for a release."""
     if not isinstance(payload_sha256, str) or not _SHA256_HEX.match(payload_sha256):
         raise ValueError("payload_sha256 must be 64 lower-case hex characters")
@@ -92,9 +90,7 @@ def signed_message(
         raise ValueError("release_id must be a non-empty string")
     if isinstance(run_id, bool) or not isinstance(run_id, (str, int)):
         raise TypeError("run_id must be a str or int")
-    return DOMAIN_PREFIX + b"".join(
-        _field(f) for f in (payload_sha256, str(round), release_id, str(run_id))
-    )
+    return DOMAIN_PREFIX + b"".join(_field(f) for f in (payload_sha256, str(round), release_id, str(run_id)))
 
 
 def sign_release(
@@ -143,22 +139,17 @@ def verify_release(
     except (binascii.Error, ValueError, TypeError) as err:
         raise ReleaseRejected("tampered: signature is not valid base64") from err
     if len(raw) != _ED25519_SIG_LEN:
-        raise ReleaseRejected(
-            f"tampered: signature has {len(raw)} bytes, expected {_ED25519_SIG_LEN}"
-        )
+        raise ReleaseRejected(f"tampered: signature has {len(raw)} bytes, expected {_ED25519_SIG_LEN}")
     message = signed_message(payload_sha256(payload), round, release_id, run_id)
     try:
         public_key.verify(raw, message)
     except InvalidSignature as err:
         raise ReleaseRejected(
-            "tampered: signature does not match payload/round/release id "
-            f"(signer {fingerprint(public_key)})"
+            f"tampered: signature does not match payload/round/release id (signer {fingerprint(public_key)})"
         ) from err
 
     if min_round is not None and round < min_round:
-        raise ReleaseRejected(
-            f"replayed: round {round} older than last accepted {min_round}"
-        )
+        raise ReleaseRejected(f"replayed: round {round} older than last accepted {min_round}")
 
 
 def fingerprint(public_key: ed25519.Ed25519PublicKey | ed25519.Ed25519PrivateKey) -> str:
@@ -187,13 +178,9 @@ def load_private_key(path: Path | str) -> ed25519.Ed25519PrivateKey:
         else:
             key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as err:
-        raise KeyLoadError(
-            f"'{path}' is not a readable unencrypted PEM/OpenSSH private key: {err}"
-        ) from err
+        raise KeyLoadError(f"'{path}' is not a readable unencrypted PEM/OpenSSH private key: {err}") from err
     if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise KeyLoadError(
-            f"'{path}' holds a {type(key).__name__}, expected an Ed25519 private key"
-        )
+        raise KeyLoadError(f"'{path}' holds a {type(key).__name__}, expected an Ed25519 private key")
     return key
 
 
@@ -201,21 +188,14 @@ def load_public_key(path: Path | str) -> ed25519.Ed25519PublicKey:
     """Load an Ed25519 public key (PEM SubjectPublicKeyInfo or ``ssh-ed25519``)."""
     path, data = _read(path, "release-signing public key")
     if b"PRIVATE KEY" in data:
-        raise KeyLoadError(
-            f"'{path}' contains a PRIVATE key; pass the public key file "
-            "(release-signing.pub) instead"
-        )
+        raise KeyLoadError(f"'{path}' contains a PRIVATE key; pass the public key file (release-signing.pub) instead")
     try:
         if b"-----BEGIN" in data:
             key = serialization.load_pem_public_key(data)
         else:  # OpenSSH one-line format ("ssh-ed25519 AAAA... comment")
             key = serialization.load_ssh_public_key(data.strip())
     except (ValueError, TypeError, UnsupportedAlgorithm) as err:
-        raise KeyLoadError(
-            f"'{path}' is not a readable PEM/OpenSSH public key: {err}"
-        ) from err
+        raise KeyLoadError(f"'{path}' is not a readable PEM/OpenSSH public key: {err}") from err
     if not isinstance(key, ed25519.Ed25519PublicKey):
-        raise KeyLoadError(
-            f"'{path}' holds a {type(key).__name__}, expected an Ed25519 public key"
-        )
+        raise KeyLoadError(f"'{path}' holds a {type(key).__name__}, expected an Ed25519 public key")
     return key

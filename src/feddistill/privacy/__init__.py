@@ -6,6 +6,7 @@ every message, pays for Opacus and dp-accounting only when it uses them.
 """
 
 from importlib import import_module
+from typing import Any
 
 _WHERE = {
     "ACCOUNTANTS": "accounting",
@@ -42,10 +43,11 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _WHERE:
         return getattr(import_module(f"{__name__}.{_WHERE[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ACCOUNTANTS",

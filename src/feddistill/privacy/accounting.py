@@ -63,7 +63,8 @@ _MAX_NOISE_MULTIPLIER = 1e6
 #: The accountants a ledger may name, by name; each is ``(groups, delta, value_discretization_interval) -> ε``
 #: (registered below). No "gdp": it under-reports (see module docstring).
 ACCOUNTANTS: Registry[Callable[[Groups, float, float], float]] = Registry(
-    "accountant", unknown="accountant must be one of {names}, got {name!r}")
+    "accountant", unknown="accountant must be one of {names}, got {name!r}"
+)
 #: Opacus' RDP analysis: a cross-check (:func:`epsilon_rdp_opacus`), not an accountant a ledger names.
 RDP_OPACUS = "rdp-opacus"
 
@@ -230,10 +231,7 @@ def _rdp_opacus(groups: Groups, delta: float, vdi: float) -> float:
     from opacus.accountants.rdp import RDPAccountant
 
     orders = RDPAccountant.DEFAULT_ALPHAS
-    rdp = sum(
-        np.asarray(opacus_rdp.compute_rdp(q=q, noise_multiplier=z, steps=n, orders=orders))
-        for z, q, n in groups
-    )
+    rdp = sum(np.asarray(opacus_rdp.compute_rdp(q=q, noise_multiplier=z, steps=n, orders=orders)) for z, q, n in groups)
     eps, _ = opacus_rdp.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
     return float(eps)
 

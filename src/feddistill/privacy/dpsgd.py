@@ -32,12 +32,18 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
 from opacus.validators import ModuleValidator
 from torch import nn
+
+if TYPE_CHECKING:
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+    from torch.utils.data import DataLoader
 from torch.utils.data import TensorDataset
 
 from .accounting import noise_multiplier_for_epsilon
@@ -150,9 +156,18 @@ def dp_train(
     device = next(model.parameters()).device
 
     sample_gen, noise_gen = _generators(seed, device)
-    gsm, dp_optimizer, loader = _make_private(model, x, y, sampling_rate=sampling_rate, lr=lr, momentum=momentum,
-                                              noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                                              sample_gen=sample_gen, noise_gen=noise_gen)
+    gsm, dp_optimizer, loader = _make_private(
+        model,
+        x,
+        y,
+        sampling_rate=sampling_rate,
+        lr=lr,
+        momentum=momentum,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        sample_gen=sample_gen,
+        noise_gen=noise_gen,
+    )
 
     try:
         with warnings.catch_warnings():
@@ -195,9 +210,19 @@ def _generators(seed: int | None, device: torch.device) -> tuple[torch.Generator
     return sample_gen, noise_gen
 
 
-def _make_private(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, sampling_rate: float, lr: float,
-                  momentum: float, noise_multiplier: float, max_grad_norm: float, sample_gen: torch.Generator,
-                  noise_gen: torch.Generator):
+def _make_private(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    sampling_rate: float,
+    lr: float,
+    momentum: float,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    sample_gen: torch.Generator,
+    noise_gen: torch.Generator,
+) -> tuple[GradSampleModule, DPOptimizer, DataLoader]:
     """Opacus' GradSampleModule, DP optimizer and Poisson loader for ``model`` on (x, y)."""
     # We build the Poisson loader ourselves so that q is exactly the public rate
     # (make_private's own conversion derives q from n and a batch size); hence
@@ -224,8 +249,9 @@ def _make_private(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, samplin
     return gsm, dp_optimizer, loader
 
 
-def _check_arguments(x: torch.Tensor, y: torch.Tensor, *, noise_multiplier: float, max_grad_norm: float, lr: float,
-                     momentum: float) -> None:
+def _check_arguments(
+    x: torch.Tensor, y: torch.Tensor, *, noise_multiplier: float, max_grad_norm: float, lr: float, momentum: float
+) -> None:
     if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
         raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier!r}")
     if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
@@ -240,7 +266,15 @@ def _check_arguments(x: torch.Tensor, y: torch.Tensor, *, noise_multiplier: floa
         raise ValueError("x must hold at least one record")
 
 
-def _train_epochs(gsm, dp_optimizer, loader, loss_fn, *, device, epochs: int) -> tuple[int, float, int]:
+def _train_epochs(
+    gsm: GradSampleModule,
+    dp_optimizer: DPOptimizer,
+    loader: DataLoader,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    device: torch.device,
+    epochs: int,
+) -> tuple[int, float, int]:
     steps, loss_sum, loss_records = 0, 0.0, 0
     for _ in range(epochs):
         for xb, yb in loader:

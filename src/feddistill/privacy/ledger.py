@@ -233,9 +233,11 @@ class PrivacyLedger:
             raise ValueError(f"not a {_FORMAT} document")
         if d.get("version") != _VERSION:
             # never start a new ledger instead: that would forget the privacy this one has spent
-            raise ValueError(f"unsupported ledger version {d.get('version')!r} (expected {_VERSION}): written by "
-                             "another feddistill version; read it with that version, do not delete it (a new "
-                             "ledger would forget the privacy already spent)")
+            raise ValueError(
+                f"unsupported ledger version {d.get('version')!r} (expected {_VERSION}): written by "
+                "another feddistill version; read it with that version, do not delete it (a new "
+                "ledger would forget the privacy already spent)"
+            )
         return cls(
             unit=d["unit"],
             delta=d["delta"],

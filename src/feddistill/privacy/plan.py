@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from feddistill.config import ConfigError, RunConfig
 from feddistill.privacy.mechanisms import reply_sensitivity, row_norm_bound
@@ -98,11 +98,15 @@ class UploadPrivacy:
     def mechanism(self) -> str:
         if self.distributed:
             what = "noisy vote counts (GNMax)" if self.mode == "gnmax" else "Gaussian on the sum of replies"
-            return (f"distributed {what} under SecAgg+: each client adds a share ({self.bound}, z={self.noise_multiplier:.4g}, "
-                    f"replace-one sensitivity {self.sensitivity:.4g}), no amplification by sampling claimed (q=1)")
+            return (
+                f"distributed {what} under SecAgg+: each client adds a share "
+                f"({self.bound}, z={self.noise_multiplier:.4g}, "
+                f"replace-one sensitivity {self.sensitivity:.4g}), no amplification by sampling claimed (q=1)"
+            )
         return {
             "off": f"none ({self.bound})",
-            "local": f"local Gaussian on each reply ({self.bound}, z={self.noise_multiplier:.4g}, sensitivity {self.sensitivity:.4g})",
+            "local": f"local Gaussian on each reply ({self.bound}, z={self.noise_multiplier:.4g}, "
+            f"sensitivity {self.sensitivity:.4g})",
             "central": f"central Gaussian on the sum of replies ({self.bound}, z={self.noise_multiplier:.4g}, "
             f"sensitivity {self.sensitivity:.4g}), Poisson client sampling q={self.sampling_rate}",
             "gnmax": f"GNMax noisy votes (z={self.noise_multiplier:.4g}, sensitivity {self.sensitivity:.4g}), "
@@ -117,8 +121,10 @@ class UploadPrivacy:
         if self.mode == "local":
             return "everyone, the server included (each reply is noised on the device)"
         if self.distributed:
-            return ("everyone, the (honest-but-curious) server included: it sees only the SecAgg+ sum, noised by "
-                    "the clients; assumes no surviving client colludes with the server")
+            return (
+                "everyone, the (honest-but-curious) server included: it sees only the SecAgg+ sum, noised by "
+                "the clients; assumes no surviving client colludes with the server"
+            )
         return "everyone who sees the server's outputs (teacher signals, students); the server itself is trusted"
 
     def event(self) -> GaussianEvent:
@@ -142,8 +148,15 @@ def upload_privacy(cfg: RunConfig) -> UploadPrivacy:
     q = cfg.distill.query_size
     sensitivity = reply_sensitivity(p.bound, q, neighbouring="add/remove", clip_norm=p.clip_norm)
     target = p.target_epsilon or None
-    common = dict(mode=p.client_level, bound=p.bound, clip_norm=p.clip_norm, sensitivity=sensitivity,
-                  delta=p.delta, target_epsilon=target, threshold_noise_multiplier=p.threshold_noise_multiplier)
+    common: dict[str, Any] = dict(
+        mode=p.client_level,
+        bound=p.bound,
+        clip_norm=p.clip_norm,
+        sensitivity=sensitivity,
+        delta=p.delta,
+        target_epsilon=target,
+        threshold_noise_multiplier=p.threshold_noise_multiplier,
+    )
     if p.client_level == "off":
         return UploadPrivacy(noise_multiplier=0.0, accounted_noise_multiplier=0.0, sampling_rate=1.0, **common)
     if p.client_level == "local":
@@ -181,11 +194,20 @@ def secagg_privacy(cfg: RunConfig) -> tuple[UploadPrivacy, SecAggNoise]:
     delta = p.delta - delta_clip  # the accountant's delta; the clipping failure takes the rest
     z = p.noise_multiplier or _calibrate(p.target_epsilon, delta, 1.0, cfg.rounds)
     noise = run_shares(cfg, z)  # the sum carries N(0, (z * sensitivity)^2), clipped w.p. <= delta_clip
-    plan = UploadPrivacy(mode=p.client_level, bound=p.bound, clip_norm=p.clip_norm, sensitivity=sensitivity,
-                         noise_multiplier=z, threshold_noise_multiplier=p.threshold_noise_multiplier,
-                         accounted_noise_multiplier=z, sampling_rate=1.0, delta=delta,
-                         target_epsilon=p.target_epsilon or None, secure_aggregation=cfg.distill.secure_aggregation,
-                         clip_failure=noise.clip_failure)
+    plan = UploadPrivacy(
+        mode=p.client_level,
+        bound=p.bound,
+        clip_norm=p.clip_norm,
+        sensitivity=sensitivity,
+        noise_multiplier=z,
+        threshold_noise_multiplier=p.threshold_noise_multiplier,
+        accounted_noise_multiplier=z,
+        sampling_rate=1.0,
+        delta=delta,
+        target_epsilon=p.target_epsilon or None,
+        secure_aggregation=cfg.distill.secure_aggregation,
+        clip_failure=noise.clip_failure,
+    )
     return plan, noise
 
 
@@ -206,23 +228,30 @@ def record_noise_multiplier(cfg: RunConfig, sampling_rate: float, steps_per_roun
     p = cfg.privacy
     if p.record_noise_multiplier:
         return p.record_noise_multiplier
-    return _calibrate(p.record_target_epsilon, p.record_delta, sampling_rate, steps_per_round * planned_participations(cfg))
+    return _calibrate(
+        p.record_target_epsilon, p.record_delta, sampling_rate, steps_per_round * planned_participations(cfg)
+    )
 
 
 def record_mechanism(cfg: RunConfig) -> str:
     p = cfg.privacy
     q = p.record_sampling_rate
-    sampling = ("full batches (q=1: every private example in every step, no amplification by sampling)" if q == 1
-                else f"Poisson sampling of private examples at the public rate q={q}")
-    return (f"DP-SGD through Opacus (Abadi et al. 2016: per-sample clipping C={p.max_grad_norm}, {sampling}, "
-            f"{cfg.distill.revisit_epochs} x int(1/q) steps per round, z from (q, steps, planned participations) "
-            "only, never from a device's data); uploads are post-processing")
+    sampling = (
+        "full batches (q=1: every private example in every step, no amplification by sampling)"
+        if q == 1
+        else f"Poisson sampling of private examples at the public rate q={q}"
+    )
+    return (
+        f"DP-SGD through Opacus (Abadi et al. 2016: per-sample clipping C={p.max_grad_norm}, {sampling}, "
+        f"{cfg.distill.revisit_epochs} x int(1/q) steps per round, z from (q, steps, planned participations) "
+        "only, never from a device's data); uploads are post-processing"
+    )
 
 
 NOISE_SOURCES = {
     "seeded": "seeded (simulation only: reproducible, and predictable by anyone who knows the run seed)",
     "os-entropy": "os-entropy (fresh OS entropy on every client for every draw; not reproducible, and no seed "
-                  "anyone knows can regenerate it)",
+    "anyone knows can regenerate it)",
 }
 
 
@@ -234,8 +263,10 @@ def client_noise_source(cfg: RunConfig, plan: UploadPrivacy) -> str:
         return "os-entropy (each client's SecAgg+ noise share, always; whatever privacy.noise-source says)"
     if cfg.privacy.noise_source == "os-entropy":
         return "server: drawn by the (trusted) server from OS entropy"
-    return ("server: drawn by the (trusted) server from a generator seeded with the run seed, so reproducible and "
-            "predictable by anyone who knows the seed (results.json names it): simulation only")
+    return (
+        "server: drawn by the (trusted) server from a generator seeded with the run seed, so reproducible and "
+        "predictable by anyone who knows the seed (results.json names it): simulation only"
+    )
 
 
 def noise_seed(cfg: RunConfig, seed: int, device: bool) -> int | None:
@@ -248,9 +279,11 @@ def device_noise_refusal(cfg: RunConfig) -> str | None:
     """Why a device refuses this run config (it asks for seeded noise), or None."""
     if cfg.privacy.noise_source == "os-entropy":
         return None
-    return (f"privacy.noise-source = {cfg.privacy.noise_source!r}: seeded noise is for simulation only (the server "
-            "knows the seed and could subtract it); a device draws from OS entropy and needs "
-            "privacy.noise-source = \"os-entropy\"")
+    return (
+        f"privacy.noise-source = {cfg.privacy.noise_source!r}: seeded noise is for simulation only (the server "
+        "knows the seed and could subtract it); a device draws from OS entropy and needs "
+        'privacy.noise-source = "os-entropy"'
+    )
 
 
 def check_devices_noise_source(cfg: RunConfig, num_devices: int) -> None:

@@ -27,8 +27,16 @@ import torch
 from feddistill.atomic import atomic_path
 from feddistill.runfolder import CHECKPOINT, JOURNAL, RunFolder
 
-__all__ = ["CHECKPOINT", "JOURNAL", "CheckpointError", "ServerState", "journal_round", "journaled_rounds_after",
-           "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CHECKPOINT",
+    "JOURNAL",
+    "CheckpointError",
+    "ServerState",
+    "journal_round",
+    "journaled_rounds_after",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 
 
 class CheckpointError(RuntimeError):
@@ -64,7 +72,9 @@ def load_checkpoint(out: Path, config_digest: str) -> ServerState:
     except Exception as exc:
         raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from exc
     if blob.get("config_digest") != config_digest:
-        raise CheckpointError(f"{path}: written by a different config (config hash mismatch); resume with the same config")
+        raise CheckpointError(
+            f"{path}: written by a different config (config hash mismatch); resume with the same config"
+        )
     return state
 
 

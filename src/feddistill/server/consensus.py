@@ -78,8 +78,9 @@ class FleetLabels:
             return answered
         label, share = self.consensus()
         seen = answered[validation_rows]
-        self.threshold = calibrate_share(share[validation_rows][seen], label[validation_rows][seen],
-                                         validation_labels[seen], self.precision)
+        self.threshold = calibrate_share(
+            share[validation_rows][seen], label[validation_rows][seen], validation_labels[seen], self.precision
+        )
         if self.threshold is None:
             return np.zeros(self.num_rows, dtype=bool)
         return answered & (share >= self.threshold)
@@ -102,8 +103,9 @@ class FleetLabels:
         self.threshold = state["threshold"]
 
 
-def select_queries(rng: np.random.Generator, size: int, how: str, margin: np.ndarray | None,
-                   labelled: np.ndarray) -> np.ndarray:
+def select_queries(
+    rng: np.random.Generator, size: int, how: str, margin: np.ndarray | None, labelled: np.ndarray
+) -> np.ndarray:
     """A round's query rows (sorted): ``size`` rows drawn uniformly, or with ``how =
     "uncertain"`` three quarters among the unlabelled rows of smallest ``margin`` (the released
     student's top-1 minus top-2 probability on each reference row) and the rest uniformly."""

@@ -51,8 +51,16 @@ class PublicLabels:
     labels: np.ndarray  # int64 class of each
 
 
-def distil_step(student: torch.nn.Module, reference_x: torch.Tensor, signal: np.ndarray, cfg: RunConfig,
-                seed: int, *, public: PublicLabels, fleet_rows: np.ndarray | None = None) -> None:
+def distil_step(
+    student: torch.nn.Module,
+    reference_x: torch.Tensor,
+    signal: np.ndarray,
+    cfg: RunConfig,
+    seed: int,
+    *,
+    public: PublicLabels,
+    fleet_rows: np.ndarray | None = None,
+) -> None:
     """One server distillation step on the reference set, continuing from the student's weights
     (FedDF: Lin et al. 2020, "Ensemble Distillation for Robust Model Fusion in Federated
     Learning"), as ``distill.server-training`` says:
@@ -69,22 +77,43 @@ def distil_step(student: torch.nn.Module, reference_x: torch.Tensor, signal: np.
     if d.server_training == "fixmatch":
         rows, labelled_targets = _labelled(targets, public, fleet_rows)
         steps = d.server_epochs * math.ceil(len(reference_x) / d.batch_size)
-        train_fixmatch(student, reference_x[rows], labelled_targets, reference_x, steps=steps,
-                       batch_size=d.batch_size, threshold=d.fixmatch_threshold, lr=d.server_lr, momentum=d.momentum,
-                       flip=FLIP_KEEPS_CLASS[cfg.data.dataset], seed=seed)
+        train_fixmatch(
+            student,
+            reference_x[rows],
+            labelled_targets,
+            reference_x,
+            steps=steps,
+            batch_size=d.batch_size,
+            threshold=d.fixmatch_threshold,
+            lr=d.server_lr,
+            momentum=d.momentum,
+            flip=FLIP_KEEPS_CLASS[cfg.data.dataset],
+            seed=seed,
+        )
         return
-    train_distill(student, reference_x, targets, temperature=d.temperature, epochs=d.server_epochs,
-                  batch_size=d.batch_size, lr=d.server_lr, momentum=d.momentum, seed=seed)
+    train_distill(
+        student,
+        reference_x,
+        targets,
+        temperature=d.temperature,
+        epochs=d.server_epochs,
+        batch_size=d.batch_size,
+        lr=d.server_lr,
+        momentum=d.momentum,
+        seed=seed,
+    )
 
 
-def _labelled(signal: torch.Tensor, public: PublicLabels,
-              fleet_rows: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _labelled(
+    signal: torch.Tensor, public: PublicLabels, fleet_rows: np.ndarray | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows and probability targets of FixMatch's labelled part: the fleet's answered rows with
     their signal, and the public labels (one-hot; they win where a row is both)."""
     fleet = np.setdiff1d(np.asarray(fleet_rows if fleet_rows is not None else [], dtype=np.int64), public.rows)
     rows = np.concatenate([np.asarray(public.rows, dtype=np.int64), fleet])
-    one_hot = torch.nn.functional.one_hot(torch.from_numpy(np.asarray(public.labels, dtype=np.int64)),
-                                          signal.shape[1]).float()
+    one_hot = torch.nn.functional.one_hot(
+        torch.from_numpy(np.asarray(public.labels, dtype=np.int64)), signal.shape[1]
+    ).float()
     return torch.from_numpy(rows), torch.cat([one_hot, signal[torch.from_numpy(fleet)]])
 
 
@@ -98,24 +127,57 @@ def _digest(a: np.ndarray | torch.Tensor) -> str:
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
 
 
-def control_key(cfg: RunConfig, teacher_signal: np.ndarray, reference_x: torch.Tensor, test_x: torch.Tensor,
-                rounds: int, public: PublicLabels) -> str:
+def control_key(
+    cfg: RunConfig,
+    teacher_signal: np.ndarray,
+    reference_x: torch.Tensor,
+    test_x: torch.Tensor,
+    rounds: int,
+    public: PublicLabels,
+) -> str:
     """Everything the control's accuracies depend on, hashed."""
     d = cfg.distill
-    blob = json.dumps({
-        "v": CACHE_VERSION, "seed": cfg.seed, "rounds": rounds, "student": d.server_student,
-        "schedule": [d.temperature, d.server_epochs, d.batch_size, d.server_lr, d.momentum, d.server_training,
-                     d.fixmatch_threshold, cfg.data.dataset],
-        "signal": _digest(teacher_signal), "reference": _digest(reference_x), "test": _digest(test_x),
-        "public": [_digest(np.asarray(public.rows, dtype=np.int64)), _digest(np.asarray(public.labels, dtype=np.int64))],
-        "threads": torch.get_num_threads(),  # float reductions differ with the thread count
-    }, sort_keys=True)
+    blob = json.dumps(
+        {
+            "v": CACHE_VERSION,
+            "seed": cfg.seed,
+            "rounds": rounds,
+            "student": d.server_student,
+            "schedule": [
+                d.temperature,
+                d.server_epochs,
+                d.batch_size,
+                d.server_lr,
+                d.momentum,
+                d.server_training,
+                d.fixmatch_threshold,
+                cfg.data.dataset,
+            ],
+            "signal": _digest(teacher_signal),
+            "reference": _digest(reference_x),
+            "test": _digest(test_x),
+            "public": [
+                _digest(np.asarray(public.rows, dtype=np.int64)),
+                _digest(np.asarray(public.labels, dtype=np.int64)),
+            ],
+            "threads": torch.get_num_threads(),  # float reductions differ with the thread count
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def public_control(cfg: RunConfig, build_student: Callable[[], torch.nn.Module], teacher_signal: np.ndarray,
-                   reference_x: torch.Tensor, test_x: torch.Tensor, test_y: np.ndarray, rounds: int,
-                   cache: Path | None, public: PublicLabels) -> dict[str, Any]:
+def public_control(
+    cfg: RunConfig,
+    build_student: Callable[[], torch.nn.Module],
+    teacher_signal: np.ndarray,
+    reference_x: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: np.ndarray,
+    rounds: int,
+    cache: Path | None,
+    public: PublicLabels,
+) -> dict[str, Any]:
     """Test accuracy of the public-only control after round 0 and after each of ``rounds`` rounds.
 
     Returns ``{"accuracy": final, "nll": ..., "ece": ..., "per_round": [acc0, acc1, ...],
@@ -134,8 +196,12 @@ def public_control(cfg: RunConfig, build_student: Callable[[], torch.nn.Module],
         distil_step(student, reference_x, teacher_signal, cfg, round_seed(cfg, rnd), public=public)
         per_round.append(evaluate_model(student, test_x, test_y).accuracy)
     final = evaluate_model(student, test_x, test_y)
-    result = {**final.to_dict(), "per_round": per_round, "rounds": rounds,
-              "what": "the run's server pipeline (same teacher signal, student, seeds and schedule) with no fleet answers"}
+    result = {
+        **final.to_dict(),
+        "per_round": per_round,
+        "rounds": rounds,
+        "what": "the run's server pipeline (same teacher signal, student, seeds and schedule) with no fleet answers",
+    }
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:

@@ -38,15 +38,21 @@ def dp_fedavg(strategy: FedAvg, cfg: RunConfig) -> tuple[DifferentialPrivacyServ
     wrapped = DifferentialPrivacyServerSideFixedClipping(
         strategy, noise_multiplier=z, clipping_norm=cfg.baselines.dp_fedavg_clip, num_sampled_clients=sampled
     )
-    ledger = PrivacyLedger(unit="client", delta=p.delta, target_epsilon=None,
-                           mechanism=f"DP-FedAvg (Flower server-side fixed clipping C={cfg.baselines.dp_fedavg_clip}, z={z:.4g})")
+    ledger = PrivacyLedger(
+        unit="client",
+        delta=p.delta,
+        target_epsilon=None,
+        mechanism=f"DP-FedAvg (Flower server-side fixed clipping C={cfg.baselines.dp_fedavg_clip}, z={z:.4g})",
+    )
     ledger.record(GaussianEvent(z, q, rounds), rounds)
     report = {
         **ledger.summary(),
         "epsilon_rdp": ledger.epsilon_rdp(),
-        "client_sampling": (f"Flower's FedAvg samples a fixed {sampled} clients per round; the epsilon is computed "
-                            f"for Poisson sampling with the same rate q={q} (the usual approximation, not a proof "
-                            "for fixed-size sampling)"),
+        "client_sampling": (
+            f"Flower's FedAvg samples a fixed {sampled} clients per round; the epsilon is computed "
+            f"for Poisson sampling with the same rate q={q} (the usual approximation, not a proof "
+            "for fixed-size sampling)"
+        ),
     }
     return wrapped, report
 
@@ -70,8 +76,11 @@ def run_fedavg(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         model.load_state_dict(arrays.to_torch_state_dict())
         ev = evaluate_model(model, test_x, splits.test.y)
         if server_round > 0:
-            rounds.append(RoundRecord(round=server_round, student_accuracy=ev.accuracy, student_nll=ev.nll,
-                                      student_ece=ev.ece).to_dict())
+            rounds.append(
+                RoundRecord(
+                    round=server_round, student_accuracy=ev.accuracy, student_nll=ev.nll, student_ece=ev.ece
+                ).to_dict()
+            )
             log.info("fedavg round %d/%d: accuracy %.3f", server_round, cfg.rounds, ev.accuracy)
         return MetricRecord(ev.to_dict())
 
@@ -110,8 +119,9 @@ def run_fedavg(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         "init": cfg.baselines.fedavg_init,
         "student": {"model": cfg.distill.server_student, "parameters": count_parameters(model)},
         "rounds": rounds,
-        "final": FinalBlock(student_accuracy=rounds[-1]["student_accuracy"] if rounds else None,
-                            bytes_per_client_round=model_bytes).to_dict(),
+        "final": FinalBlock(
+            student_accuracy=rounds[-1]["student_accuracy"] if rounds else None, bytes_per_client_round=model_bytes
+        ).to_dict(),
     }
     write_json(RunFolder(out).results, results)
     return results

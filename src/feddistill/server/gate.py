@@ -72,12 +72,13 @@ class Release:
     path: str | None = None  # relative to the run folder; promoted releases only
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Release":
+    def from_dict(cls, d: dict[str, Any]) -> Release:
         return cls(**d)
 
 
-def gate_decision(candidate: GateMetrics, current: GateMetrics | None, cfg: ReleaseConfig,
-                  current_id: str | None = None) -> tuple[bool, str]:
+def gate_decision(
+    candidate: GateMetrics, current: GateMetrics | None, cfg: ReleaseConfig, current_id: str | None = None
+) -> tuple[bool, str]:
     """Promote (True) or keep the current release (False), with the reason in words."""
     if current is None:
         return True, "first release"
@@ -85,12 +86,27 @@ def gate_decision(candidate: GateMetrics, current: GateMetrics | None, cfg: Rele
         return True, "gate off: every candidate is released"
     name = current_id or "the current release"
     checks = [
-        ("validation accuracy", candidate.accuracy, current.accuracy - cfg.accuracy_tolerance, ">=",
-         f"{name}'s {current.accuracy:.3f} - tolerance {cfg.accuracy_tolerance:g}"),
-        ("validation ECE", candidate.ece, current.ece + cfg.ece_tolerance, "<=",
-         f"{name}'s {current.ece:.3f} + tolerance {cfg.ece_tolerance:g}"),
-        ("agreement with the teacher signal", candidate.agreement, current.agreement - cfg.agreement_tolerance, ">=",
-         f"{name}'s {current.agreement:.3f} - tolerance {cfg.agreement_tolerance:g}"),
+        (
+            "validation accuracy",
+            candidate.accuracy,
+            current.accuracy - cfg.accuracy_tolerance,
+            ">=",
+            f"{name}'s {current.accuracy:.3f} - tolerance {cfg.accuracy_tolerance:g}",
+        ),
+        (
+            "validation ECE",
+            candidate.ece,
+            current.ece + cfg.ece_tolerance,
+            "<=",
+            f"{name}'s {current.ece:.3f} + tolerance {cfg.ece_tolerance:g}",
+        ),
+        (
+            "agreement with the teacher signal",
+            candidate.agreement,
+            current.agreement - cfg.agreement_tolerance,
+            ">=",
+            f"{name}'s {current.agreement:.3f} - tolerance {cfg.agreement_tolerance:g}",
+        ),
     ]
     failed = []
     for what, value, bound, op, against in checks:
@@ -99,8 +115,10 @@ def gate_decision(candidate: GateMetrics, current: GateMetrics | None, cfg: Rele
             failed.append(f"{what} {value:.3f} {'<' if op == '>=' else '>'} {against}")
     if failed:
         return False, "regression: " + "; ".join(failed) + f"; {name} stays released"
-    return True, (f"no regression beyond tolerance against {name} (validation accuracy {candidate.accuracy:.3f}, "
-                  f"ECE {candidate.ece:.3f}, agreement {candidate.agreement:.3f})")
+    return True, (
+        f"no regression beyond tolerance against {name} (validation accuracy {candidate.accuracy:.3f}, "
+        f"ECE {candidate.ece:.3f}, agreement {candidate.agreement:.3f})"
+    )
 
 
 @dataclass
@@ -138,7 +156,7 @@ class ReleaseHistory:
         return {"current": self.current, "releases": [asdict(r) for r in self.releases]}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ReleaseHistory":
+    def from_dict(cls, d: dict[str, Any]) -> ReleaseHistory:
         return cls(releases=[Release.from_dict(r) for r in d.get("releases", [])], current=d.get("current"))
 
 
@@ -148,8 +166,15 @@ def save_release_model(run_dir: Path, release: Release, state_dict: dict[str, An
 
     rel = f"{RELEASES_DIR}/{release.id}.pt"
     with atomic_path(Path(run_dir) / rel) as tmp:
-        torch.save({"model": release.model, "state_dict": state_dict, "temperature": float(temperature),
-                    "release": release.id}, tmp)
+        torch.save(
+            {
+                "model": release.model,
+                "state_dict": state_dict,
+                "temperature": float(temperature),
+                "release": release.id,
+            },
+            tmp,
+        )
     return rel
 
 
@@ -165,8 +190,9 @@ def load_index(run_dir: Path) -> ReleaseHistory:
     if not Path(run_dir).is_dir():
         raise ReleaseError(f"{run_dir}: no such run folder")
     if not path.is_file():
-        raise ReleaseError(f"{path}: not found; {run_dir} has no release history "
-                           "(is it the folder of a finished feddistill run?)")
+        raise ReleaseError(
+            f"{path}: not found; {run_dir} has no release history (is it the folder of a finished feddistill run?)"
+        )
     try:
         return ReleaseHistory.from_dict(json.loads(path.read_text()))
     except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as exc:
@@ -209,10 +235,20 @@ class Releaser:
     """The server's release manager: evaluates each round's candidate, gates it, calibrates and
     stores promoted ones, and remembers the released student (what devices deploy)."""
 
-    def __init__(self, run_dir: Path, cfg: RunConfig, *, reference_digest: str, model_name: str,
-                 validation: tuple[Any, Any], reference_x: Any, test: tuple[Any, Any],
-                 history: ReleaseHistory | None = None, released_state: dict[str, Any] | None = None,
-                 released_temperature: float = 1.0) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: RunConfig,
+        *,
+        reference_digest: str,
+        model_name: str,
+        validation: tuple[Any, Any],
+        reference_x: Any,
+        test: tuple[Any, Any],
+        history: ReleaseHistory | None = None,
+        released_state: dict[str, Any] | None = None,
+        released_temperature: float = 1.0,
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.cfg = cfg
         self.reference_digest = reference_digest
@@ -255,9 +291,18 @@ class Releaser:
         return model
 
     # ---- one round ----
-    def consider(self, rnd: int, model: Any, signal: Any, *, test_metrics: dict[str, float],
-                 client_epsilon: float | None, record_epsilon: float | None, build: Any,
-                 predictions: Predictions | None = None) -> dict[str, Any]:
+    def consider(
+        self,
+        rnd: int,
+        model: Any,
+        signal: Any,
+        *,
+        test_metrics: dict[str, float],
+        client_epsilon: float | None,
+        record_epsilon: float | None,
+        build: Any,
+        predictions: Predictions | None = None,
+    ) -> dict[str, Any]:
         """Gate round `rnd`'s candidate `model`; returns the round record's "release" entry."""
         outputs = self._outputs(model, None if predictions is None else predictions.reference_labels)
         candidate = self._gate_metrics(outputs, signal)
@@ -267,20 +312,30 @@ class Releaser:
             if self._released_outputs is None:
                 self._released_outputs = self._outputs(self.released_model(build))
             current_metrics = self._gate_metrics(self._released_outputs, signal)  # agreement with today's signal
-        promoted, reason = gate_decision(candidate, current_metrics, self.cfg.release,
-                                         None if current is None else current.id)
+        promoted, reason = gate_decision(
+            candidate, current_metrics, self.cfg.release, None if current is None else current.id
+        )
         release = Release(
-            id=release_id(rnd), round=rnd, parent=None if current is None else current.id,
-            status=PROMOTED if promoted else REJECTED, reason=reason, reference_digest=self.reference_digest,
-            config_digest=self.cfg.digest(), model=self.model_name, validation=asdict(candidate),
-            test=dict(test_metrics), client_epsilon=client_epsilon, record_epsilon=record_epsilon,
+            id=release_id(rnd),
+            round=rnd,
+            parent=None if current is None else current.id,
+            status=PROMOTED if promoted else REJECTED,
+            reason=reason,
+            reference_digest=self.reference_digest,
+            config_digest=self.cfg.digest(),
+            model=self.model_name,
+            validation=asdict(candidate),
+            test=dict(test_metrics),
+            client_epsilon=client_epsilon,
+            record_epsilon=record_epsilon,
         )
         if promoted:
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             temperature = 1.0
             if self.cfg.release.calibrate and len(self.val_y):
-                release.calibration = self._calibrate(model, outputs[1],
-                                                      None if predictions is None else predictions.test_logits)
+                release.calibration = self._calibrate(
+                    model, outputs[1], None if predictions is None else predictions.test_logits
+                )
                 temperature = release.calibration["temperature"]
             release.path = save_release_model(self.run_dir, release, state, temperature)
             self.released_state, self.released_temperature = state, temperature
@@ -305,8 +360,11 @@ class Releaser:
         return out
 
     def checkpoint_state(self) -> dict[str, Any]:
-        return {"releases": self.history.to_dict(), "released_state": self.released_state,
-                "released_temperature": self.released_temperature}
+        return {
+            "releases": self.history.to_dict(),
+            "released_state": self.released_state,
+            "released_temperature": self.released_temperature,
+        }
 
 
 def _softmax(logits: Any) -> Any:

@@ -28,23 +28,11 @@ from flwr.serverapp import Grid
 
 from feddistill import protocol
 from feddistill.config import RunConfig, abstains
+from feddistill.deploy.download_signing import sign_download
 from feddistill.models import build_model, count_parameters
-from feddistill.simulations.fleet import as_tensors, load_fleet
 from feddistill.privacy.ledger import PrivacyLedger
 from feddistill.privacy.mechanisms import noise_rng
 from feddistill.privacy.plan import UploadPrivacy, check_devices_noise_source, noise_seed, upload_privacy
-from feddistill.strategies import (
-    AnswerStrategy,
-    CentralGaussianAnswers,
-    GNMaxVotes,
-    ReplyCheck,
-    RoundReplies,
-    make_strategy,
-    teacher_arrays,
-)
-from feddistill.deploy.download_signing import sign_download
-from feddistill.server.drift import drift_alert, per_class_accuracy, signal_kl
-from feddistill.server.gate import Predictions, Releaser, ReleaseHistory
 from feddistill.runfolder import FinalBlock, RoundRecord, RunFolder, prepare_run_folder
 from feddistill.server.checkpoint import (
     ServerState,
@@ -55,6 +43,8 @@ from feddistill.server.checkpoint import (
 )
 from feddistill.server.consensus import FleetLabels, select_queries
 from feddistill.server.control import PublicLabels, distil_step, private_gain, round_seed
+from feddistill.server.drift import drift_alert, per_class_accuracy, signal_kl
+from feddistill.server.gate import Predictions, ReleaseHistory, Releaser
 from feddistill.server.nodes import identify_nodes, wait_for_nodes
 from feddistill.server.outputs import (
     privacy_report,
@@ -65,6 +55,16 @@ from feddistill.server.outputs import (
     write_json,
 )
 from feddistill.server.public import public_control_of, public_labels, teacher_and_validation, validation_labels
+from feddistill.simulations.fleet import as_tensors, load_fleet
+from feddistill.strategies import (
+    AnswerStrategy,
+    CentralGaussianAnswers,
+    GNMaxVotes,
+    ReplyCheck,
+    RoundReplies,
+    make_strategy,
+    teacher_arrays,
+)
 from feddistill.training import Evaluation, evaluate_probs, predict_logits
 
 log = logging.getLogger("feddistill")
@@ -171,9 +171,15 @@ class DistillationRun:
         self.fleet_labels = FleetLabels(len(self.signal), self.num_classes, d.fleet_labels, d.consensus_precision)
         self.accepted = np.zeros(len(self.signal), dtype=bool)  # rows whose training label is the fleet's
         val_x, _ = as_tensors(self.validation)
-        self.releaser = Releaser(self.out, cfg, reference_digest=self.splits.reference_digest,
-                                 model_name=d.server_student, validation=(val_x, self.validation.y),
-                                 reference_x=self.ref_x, test=(self.test_x, self.splits.test.y))
+        self.releaser = Releaser(
+            self.out,
+            cfg,
+            reference_digest=self.splits.reference_digest,
+            model_name=d.server_student,
+            validation=(val_x, self.validation.y),
+            reference_x=self.ref_x,
+            test=(self.test_x, self.splits.test.y),
+        )
 
     def build_student(self):
         """A fresh global student, with the run's seeded initial weights."""
@@ -181,8 +187,15 @@ class DistillationRun:
 
     def distil_student(self, rnd: int) -> None:
         # the same step, with the same seeds, as the public-only control (feddistill.server.control)
-        distil_step(self.student, self.ref_x, self.signal, self.cfg, round_seed(self.cfg, rnd), public=self.public,
-                    fleet_rows=np.flatnonzero(self.accepted))
+        distil_step(
+            self.student,
+            self.ref_x,
+            self.signal,
+            self.cfg,
+            round_seed(self.cfg, rnd),
+            public=self.public,
+            fleet_rows=np.flatnonzero(self.accepted),
+        )
 
     def client_epsilon(self) -> float | None:
         return None if self.ledger is None else self.ledger.epsilon()
@@ -193,7 +206,11 @@ class DistillationRun:
         """Resume: the state of the last checkpointed round, each generator where it stopped."""
         state = load_checkpoint(self.out, self.cfg.digest())
         self.signal, self.rounds, self.devices, self.participations = (
-            state.signal, state.rounds, state.devices, state.participations)
+            state.signal,
+            state.rounds,
+            state.devices,
+            state.participations,
+        )
         self.student.load_state_dict(state.student)
         self.public_only = Evaluation(**state.public_only)
         for name, gen in (("strategy", self.strategy.rng), ("query", self.query_rng), ("noise", self.noise)):
@@ -217,9 +234,16 @@ class DistillationRun:
         self.distil_student(0)
         self.public_only, _, predictions = evaluate_student(self.student, self.test_x, self.splits.test.y, self.ref_x)
         log.info("round 0 (public teacher only): student accuracy %.3f", self.public_only.accuracy)
-        self.releaser.consider(0, self.student, self.signal, test_metrics=self.public_only.to_dict(),
-                               client_epsilon=self.client_epsilon(), record_epsilon=None,
-                               build=self.build_student, predictions=predictions)
+        self.releaser.consider(
+            0,
+            self.student,
+            self.signal,
+            test_metrics=self.public_only.to_dict(),
+            client_epsilon=self.client_epsilon(),
+            record_epsilon=None,
+            build=self.build_student,
+            predictions=predictions,
+        )
 
     def connect(self) -> None:
         """Wait for the nodes, learn which client each serves, fix the sampling order."""
@@ -228,8 +252,9 @@ class DistillationRun:
         # Node ids are new in every run; partition ids are not. Sampling in partition order makes a
         # seeded run (and a resumed one) pick the same clients.
         self.devices_seen: set[int] = set()
-        self.node_partition = identify_nodes(self.grid, self.nodes, cfg.simulation.round_timeout,
-                                             devices=self.devices_seen)
+        self.node_partition = identify_nodes(
+            self.grid, self.nodes, cfg.simulation.round_timeout, devices=self.devices_seen
+        )
         check_devices_noise_source(cfg, len(self.devices_seen))  # devices refuse seeded noise: one clear error, now
         self.strategy.node_order = sorted(self.nodes, key=lambda n: self.node_partition[n])
         self.all_nodes = list(self.strategy.node_order)
@@ -274,12 +299,12 @@ class DistillationRun:
             self.strategy.node_order = [n for n in self.all_nodes if self.node_partition[n] in eligible]
         margin = reference_margin(self.student, self.ref_x) if d.query_selection == "uncertain" else None
         r.queries = select_queries(self.query_rng, d.query_size, d.query_selection, margin, self.accepted)
-        download = teacher_arrays(self.signal[r.queries], r.queries,
-                                  self.student.state_dict() if d.client_start == "global" else None)
+        download = teacher_arrays(
+            self.signal[r.queries], r.queries, self.student.state_dict() if d.client_start == "global" else None
+        )
         config = round_config(cfg, self.splits.reference_digest)
         if cfg.security.signing_key:
-            sign_download(config, download, key_path=cfg.security.signing_key, rnd=r.round,
-                          run_id=self.grid.run.run_id)
+            sign_download(config, download, key_path=cfg.security.signing_key, rnd=r.round, run_id=self.grid.run.run_id)
         r.messages = list(self.strategy.configure_train(r.round, download, config, self.grid))
 
     def charge_budget(self, r: RoundOutcome) -> None:
@@ -288,8 +313,9 @@ class DistillationRun:
             return
         if self.plan.mode == "local":
             journal_round(self.out, r.round)
-            r.messages, r.over_budget = charge_local(r.messages, self.participations, self.node_partition,
-                                                     self.ledger, self.plan, r.round)
+            r.messages, r.over_budget = charge_local(
+                r.messages, self.participations, self.node_partition, self.ledger, self.plan, r.round
+            )
         else:
             self.ledger.record(self.plan.event(), r.round, sensitivity=self.plan.sensitivity)
 
@@ -310,10 +336,17 @@ class DistillationRun:
     def reply_check(self, rnd: int) -> ReplyCheck:
         """The reply schema of this round, from the privacy plan; senders are Flower node ids."""
         cfg, d = self.cfg, self.cfg.distill
-        return ReplyCheck.from_plan(self.plan, round=rnd, digest=self.splits.reference_digest,
-                                    num_queries=d.query_size, num_classes=self.num_classes,
-                                    votes=d.answer_dtype == "vote", record_level=cfg.privacy.record_level,
-                                    nodes=self.node_partition, abstain=abstains(cfg))
+        return ReplyCheck.from_plan(
+            self.plan,
+            round=rnd,
+            digest=self.splits.reference_digest,
+            num_queries=d.query_size,
+            num_classes=self.num_classes,
+            votes=d.answer_dtype == "vote",
+            record_level=cfg.privacy.record_level,
+            nodes=self.node_partition,
+            abstain=abstains(cfg),
+        )
 
     def update_signal(self, r: RoundOutcome) -> None:
         """The answered queries into the teacher signal; the rows whose training label is the fleet's."""
@@ -337,8 +370,9 @@ class DistillationRun:
     def distil(self, r: RoundOutcome) -> None:
         """Distil the global student from the teacher signal and evaluate it."""
         self.distil_student(r.round)
-        r.evaluation, r.test_probs, r.predictions = evaluate_student(self.student, self.test_x, self.splits.test.y,
-                                                                     self.ref_x)
+        r.evaluation, r.test_probs, r.predictions = evaluate_student(
+            self.student, self.test_x, self.splits.test.y, self.ref_x
+        )
         r.agreement = float((r.predictions.reference_labels == self.signal.argmax(1)).mean())
 
     def watch_drift(self, r: RoundOutcome) -> None:
@@ -354,12 +388,18 @@ class DistillationRun:
     def gate(self, r: RoundOutcome) -> None:
         """The release gate: release the round's student, or keep the last release."""
         record_epsilon = max((m["record-epsilon"] for m in self.devices.values()), default=None)
-        r.release = self.releaser.consider(r.round, self.student, self.signal, test_metrics=r.evaluation.to_dict(),
-                                           client_epsilon=self.client_epsilon(), record_epsilon=record_epsilon,
-                                           build=self.build_student, predictions=r.predictions)
+        r.release = self.releaser.consider(
+            r.round,
+            self.student,
+            self.signal,
+            test_metrics=r.evaluation.to_dict(),
+            client_epsilon=self.client_epsilon(),
+            record_epsilon=record_epsilon,
+            build=self.build_student,
+            predictions=r.predictions,
+        )
         if not r.release["promoted"]:
-            log.warning("round %d: candidate %s not released: %s", r.round, r.release["candidate"],
-                        r.release["reason"])
+            log.warning("round %d: candidate %s not released: %s", r.round, r.release["candidate"], r.release["reason"])
 
     def record(self, r: RoundOutcome) -> None:
         """The round's results.json record, and its log line."""
@@ -416,8 +456,11 @@ class DistillationRun:
                 round=rnd,
                 signal=self.signal,
                 student=self.student.state_dict(),
-                rng={"strategy": self.strategy.rng.bit_generator.state, "query": self.query_rng.bit_generator.state,
-                     "noise": self.noise.bit_generator.state},
+                rng={
+                    "strategy": self.strategy.rng.bit_generator.state,
+                    "query": self.query_rng.bit_generator.state,
+                    "noise": self.noise.bit_generator.state,
+                },
                 ledger_json=None if self.ledger is None else self.ledger.to_json(),
                 participations=self.participations,
                 devices=self.devices,
@@ -433,14 +476,27 @@ class DistillationRun:
         """The public-only control, results.json, the deployed student and its reliability diagram."""
         if not self.rounds:
             raise RuntimeError(f"no round could run: {self.stop_reason}")
-        control = public_control_of(self.cfg, self.build_student, self.teacher.reference_probs, self.ref_x, self.test_x,
-                                    self.splits.test.y, self.rounds[-1]["round"], self.public)
+        control = public_control_of(
+            self.cfg,
+            self.build_student,
+            self.teacher.reference_probs,
+            self.ref_x,
+            self.test_x,
+            self.splits.test.y,
+            self.rounds[-1]["round"],
+            self.public,
+        )
         results = self.results(control)
         write_json(self.folder.results, results)
         # what devices deploy: the last promoted release (with its calibration temperature)
         history = self.releaser.history
-        save_student(self.releaser.released_model(self.build_student), self.folder.global_student, self.cfg,
-                     release=history.current, temperature=self.releaser.released_temperature)
+        save_student(
+            self.releaser.released_model(self.build_student),
+            self.folder.global_student,
+            self.cfg,
+            release=history.current,
+            temperature=self.releaser.released_temperature,
+        )
         if results["calibration"] is not None:
             save_reliability(results["calibration"], self.folder.reliability_plot, history.current)
         return results
@@ -461,12 +517,16 @@ class DistillationRun:
             "final": self.final(control),
             "baselines": {"public_control": control},
             "stop_reason": self.stop_reason,
-            "validation": {"split": "held-out part of the labelled public sample (never private, never test)",
-                           "size": len(self.validation)},
+            "validation": {
+                "split": "held-out part of the labelled public sample (never private, never test)",
+                "size": len(self.validation),
+            },
             "releases": self.releaser.history.to_dict(),
             "calibration": self.releaser.history.current_release.calibration,
-            "drift": {"kl_threshold": cfg.drift.kl_threshold,
-                      "alerts": [{"round": r["round"], "alert": r["drift_alert"]} for r in rounds if r["drift_alert"]]},
+            "drift": {
+                "kl_threshold": cfg.drift.kl_threshold,
+                "alerts": [{"round": r["round"], "alert": r["drift_alert"]} for r in rounds if r["drift_alert"]],
+            },
             "privacy": privacy_report(cfg, self.plan, self.ledger, self.devices),
             # simulation only: real devices' private labels are theirs alone (nobody knows the split)
             "label_histograms": None if self.devices_seen else self.fleet.label_histograms().tolist(),
@@ -518,11 +578,22 @@ def build_strategy(cfg: RunConfig, plan: UploadPrivacy, noise: np.random.Generat
     if plan.mode == "gnmax":
         return GNMaxVotes(**common, sigma=plan.noise_std, noise_rng=noise)
     if plan.mode == "confident-gnmax":
-        return GNMaxVotes(**common, sigma=plan.noise_std, noise_rng=noise, threshold=cfg.privacy.gnmax_threshold,
-                          sigma_threshold=plan.threshold_std)
-    inner = make_strategy(cfg.distill.aggregator, era_temperature=cfg.distill.era_temperature,
-                          trim_beta=cfg.distill.trim_beta, keep_fraction=cfg.distill.keep_fraction,
-                          probabilities=cfg.privacy.bound != "clipped_logits", abstain=abstains(cfg), **common)
+        return GNMaxVotes(
+            **common,
+            sigma=plan.noise_std,
+            noise_rng=noise,
+            threshold=cfg.privacy.gnmax_threshold,
+            sigma_threshold=plan.threshold_std,
+        )
+    inner = make_strategy(
+        cfg.distill.aggregator,
+        era_temperature=cfg.distill.era_temperature,
+        trim_beta=cfg.distill.trim_beta,
+        keep_fraction=cfg.distill.keep_fraction,
+        probabilities=cfg.privacy.bound != "clipped_logits",
+        abstain=abstains(cfg),
+        **common,
+    )
     if plan.mode == "central":
         expected = cfg.fleet.fraction * cfg.fleet.num_clients
         return CentralGaussianAnswers(inner, noise_std=plan.noise_std, expected_clients=expected, rng=noise)
@@ -532,8 +603,13 @@ def build_strategy(cfg: RunConfig, plan: UploadPrivacy, noise: np.random.Generat
 def client_ledger(plan: UploadPrivacy) -> PrivacyLedger | None:
     if plan.mode == "off":
         return None
-    return PrivacyLedger(unit="client", delta=plan.delta, target_epsilon=plan.target_epsilon, mechanism=plan.mechanism,
-                         neighbouring=plan.neighbouring)
+    return PrivacyLedger(
+        unit="client",
+        delta=plan.delta,
+        target_epsilon=plan.target_epsilon,
+        mechanism=plan.mechanism,
+        neighbouring=plan.neighbouring,
+    )
 
 
 def shift_scenario(cfg: RunConfig, fleet, devices_seen: set[int]):
@@ -546,8 +622,13 @@ def shift_scenario(cfg: RunConfig, fleet, devices_seen: set[int]):
 
     populations = shift_populations(fleet.label_histograms())
     check_populations(populations)
-    log.info("label-shift scenario: rounds < %d sample %d clients (labels mostly in the lower classes), "
-             "later rounds the other %d", cfg.scenario.shift_round, len(populations[0]), len(populations[1]))
+    log.info(
+        "label-shift scenario: rounds < %d sample %d clients (labels mostly in the lower classes), "
+        "later rounds the other %d",
+        cfg.scenario.shift_round,
+        len(populations[0]),
+        len(populations[1]),
+    )
     return populations
 
 
@@ -568,7 +649,9 @@ def charge_local(messages, participations, node_partition, ledger, plan, rnd):
             worst = count
         kept.append(msg)
     if skipped:
-        log.warning("round %d: %d sampled clients skipped: their next answer would exceed the client-level target", rnd, skipped)
+        log.warning(
+            "round %d: %d sampled clients skipped: their next answer would exceed the client-level target", rnd, skipped
+        )
     return kept, skipped
 
 

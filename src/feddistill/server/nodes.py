@@ -42,8 +42,10 @@ def identify_nodes(grid: Grid, nodes: list[int], timeout: float, devices: set[in
         if node in mapping:
             raise RuntimeError(f"node {node} identified itself twice")
         if client in holder:
-            raise RuntimeError(f"nodes {holder[client]} and {node} both claim client id {client}: each node must "
-                               "serve its own partition-id / device-id (node config); fix the node configs and restart")
+            raise RuntimeError(
+                f"nodes {holder[client]} and {node} both claim client id {client}: each node must "
+                "serve its own partition-id / device-id (node config); fix the node configs and restart"
+            )
         mapping[node], holder[client] = client, node
         if devices is not None and is_device:
             devices.add(node)
@@ -64,12 +66,18 @@ def identify_reply(reply: Message) -> tuple[int, bool]:
     fields = {} if meta is None else dict(meta)
     client, device = fields.get(protocol.PARTITION), fields.get(protocol.DEVICE, 0)
     well_formed = (
-        set(content) == {protocol.REPLY_META} and meta is not None
+        set(content) == {protocol.REPLY_META}
+        and meta is not None
         and set(fields) <= {protocol.PARTITION, protocol.DEVICE}
-        and type(client) is int and 0 <= client < 2**63 and type(device) is int and device in (0, 1)
+        and type(client) is int
+        and 0 <= client < 2**63
+        and type(device) is int
+        and device in (0, 1)
     )
     if not well_formed:
-        raise RuntimeError(f"node {node} sent a malformed identify reply: expected a '{protocol.REPLY_META}' record "
-                           f"with an int '{protocol.PARTITION}' >= 0 and optionally '{protocol.DEVICE}' 0/1, got "
-                           f"{repr({k: content[k] for k in list(content)[:4]})[:200]}")
+        raise RuntimeError(
+            f"node {node} sent a malformed identify reply: expected a '{protocol.REPLY_META}' record "
+            f"with an int '{protocol.PARTITION}' >= 0 and optionally '{protocol.DEVICE}' 0/1, got "
+            f"{repr({k: content[k] for k in list(content)[:4]})[:200]}"
+        )
     return client, bool(device)

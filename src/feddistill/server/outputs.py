@@ -33,8 +33,11 @@ def save_reliability(calibration: dict[str, Any], path: Path, rid: str | None) -
 
     rel = calibration["reliability_test"]
     t = calibration["temperature"]
-    plot_reliability({"before (T = 1)": rel["before"], f"after (T = {t:.2f})": rel["after"]}, path,
-                     title=f"release {rid}: reliability on the test split (T fitted on public validation)")
+    plot_reliability(
+        {"before (T = 1)": rel["before"], f"after (T = {t:.2f})": rel["after"]},
+        path,
+        title=f"release {rid}: reliability on the test split (T fitted on public validation)",
+    )
 
 
 def save_audit_setup(folder: RunFolder, cfg: RunConfig) -> None:
@@ -57,8 +60,9 @@ def save_uploads(path: Path, queries: np.ndarray, collected) -> None:
         np.savez_compressed(tmp, **arrays)
 
 
-def privacy_report(cfg: RunConfig, plan: UploadPrivacy, ledger: PrivacyLedger | None,
-                   devices: dict[int, dict[str, float]]) -> dict[str, Any]:
+def privacy_report(
+    cfg: RunConfig, plan: UploadPrivacy, ledger: PrivacyLedger | None, devices: dict[int, dict[str, float]]
+) -> dict[str, Any]:
     """results.json's "privacy": every epsilon with its unit, mechanism, accountant and delta."""
     client_level = None
     if ledger is not None:
@@ -69,15 +73,22 @@ def privacy_report(cfg: RunConfig, plan: UploadPrivacy, ledger: PrivacyLedger | 
             "sensitivity": plan.sensitivity,
             "noise_std": plan.noise_std,
             "query_size": cfg.distill.query_size,
-            "client_sampling": "each round, once per participation (q=1)" if plan.mode == "local"
+            "client_sampling": "each round, once per participation (q=1)"
+            if plan.mode == "local"
             else f"Poisson, q={plan.sampling_rate}",
             "analysis": "data-independent" if "gnmax" in plan.mode else "worst case",
             "noise_source": client_noise_source(cfg, plan),
         }
         if plan.distributed:  # SecAgg+ distributed noise: no amplification claimed, delta shared with clipping
-            client_level.update({"client_sampling": "none claimed (q=1): the server sees who takes part; every "
-                                 "round charged as if every client answered", "delta_accountant": plan.delta,
-                                 "delta_clipping_failure": plan.clip_failure, "delta": cfg.privacy.delta})
+            client_level.update(
+                {
+                    "client_sampling": "none claimed (q=1): the server sees who takes part; every "
+                    "round charged as if every client answered",
+                    "delta_accountant": plan.delta,
+                    "delta_clipping_failure": plan.clip_failure,
+                    "delta": cfg.privacy.delta,
+                }
+            )
     record_level = None
     if cfg.privacy.record_level:
         worst = max(devices.items(), key=lambda kv: kv[1]["record-epsilon"], default=(None, None))

@@ -71,8 +71,16 @@ def _validation_picks(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndar
     return np.sort(picked[:size]), np.sort(picked[size:])
 
 
-def public_control_of(cfg: RunConfig, build_student, teacher_signal: np.ndarray, ref_x, test_x, test_y: np.ndarray,
-                      rounds: int, public: PublicLabels) -> dict[str, Any]:
+def public_control_of(
+    cfg: RunConfig,
+    build_student,
+    teacher_signal: np.ndarray,
+    ref_x,
+    test_x,
+    test_y: np.ndarray,
+    rounds: int,
+    public: PublicLabels,
+) -> dict[str, Any]:
     """The public-only control of this run (same server pipeline, no fleet answers), cached."""
     from feddistill.server.teacher import cache_dir
 

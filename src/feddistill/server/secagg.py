@@ -135,8 +135,9 @@ def teacher_signal(mean: np.ndarray, client_level: str) -> np.ndarray:
     return normalize_rows(mean)  # MeanAnswers.aggregate_answers of one (already averaged) matrix
 
 
-def secagg_round(grid: Grid, messages: list[Message], cfg: RunConfig, rnd: int,
-                 node_partition: dict[int, int]) -> tuple[np.ndarray | None, SecAggReplies]:
+def secagg_round(
+    grid: Grid, messages: list[Message], cfg: RunConfig, rnd: int, node_partition: dict[int, int]
+) -> tuple[np.ndarray | None, SecAggReplies]:
     """Collect one round's answers through SecAgg+; returns (teacher signal or None, what arrived)."""
     out = SecAggReplies()
     if not messages:
@@ -146,15 +147,19 @@ def secagg_round(grid: Grid, messages: list[Message], cfg: RunConfig, rnd: int,
     run_id = grid.run.run_id
     proxies = [GridClientProxy(m.metadata.dst_node_id, grid, run_id) for m in messages]
     collector = _CollectSum(proxies, fitins)
-    state = RecordDict({MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: rnd}),
-                        MAIN_PARAMS_RECORD: ArrayRecord()})  # the workflow reads (and ignores) it
-    context = LegacyContext(Context(run_id=run_id, node_id=0, node_config={}, state=state, run_config={}),
-                            strategy=collector)
+    state = RecordDict(
+        {MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: rnd}), MAIN_PARAMS_RECORD: ArrayRecord()}
+    )  # the workflow reads (and ignores) it
+    context = LegacyContext(
+        Context(run_id=run_id, node_id=0, node_config={}, state=state, run_config={}), strategy=collector
+    )
     make_workflow(cfg, noise)(grid, context)
     sampled = len(messages)
     if collector.results is None:
-        out.halted = (f"SecAgg+ halted: fewer than {cfg.distill.secagg_reconstruction_threshold} "
-                      "live clients (or fewer than 2 sampled)")
+        out.halted = (
+            f"SecAgg+ halted: fewer than {cfg.distill.secagg_reconstruction_threshold} "
+            "live clients (or fewer than 2 sampled)"
+        )
         out.dropped = {"secagg halted": sampled}
         log.warning("round %d: %s; no teacher signal this round", rnd, out.halted)
         return None, out
@@ -167,16 +172,19 @@ def secagg_round(grid: Grid, messages: list[Message], cfg: RunConfig, rnd: int,
     mean = parameters_to_ndarrays(results[0][1].parameters)[0]
     out.bytes_uploaded = out.survivors * (mean.size + 1) * MASKED_ENTRY_BYTES
     if out.survivors < noise.min_survivors:  # SecAgg+ enforces this too; the noise calibration relies on it
-        out.halted = (f"{out.survivors} survivors < {noise.min_survivors} "
-                      "('distill.secagg-reconstruction-threshold'): the sum carries too little noise; not released")
+        out.halted = (
+            f"{out.survivors} survivors < {noise.min_survivors} "
+            "('distill.secagg-reconstruction-threshold'): the sum carries too little noise; not released"
+        )
         log.warning("round %d: %s", rnd, out.halted)
         return None, out
     out.aggregate = mean
     return teacher_signal(mean, cfg.privacy.client_level), out
 
 
-def survivor_metrics(out: SecAggReplies, results: list[tuple[Any, FitRes]], cfg: RunConfig, rnd: int,
-                     node_partition: dict[int, int]) -> None:
+def survivor_metrics(
+    out: SecAggReplies, results: list[tuple[Any, FitRes]], cfg: RunConfig, rnd: int, node_partition: dict[int, int]
+) -> None:
     """Senders and plain-text metrics of the survivors, by the same rule as a plain reply: the
     sender is the client id its Flower node id maps to (the proxy SecAgg+ talked to), and the
     metrics pass :func:`~feddistill.strategies.validation.check_metrics` (at most a finite
@@ -207,5 +215,5 @@ def secagg_report(cfg: RunConfig) -> dict[str, Any]:
         **noise.to_dict(),
         "server_sees": "which sampled nodes survived, and the quantized mean of their answers (no single answer)",
         "quantization": "stochastic rounding to step 2c/T after clipping to [-c, c]; the accountant treats the "
-                        "noise as the continuous Gaussian (shares span >= 100 steps)",
+        "noise as the continuous Gaussian (shares span >= 100 steps)",
     }

@@ -46,8 +46,14 @@ def _digest(a: np.ndarray) -> str:
 
 def _cache_key(cfg: TeacherConfig, splits: Splits, seed: int) -> str:
     blob = json.dumps(
-        {"teacher": cfg.__dict__, "reference": splits.reference_digest, "labelled": _digest(splits.public_labelled.x),
-         "test": _digest(splits.test.x), "seed": seed, "v": 2},
+        {
+            "teacher": cfg.__dict__,
+            "reference": splits.reference_digest,
+            "labelled": _digest(splits.public_labelled.x),
+            "test": _digest(splits.test.x),
+            "seed": seed,
+            "v": 2,
+        },
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
@@ -68,8 +74,13 @@ def public_teacher(cfg: TeacherConfig, splits: Splits, seed: int) -> PublicTeach
             path.unlink(missing_ok=True)
     x, y = as_tensors(splits.public_labelled)
     # minutes for a large teacher on Fashion-MNIST: a bar on a terminal, a few lines in a log
-    with training_progress(model, f"public teacher ({cfg.model}, {len(x)} labelled)", epochs=cfg.epochs,
-                           rows=len(x), batch_size=cfg.batch_size):
+    with training_progress(
+        model,
+        f"public teacher ({cfg.model}, {len(x)} labelled)",
+        epochs=cfg.epochs,
+        rows=len(x),
+        batch_size=cfg.batch_size,
+    ):
         train_supervised(model, x, y, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed)
     ref_x, _ = as_tensors(splits.reference)
     test_x, _ = as_tensors(splits.test)
@@ -77,6 +88,12 @@ def public_teacher(cfg: TeacherConfig, splits: Splits, seed: int) -> PublicTeach
     # reference and test sets costs every run tens of CPU seconds (bench/results/profile)
     teacher = PublicTeacher(model, predict_probs(model, ref_x).numpy(), evaluate_model(model, test_x, splits.test.y))
     with atomic_path(path) as tmp:
-        torch.save({"state": model.state_dict(), "reference_probs": torch.from_numpy(teacher.reference_probs),
-                    "test": asdict(teacher.test)}, tmp)
+        torch.save(
+            {
+                "state": model.state_dict(),
+                "reference_probs": torch.from_numpy(teacher.reference_probs),
+                "test": asdict(teacher.test),
+            },
+            tmp,
+        )
     return teacher

@@ -27,14 +27,16 @@ def local_only(cfg: RunConfig, fleet: Fleet) -> dict[str, Any]:
     clients = np.sort(rng.choice(n, size=min(n, cfg.baselines.max_local_clients), replace=False))
     test_x, _ = as_tensors(fleet.splits.test)
     accs = []
-    with progress(f"baseline local-only ({cfg.baselines.local_epochs} epochs each)", len(clients),
-                  unit="clients") as bar:
+    with progress(
+        f"baseline local-only ({cfg.baselines.local_epochs} epochs each)", len(clients), unit="clients"
+    ) as bar:
         for pid in clients:
             data = fleet.private_data(int(pid))
-            model = build_model(cfg.student_for(int(pid)), fleet.image_size, fleet.num_classes, seed=cfg.seed + int(pid))
+            model = build_model(
+                cfg.student_for(int(pid)), fleet.image_size, fleet.num_classes, seed=cfg.seed + int(pid)
+            )
             x, y = as_tensors(data)
-            train_supervised(model, x, y, epochs=cfg.baselines.local_epochs, batch_size=cfg.distill.batch_size,
-                             lr=cfg.distill.lr, momentum=cfg.distill.momentum, seed=cfg.seed + int(pid))
+            _train_baseline(model, x, y, cfg, seed=cfg.seed + int(pid))
             accs.append(evaluate_model(model, test_x, fleet.splits.test.y).accuracy)
             bar.advance()
     return {
@@ -46,14 +48,32 @@ def local_only(cfg: RunConfig, fleet: Fleet) -> dict[str, Any]:
     }
 
 
+def _train_baseline(model, x, y, cfg: RunConfig, *, seed: int) -> None:
+    """The baselines' one recipe: cross-entropy for baselines.local-epochs at the clients' schedule."""
+    train_supervised(
+        model,
+        x,
+        y,
+        epochs=cfg.baselines.local_epochs,
+        batch_size=cfg.distill.batch_size,
+        lr=cfg.distill.lr,
+        momentum=cfg.distill.momentum,
+        seed=seed,
+    )
+
+
 def centralized(cfg: RunConfig, fleet: Fleet) -> dict[str, Any]:
     """One student trained on the pooled private data (the non-federated upper reference)."""
     model = build_model(cfg.distill.server_student, fleet.image_size, fleet.num_classes, seed=cfg.seed)
     pool = fleet.splits.private_pool.subset(np.concatenate(fleet.parts))
     x, y = as_tensors(pool)
-    with training_progress(model, f"baseline centralized ({len(x):,} pooled rows)", epochs=cfg.baselines.local_epochs,
-                           rows=len(x), batch_size=cfg.distill.batch_size):
-        train_supervised(model, x, y, epochs=cfg.baselines.local_epochs, batch_size=cfg.distill.batch_size,
-                         lr=cfg.distill.lr, momentum=cfg.distill.momentum, seed=cfg.seed)
+    with training_progress(
+        model,
+        f"baseline centralized ({len(x):,} pooled rows)",
+        epochs=cfg.baselines.local_epochs,
+        rows=len(x),
+        batch_size=cfg.distill.batch_size,
+    ):
+        _train_baseline(model, x, y, cfg, seed=cfg.seed)
     test_x, _ = as_tensors(fleet.splits.test)
     return evaluate_model(model, test_x, fleet.splits.test.y).to_dict()

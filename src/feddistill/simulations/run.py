@@ -47,9 +47,8 @@ def simulate_flower(cfg: RunConfig, *, verbose: bool = False, resume: bool = Fal
 
 def resume_config(run_dir: Path) -> RunConfig:
     """The config of an interrupted run, read back from its folder."""
-    from feddistill.config import ConfigError, parse_config
-
     from feddistill.atomic import read_json
+    from feddistill.config import ConfigError, parse_config
 
     path = RunFolder(run_dir).config
     values = read_json(path, ConfigError, f"is {run_dir} the output folder of a feddistill run?")
@@ -102,8 +101,9 @@ def simulate(cfg: RunConfig, *, verbose: bool = False, baselines: bool = True, r
     results["baselines"] = base.to_dict()
     if "centralized" in base and "public_control" in base:
         final = FinalBlock.from_dict(results["final"], "final")
-        final.gap_closed = gap_closed(final.student_accuracy, base.public_control["accuracy"],
-                                      base.centralized["accuracy"])
+        final.gap_closed = gap_closed(
+            final.student_accuracy, base.public_control["accuracy"], base.centralized["accuracy"]
+        )
         results["final"] = final.to_dict()
     write_json(folder.results, results)
     return results

@@ -38,5 +38,5 @@ def check_populations(populations: tuple[list[int], list[int]]) -> None:
         raise ValueError(
             f"scenario.shift-round: the fleet has {len(a)} clients whose labels are mostly in the lower half of "
             f"the classes and {len(b)} others; both must be non-empty (use a skewed partition, e.g. "
-            "fleet.partition = \"shards\" or a small fleet.alpha)"
+            'fleet.partition = "shards" or a small fleet.alpha)'
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -66,8 +67,12 @@ def upload_bytes(msg: Message) -> int:
     """Bytes of array data a reply brought (counted whether or not it is valid)."""
     if msg.has_error():
         return 0
-    return sum(len(a.data) for rec in msg.content.array_records.values() for a in rec.values()
-               if isinstance(a, Array) and isinstance(a.data, bytes))
+    return sum(
+        len(a.data)
+        for rec in msg.content.array_records.values()
+        for a in rec.values()
+        if isinstance(a, Array) and isinstance(a.data, bytes)
+    )
 
 
 class AnswerStrategy(Strategy):
@@ -125,8 +130,10 @@ class AnswerStrategy(Strategy):
             out.bytes_uploaded += upload_bytes(msg)
             reply, reason = validate_reply(msg, check)
             if reply is not None and reply.sender in out.senders:
-                reply, reason = None, f"duplicate reply: client {reply.sender} already answered this round"
+                reason = f"duplicate reply: client {reply.sender} already answered this round"
+                reply = None
             if reply is None:
+                assert reason is not None  # validate_reply gives a reason with every rejection
                 out.drop(reason, msg.metadata.src_node_id, check.round)
                 continue
             out.keep(reply)
@@ -147,10 +154,12 @@ class AnswerStrategy(Strategy):
         stacked = np.stack([collected.answers[i] for i in order])
         return self.aggregate_answers(stacked, np.asarray(collected.weights)[order]), collected
 
-    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         return []  # evaluation is central (server-side, on the test split)
 
-    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return None
 
     # ---- the one thing subclasses define ----
@@ -160,8 +169,10 @@ class AnswerStrategy(Strategy):
 
 
 def teacher_arrays(signal: np.ndarray, queries: np.ndarray, student: dict | None = None) -> ArrayRecord:
-    """The round's download: the teacher signal on the queries, and optionally the released
-    global student's weights (keys prefixed ``student.``) for clients to start from."""
+    """The round's download: the teacher signal on the queries, and optionally the server's
+    latest global student's weights (keys prefixed ``student.``) for clients to start from
+    (the one distilled last round, whether or not the release gate promoted it: it is
+    computed from public data and released signals only)."""
     arrays = {
         protocol.SIGNAL: Array(np.ascontiguousarray(signal, dtype=np.float32)),
         protocol.QUERIES: Array(np.ascontiguousarray(queries, dtype=np.int64)),
@@ -171,7 +182,7 @@ def teacher_arrays(signal: np.ndarray, queries: np.ndarray, student: dict | None
     return ArrayRecord(arrays)
 
 
-def probability_answers(cfg) -> bool:
+def probability_answers(cfg: Any) -> bool:
     """Whether a run's answers are probability-like (``privacy.bound`` probs or votes, not clipped
     logits): aggregators that may break a row's sum renormalise their rows then."""
     return cfg.privacy.bound != "clipped_logits"

@@ -9,6 +9,8 @@ implementations), which lowers the entropy that averaging non-IID clients adds.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from feddistill.strategies.base import AnswerStrategy
@@ -25,7 +27,7 @@ def entropy_reduction(mean_probs: np.ndarray, temperature: float) -> np.ndarray:
 
 @register_aggregator("era", reads={"temperature": "distill.era-temperature"})
 class EntropyReducedMean(AnswerStrategy):
-    def __init__(self, *args, temperature: float = 0.1, **kwargs) -> None:
+    def __init__(self, *args: Any, temperature: float = 0.1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.temperature = temperature
 

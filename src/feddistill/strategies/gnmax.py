@@ -11,6 +11,8 @@ come back as NaN and are not taken into the teacher signal.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from feddistill.strategies.base import AnswerStrategy
@@ -19,8 +21,15 @@ from feddistill.strategies.base import AnswerStrategy
 class GNMaxVotes(AnswerStrategy):
     name = "gnmax"
 
-    def __init__(self, *args, sigma: float, noise_rng: np.random.Generator, threshold: float | None = None,
-                 sigma_threshold: float | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        sigma: float,
+        noise_rng: np.random.Generator,
+        threshold: float | None = None,
+        sigma_threshold: float | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.sigma = sigma
         self.threshold = threshold
@@ -37,8 +46,14 @@ class GNMaxVotes(AnswerStrategy):
         num_classes = counts.shape[1]
         if self.threshold is None:
             return np.eye(num_classes, dtype=np.float32)[gnmax(counts, sigma=self.sigma, rng=self.noise)]
-        answered, labels = confident_gnmax(counts, threshold=self.threshold, sigma_threshold=self.sigma_threshold,
-                                           sigma_answer=self.sigma, rng=self.noise)
+        assert self.sigma_threshold is not None, "confident-gnmax needs sigma_threshold with its threshold"
+        answered, labels = confident_gnmax(
+            counts,
+            threshold=self.threshold,
+            sigma_threshold=self.sigma_threshold,
+            sigma_answer=self.sigma,
+            rng=self.noise,
+        )
         signal = np.full(counts.shape, np.nan, dtype=np.float32)
         signal[answered] = np.eye(num_classes, dtype=np.float32)[labels[answered]]
         return signal

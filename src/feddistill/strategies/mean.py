@@ -7,6 +7,8 @@ of the participants' scores.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from feddistill.config import abstains
@@ -22,7 +24,7 @@ class MeanAnswers(AnswerStrategy):
     Abstentions (all-zero rows, ``distill.abstain-*``) are left out of their row's mean; a row
     every client abstained on comes back NaN (unanswered: the server keeps its signal)."""
 
-    def __init__(self, *args, abstain: bool = False, **kwargs) -> None:
+    def __init__(self, *args: Any, abstain: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.abstain = abstain  # whether an all-zero row means "no answer" (never true for clipped logits)
 

@@ -9,6 +9,8 @@ medians are then renormalised row-wise, since a row of medians need not sum to 1
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from feddistill.strategies.base import AnswerStrategy, normalize_rows, probability_answers
@@ -32,7 +34,7 @@ class MedianAnswers(AnswerStrategy):
         returns the raw medians.
     """
 
-    def __init__(self, *args, probabilities: bool = True, **kwargs) -> None:
+    def __init__(self, *args: Any, probabilities: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.probabilities = probabilities
 

@@ -12,6 +12,7 @@ hostile client cannot drag the reference point; the farthest
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -36,8 +37,9 @@ def farthest_clients(answers: np.ndarray, keep_fraction: float) -> list[int]:
     return sorted(int(i) for i in order[:drop])
 
 
-@register_aggregator("outlier-filtered", reads={"keep_fraction": "distill.keep-fraction",
-                                               "probabilities": probability_answers})
+@register_aggregator(
+    "outlier-filtered", reads={"keep_fraction": "distill.keep-fraction", "probabilities": probability_answers}
+)
 class OutlierFilteredMean(AnswerStrategy):
     """Consensus = mean of the answers closest to the coordinate-wise median.
 
@@ -57,7 +59,7 @@ class OutlierFilteredMean(AnswerStrategy):
         ``RoundReplies.senders``) of the clients dropped, for the server's log.
     """
 
-    def __init__(self, *args, keep_fraction: float = 0.7, probabilities: bool = True, **kwargs) -> None:
+    def __init__(self, *args: Any, keep_fraction: float = 0.7, probabilities: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not 0.0 < keep_fraction <= 1.0:
             raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")

@@ -22,7 +22,7 @@ import importlib
 import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from feddistill.registry import Registry
 
@@ -57,19 +57,30 @@ def _discover() -> None:
 AGGREGATORS: Registry[Aggregator] = Registry("aggregator", discover=_discover)
 
 
-def register_aggregator(name: str, factory: Callable[..., Any] | None = None, *,
-                        reads: Mapping[str, Source] | None = None):
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+@overload
+def register_aggregator(
+    name: str, factory: None = None, *, reads: Mapping[str, Source] | None = None
+) -> Callable[[_F], _F]: ...
+@overload
+def register_aggregator(name: str, factory: _F, *, reads: Mapping[str, Source] | None = None) -> _F: ...
+def register_aggregator(
+    name: str, factory: Callable[..., Any] | None = None, *, reads: Mapping[str, Source] | None = None
+) -> Callable[..., Any]:
     """Register ``factory`` as aggregator ``name``; without ``factory``, a class decorator.
 
     A class gets ``name`` as its ``name`` attribute (the strategy's name in logs)."""
     for keyword, source in (reads or {}).items():
         if not (callable(source) or (isinstance(source, str) and source)):
-            raise ValueError(f"aggregator {name!r}: {keyword!r} must read a config key or a function of the config, "
-                             f"got {source!r}")
+            raise ValueError(
+                f"aggregator {name!r}: {keyword!r} must read a config key or a function of the config, got {source!r}"
+            )
 
-    def add(target: Callable[..., Any]) -> Callable[..., Any]:
+    def add(target: _F) -> _F:
         if isinstance(target, type):
-            target.name = name
+            setattr(target, "name", name)  # noqa: B010  # `type` has no declared `name`
         AGGREGATORS.register(name, Aggregator(name, target, dict(reads or {})))
         return target
 
@@ -92,8 +103,9 @@ def config_value(cfg: Any, key: str) -> Any:
     return value
 
 
-def make_strategy(aggregator: str, *, sampling_rate: float, sampling: str, seed: int, cfg: Any = None,
-                  **settings: Any):
+def make_strategy(
+    aggregator: str, *, sampling_rate: float, sampling: str, seed: int, cfg: Any = None, **settings: Any
+) -> Any:
     """Build the registered aggregator ``aggregator``.
 
     Each keyword it reads takes its value from ``settings`` (by :func:`setting_name`:
@@ -103,7 +115,9 @@ def make_strategy(aggregator: str, *, sampling_rate: float, sampling: str, seed:
     known = {name for agg in AGGREGATORS.values() for name in agg.settings()}
     unknown = sorted(set(settings) - known)
     if unknown:
-        raise TypeError(f"make_strategy: no aggregator reads {', '.join(unknown)} (settings: {', '.join(sorted(known))})")
+        raise TypeError(
+            f"make_strategy: no aggregator reads {', '.join(unknown)} (settings: {', '.join(sorted(known))})"
+        )
     options: dict[str, Any] = {}
     for keyword, source in entry.reads.items():
         name = setting_name(keyword, source)

@@ -9,6 +9,7 @@ while the fraction of Byzantine workers is below ``beta``.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +44,7 @@ class TrimmedMeanAnswers(AnswerStrategy):
         :func:`normalize_rows`. ``False`` (clipped logits) returns the raw values.
     """
 
-    def __init__(self, *args, beta: float = 0.2, probabilities: bool = True, **kwargs) -> None:
+    def __init__(self, *args: Any, beta: float = 0.2, probabilities: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not 0.0 <= beta <= 0.5:
             raise ValueError(f"beta must be in [0, 0.5], got {beta}")

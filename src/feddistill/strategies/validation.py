@@ -56,15 +56,31 @@ BOUNDS = ("probs", "votes", "clipped_logits")
 #: The declared schema, field by field (README's privacy section mirrors it).
 REPLY_SCHEMA: dict[str, dict[str, Any]] = {
     f"{protocol.ANSWERS_RECORD}.{protocol.ANSWERS}": {
-        "record": "ArrayRecord", "type": "Array (.npy, C order)", "dtype": ("float16", "float32", "uint8"),
-        "shape": "(|Q|, C); answer-dtype vote: (|Q|,) uint8 class indices < C", "required": True},
-    f"{protocol.REPLY_META}.{protocol.ROUND}": {"record": "ConfigRecord", "type": "int", "range": "== this round",
-                                                "required": True},
-    f"{protocol.REPLY_META}.{protocol.DIGEST}": {"record": "ConfigRecord", "type": "str",
-                                                 "range": "== the reference-set digest", "required": True},
+        "record": "ArrayRecord",
+        "type": "Array (.npy, C order)",
+        "dtype": ("float16", "float32", "uint8"),
+        "shape": "(|Q|, C); answer-dtype vote: (|Q|,) uint8 class indices < C",
+        "required": True,
+    },
+    f"{protocol.REPLY_META}.{protocol.ROUND}": {
+        "record": "ConfigRecord",
+        "type": "int",
+        "range": "== this round",
+        "required": True,
+    },
+    f"{protocol.REPLY_META}.{protocol.DIGEST}": {
+        "record": "ConfigRecord",
+        "type": "str",
+        "range": "== the reference-set digest",
+        "required": True,
+    },
     f"{protocol.METRICS_RECORD}.{protocol.RECORD_EPSILON}": {
-        "record": "MetricRecord", "type": "float", "range": f"finite, [0, {MAX_RECORD_EPSILON:g}]",
-        "required": False, "only_with": "record-level DP"},
+        "record": "MetricRecord",
+        "type": "float",
+        "range": f"finite, [0, {MAX_RECORD_EPSILON:g}]",
+        "required": False,
+        "only_with": "record-level DP",
+    },
 }
 
 
@@ -98,13 +114,36 @@ class ReplyCheck:
             raise ValueError(f"bound must be one of {BOUNDS}, got {self.bound!r}")
 
     @classmethod
-    def from_plan(cls, plan: Any, *, round: int, digest: str, num_queries: int, num_classes: int, votes: bool,
-                  record_level: bool, nodes: Mapping[int, int] | None, abstain: bool = False) -> ReplyCheck:
+    def from_plan(
+        cls,
+        plan: Any,
+        *,
+        round: int,
+        digest: str,
+        num_queries: int,
+        num_classes: int,
+        votes: bool,
+        record_level: bool,
+        nodes: Mapping[int, int] | None,
+        abstain: bool = False,
+    ) -> ReplyCheck:
         """The round's check from the run's privacy plan (:class:`feddistill.privacy.plan.UploadPrivacy`)."""
         low, high = plan.value_range()
-        return cls(round, digest, num_queries, num_classes, low=low, high=high, votes=votes, bound=plan.bound,
-                   clip_norm=plan.clip_norm, local_noise=plan.mode == "local", record_level=record_level,
-                   nodes=nodes, abstain=abstain)
+        return cls(
+            round,
+            digest,
+            num_queries,
+            num_classes,
+            low=low,
+            high=high,
+            votes=votes,
+            bound=plan.bound,
+            clip_norm=plan.clip_norm,
+            local_noise=plan.mode == "local",
+            record_level=record_level,
+            nodes=nodes,
+            abstain=abstain,
+        )
 
 
 @dataclass(frozen=True)
@@ -179,8 +218,9 @@ def _check_record_names(content: Any) -> None:
     if protocol.ANSWERS_RECORD not in arrays:
         raise Rejected("missing answers")
     if set(arrays) != {protocol.ANSWERS_RECORD}:
-        raise Rejected(f"unexpected arrays in reply (only the answers matrix may leave a device): "
-                       f"{_short(sorted(arrays))}")
+        raise Rejected(
+            f"unexpected arrays in reply (only the answers matrix may leave a device): {_short(sorted(arrays))}"
+        )
     if set(configs) != {protocol.REPLY_META}:
         raise Rejected(f"unexpected config record: {_short(sorted(configs))}")
     if set(metrics) - {protocol.METRICS_RECORD}:
@@ -227,8 +267,9 @@ def check_metrics(metrics: Mapping[str, Any] | MetricRecord, check: ReplyCheck) 
 
 def _answers(record: ArrayRecord, check: ReplyCheck) -> np.ndarray:
     if list(record.keys()) != [protocol.ANSWERS]:
-        raise Rejected(f"unexpected arrays in reply (only the answers matrix may leave a device): "
-                       f"{_short(sorted(record.keys()))}")
+        raise Rejected(
+            f"unexpected arrays in reply (only the answers matrix may leave a device): {_short(sorted(record.keys()))}"
+        )
     array = record[protocol.ANSWERS]
     if not isinstance(array, Array) or not isinstance(array.data, bytes):
         raise Rejected("undecodable answers: not an Array")
@@ -236,18 +277,21 @@ def _answers(record: ArrayRecord, check: ReplyCheck) -> np.ndarray:
         raise Rejected(f"reply too large: {len(array.data)} bytes")
     allowed = ("uint8",) if check.votes else tuple(WIRE_DTYPES)
     if array.dtype not in allowed:
-        raise Rejected(f"wrong dtype: {_short(array.dtype)} (expected {', '.join(allowed)}"
-                       f"{' votes' if check.votes else ''})")
+        raise Rejected(
+            f"wrong dtype: {_short(array.dtype)} (expected {', '.join(allowed)}{' votes' if check.votes else ''})"
+        )
     expected = (check.num_queries,) if check.votes else (check.num_queries, check.num_classes)
     if tuple(array.shape) != expected:
-        raise Rejected(f"wrong shape: {_short(tuple(array.shape))} (expected {expected}"
-                       f"{' votes' if check.votes else ''})")
+        raise Rejected(
+            f"wrong shape: {_short(tuple(array.shape))} (expected {expected}{' votes' if check.votes else ''})"
+        )
     wire = parse_npy(array, WIRE_DTYPES[array.dtype], expected)
     if check.votes:
         cast = wire[wire != protocol.ABSTAIN_VOTE] if check.abstain else wire
         if cast.size and int(cast.max()) >= check.num_classes:
-            raise Rejected(f"vote out of range: vote for class {int(cast.max())} "
-                           f"(classes are 0..{check.num_classes - 1})")
+            raise Rejected(
+                f"vote out of range: vote for class {int(cast.max())} (classes are 0..{check.num_classes - 1})"
+            )
         return decode_votes(wire, check.num_classes)
     answers = decode_answers(wire)
     if not np.isfinite(answers).all():
@@ -277,8 +321,10 @@ def parse_npy(array: Array, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarr
     except Exception as exc:
         raise Rejected(f"undecodable answers: {_short(str(exc), 80)}") from None
     if header_dtype != dtype or tuple(header_shape) != shape:
-        raise Rejected(f"array header disagrees with the declared dtype/shape: {_short(header_dtype.str)} "
-                       f"{_short(tuple(header_shape))}")
+        raise Rejected(
+            f"array header disagrees with the declared dtype/shape: {_short(header_dtype.str)} "
+            f"{_short(tuple(header_shape))}"
+        )
     if fortran:
         raise Rejected("undecodable answers: Fortran order (C order expected)")
     payload = len(array.data) - stream.tell()
@@ -323,8 +369,10 @@ def _check_rows(wire: np.ndarray, answers: np.ndarray, check: ReplyCheck) -> Non
         worst = int(np.argmax(np.abs(sums - 1.0)))
         slack = rel + check.num_classes * abs_
         if abs(sums[worst] - 1.0) > slack:
-            raise Rejected(f"rows not probability distributions: row {int(index[worst])} sums to {sums[worst]:.6g} "
-                           f"(1 +- {slack:.3g})")
+            raise Rejected(
+                f"rows not probability distributions: row {int(index[worst])} sums to {sums[worst]:.6g} "
+                f"(1 +- {slack:.3g})"
+            )
         if check.bound == "votes" and not np.isin(rows, (0.0, 1.0)).all():
             raise Rejected("rows not one-hot votes")
     elif check.bound == "clipped_logits":

@@ -104,7 +104,8 @@ def _load_model_file(path: Path, what: str, image_size: int, num_classes: int) -
         build_model(arch, image_size, num_classes).load_state_dict(saved.state_dict)
     except Exception as exc:
         raise AuditInputError(
-            f"{path}: {what} does not fit a {arch!r} for {image_size}x{image_size} images, {num_classes} classes ({exc})"
+            f"{path}: {what} does not fit a {arch!r} for {image_size}x{image_size} images, "
+            f"{num_classes} classes ({exc})"
         ) from exc
     return arch, saved.state_dict
 
@@ -244,8 +245,9 @@ def _rebuild_fleet(cfg: RunConfig, results: dict[str, Any], results_path: Path) 
     return fleet
 
 
-def _load_client_students(run: RunFolder, uploads: dict[int, ClientUploads], num_clients: int, size: int,
-                          classes: int, warnings: list[str]) -> dict[int, tuple[str, dict[str, torch.Tensor]]]:
+def _load_client_students(
+    run: RunFolder, uploads: dict[int, ClientUploads], num_clients: int, size: int, classes: int, warnings: list[str]
+) -> dict[int, tuple[str, dict[str, torch.Tensor]]]:
     """Every uploader's final local student (required), then any other client's that was kept."""
     clients_dir = run.local_students
     if not clients_dir.is_dir():
@@ -254,7 +256,9 @@ def _load_client_students(run: RunFolder, uploads: dict[int, ClientUploads], num
     for pid in uploads:
         path = run.local_student(pid)
         if not path.is_file():
-            raise AuditInputError(f"{path}: missing: client {pid} uploaded answers but its local student was not kept; {KEEP_HINT}")
+            raise AuditInputError(
+                f"{path}: missing: client {pid} uploaded answers but its local student was not kept; {KEEP_HINT}"
+            )
         client_students[pid] = _load_model_file(path, f"client {pid}'s local student", size, classes)
     for path in sorted(clients_dir.iterdir()):
         m = _CLIENT_FILE.match(path.name)
@@ -277,7 +281,9 @@ def load_run(run_dir: str | Path) -> RunArtifacts:
     size, classes = fleet.image_size, fleet.num_classes
     student_path = run.global_student
     if not student_path.is_file():
-        raise AuditInputError(f"{student_path}: missing (the released global student, target (c)); re-run the simulation")
+        raise AuditInputError(
+            f"{student_path}: missing (the released global student, target (c)); re-run the simulation"
+        )
     global_student = _load_model_file(student_path, "the global student", size, classes)
 
     audit_dir = run.audit
@@ -295,8 +301,10 @@ def load_run(run_dir: str | Path) -> RunArtifacts:
     if canaries is not None and canaries.client not in client_students:
         # no accepted upload and no local student (both checked above): the client never trained
         # in this run, so its canaries never left it and there is nothing to audit
-        warnings.append(f"canary audit not run: canary client {canaries.client} took no part in the run "
-                        f"(no upload, no {run.local_student(canaries.client)})")
+        warnings.append(
+            f"canary audit not run: canary client {canaries.client} took no part in the run "
+            f"(no upload, no {run.local_student(canaries.client)})"
+        )
         canaries = None
     return RunArtifacts(
         run_dir=run_dir,

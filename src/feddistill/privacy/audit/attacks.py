@@ -12,7 +12,7 @@ References
 * Carlini, Chien, Nasr, Song, Terzis & Tramer, "Membership Inference Attacks
   From First Principles", IEEE S&P 2022 -- LiRA (offline / online, logit-scaled
   confidence, global variance with few shadow models).
-* Zarifzadeh, Liu, Shokri & Reza, "Low-Cost High-Power Membership Inference
+* Zarifzadeh, Liu & Shokri, "Low-Cost High-Power Membership Inference
   Attacks", ICML 2024 -- RMIA.
 * Shi, Ouyang & Wang, "Unveiling Client Privacy Leakage from Public Dataset
   Usage in Federated Distillation", PoPETs 2025 -- LiRA against FD uploads.
@@ -357,8 +357,11 @@ class AuditAttack:
 ATTACKS: Registry[AuditAttack] = Registry("attack")
 
 
-def register_attack(name: str, score: Callable[[AttackInputs], np.ndarray],
-                    unavailable: Callable[[AttackInputs], str | None] = lambda inputs: None) -> AuditAttack:
+def register_attack(
+    name: str,
+    score: Callable[[AttackInputs], np.ndarray],
+    unavailable: Callable[[AttackInputs], str | None] = lambda inputs: None,
+) -> AuditAttack:
     return ATTACKS.register(name, AuditAttack(name, score, unavailable))
 
 
@@ -376,16 +379,28 @@ def _n_out(inputs: AttackInputs) -> int:
 
 
 register_attack("loss", lambda a: loss_scores(a.target_x, a.y_x))
-register_attack("lira_offline", lambda a: lira_offline(a.phi_target, out_models(a.phi_refs, a.mask_x)),
-                _needs(_n_out, 2, "needs >= 2 OUT reference models per point (have {have}; use >= 3 reference models)"))
-register_attack("lira_online", lambda a: lira_online(a.phi_target, ref_phi=a.phi_refs, in_mask=a.mask_x),
-                _needs(_n_in, 2, "needs >= 2 IN reference models per point (have {have}; use >= 4 reference models)"))
-register_attack("rmia", lambda a: rmia_scores(a.p_target[0], a.p_refs[0], a.p_target[1], a.p_refs[1], a=None),
-                _needs(_n_in, 1, "online RMIA needs reference models that trained on each point (use >= 2)"))
-register_attack("rmia_offline",
-                lambda a: rmia_scores(a.p_target[0], out_models(a.p_refs[0], a.mask_x), a.p_target[1],
-                                      out_models(a.p_refs[1], a.mask_z), a=0.3),
-                _needs(_n_out, 1, "needs at least one reference model"))
+register_attack(
+    "lira_offline",
+    lambda a: lira_offline(a.phi_target, out_models(a.phi_refs, a.mask_x)),
+    _needs(_n_out, 2, "needs >= 2 OUT reference models per point (have {have}; use >= 3 reference models)"),
+)
+register_attack(
+    "lira_online",
+    lambda a: lira_online(a.phi_target, ref_phi=a.phi_refs, in_mask=a.mask_x),
+    _needs(_n_in, 2, "needs >= 2 IN reference models per point (have {have}; use >= 4 reference models)"),
+)
+register_attack(
+    "rmia",
+    lambda a: rmia_scores(a.p_target[0], a.p_refs[0], a.p_target[1], a.p_refs[1], a=None),
+    _needs(_n_in, 1, "online RMIA needs reference models that trained on each point (use >= 2)"),
+)
+register_attack(
+    "rmia_offline",
+    lambda a: rmia_scores(
+        a.p_target[0], out_models(a.p_refs[0], a.mask_x), a.p_target[1], out_models(a.p_refs[1], a.mask_z), a=0.3
+    ),
+    _needs(_n_out, 1, "needs at least one reference model"),
+)
 
 
 def attack_scores(

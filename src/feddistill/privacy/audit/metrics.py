@@ -127,7 +127,7 @@ def roc(scores: Any, is_member: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray
 def auc(scores: Any, is_member: Any) -> float:
     """Area under the ROC curve (trapezoidal, ties count 1/2)."""
     fpr, tpr, _ = roc(scores, is_member)
-    return float(np.trapezoid(tpr, fpr)) if hasattr(np, "trapezoid") else float(np.trapz(tpr, fpr))
+    return float(np.trapezoid(tpr, fpr)) if hasattr(np, "trapezoid") else float(np.trapz(tpr, fpr))  # type: ignore[attr-defined]  # numpy < 2
 
 
 def tpr_at_fpr(scores: Any, is_member: Any, fpr_target: float) -> float:
@@ -190,7 +190,7 @@ def clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
 # --------------------------------------------------------------------------- #
 # Empirical epsilon
 # --------------------------------------------------------------------------- #
-def _safe_log_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+def _safe_log_ratio(num: np.ndarray | float, den: np.ndarray | float) -> np.ndarray:
     num = np.asarray(num, dtype=float)
     den = np.asarray(den, dtype=float)
     out = np.zeros(np.broadcast(num, den).shape)
@@ -201,9 +201,7 @@ def _safe_log_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return out
 
 
-def epsilon_from_rates(
-    tp: Any, fn: Any, fp: Any, tn: Any, delta: float, alpha: float = 0.05
-) -> dict[str, np.ndarray]:
+def epsilon_from_rates(tp: Any, fn: Any, fp: Any, tn: Any, delta: float, alpha: float = 0.05) -> dict[str, np.ndarray]:
     """Clopper-Pearson epsilon lower bound(s) from confusion counts.
 
     ``eps_lo = max(ln((TPR_lo - delta)/FPR_hi), ln((TNR_lo - delta)/FNR_hi), 0)``
@@ -425,7 +423,7 @@ def summarize_attack(
     tp, fp, _ = _roc_counts(s, m)
     fpr = fp / n_out
     tpr = tp / n_in
-    auc_v = float(np.trapezoid(tpr, fpr)) if hasattr(np, "trapezoid") else float(np.trapz(tpr, fpr))
+    auc_v = float(np.trapezoid(tpr, fpr)) if hasattr(np, "trapezoid") else float(np.trapz(tpr, fpr))  # type: ignore[attr-defined]  # numpy < 2
     at: dict[str, Any] = {}
     for f in fprs:
         ok = np.flatnonzero(fpr <= f + 1e-15)

@@ -67,9 +67,7 @@ def one_run_p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> flo
     return min(p, 1.0)
 
 
-def one_run_epsilon_lower_bound(
-    m: int, r: int, v: int, delta: float, beta: float = 0.05, *, iters: int = 60
-) -> float:
+def one_run_epsilon_lower_bound(m: int, r: int, v: int, delta: float, beta: float = 0.05, *, iters: int = 60) -> float:
     """``sup{eps : p(eps) < beta}`` by bisection (Steinke et al. 2023,
     ``get_eps_audit``); ``0.0`` if nothing can be certified (``p(0) >= beta``)."""
     m, r, v = int(m), int(r), int(v)

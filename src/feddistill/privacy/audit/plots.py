@@ -78,7 +78,13 @@ def plot_roc_loglog(
             lbl = f"({dp_epsilon:g}, {d:g})-DP bound" if d else f"ε={dp_epsilon:g} DP bound"
             ax.plot(grid, b, color="black", ls="--", lw=1.2, label=lbl)
         for name, (f, t) in (extra_bounds or {}).items():
-            ax.plot(np.clip(np.asarray(f, float), lo, 1), np.clip(np.asarray(t, float), lo, 1), ls="--", lw=1.0, label=str(name))
+            ax.plot(
+                np.clip(np.asarray(f, float), lo, 1),
+                np.clip(np.asarray(t, float), lo, 1),
+                ls="--",
+                lw=1.0,
+                label=str(name),
+            )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlim(lo, 1.0)

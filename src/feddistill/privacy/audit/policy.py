@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,23 @@ def _rule(name: str, passed: bool, observed: Any, limit: Any, detail: str) -> di
     return {"rule": name, "passed": bool(passed), "observed": observed, "limit": limit, "detail": detail}
 
 
+def _worst(
+    targets: dict[str, Any], getter: Callable[[dict[str, Any]], Any], larger_is_worse: bool = True
+) -> tuple[float | None, str]:
+    """The worst value ``getter`` reads over every attack of every target not skipped, and where."""
+    best_v, where = None, ""
+    for tname, t in targets.items():
+        if t.get("skipped"):
+            continue
+        for aname, a in t.get("attacks", {}).items():
+            v = getter(a)
+            if v is None:
+                continue
+            if best_v is None or (v > best_v if larger_is_worse else v < best_v):
+                best_v, where = v, f"{tname} / {aname}"
+    return best_v, where
+
+
 def evaluate_policy(audit: dict[str, Any], policy: AuditPolicy) -> tuple[list[dict[str, Any]], int]:
     """Check an audit dict (as :func:`runner.run_audit` builds it) against ``policy``.
 
@@ -95,20 +113,6 @@ def evaluate_policy(audit: dict[str, Any], policy: AuditPolicy) -> tuple[list[di
     1 otherwise. ``observed`` is the worst value over all targets (or clients)."""
     rules: list[dict[str, Any]] = []
     targets = audit.get("targets", {})
-
-    def worst(getter, larger_is_worse: bool = True) -> tuple[float | None, str]:
-        best_v, where = None, ""
-        for tname, t in targets.items():
-            if t.get("skipped"):
-                continue
-            for aname, a in t.get("attacks", {}).items():
-                v = getter(a)
-                if v is None:
-                    continue
-                if best_v is None or (v > best_v if larger_is_worse else v < best_v):
-                    best_v, where = v, f"{tname} / {aname}"
-        return best_v, where
-
     for key, label, get in (
         ("max_auc", "ROC AUC", lambda a: a["summary"]["auc"]),
         ("max_tpr_at_0_1pct_fpr", "TPR at 0.1 % FPR", lambda a: a["summary"]["tpr_at_fpr"]["0.001"]["tpr"]),
@@ -117,7 +121,7 @@ def evaluate_policy(audit: dict[str, Any], policy: AuditPolicy) -> tuple[list[di
         limit = getattr(policy, key)
         if limit is None:
             continue
-        v, where = worst(get)
+        v, where = _worst(targets, get)
         if v is None:
             rules.append(_rule(key, True, None, limit, f"no attack was scored, so {label} could not be checked"))
             continue
@@ -129,11 +133,19 @@ def evaluate_policy(audit: dict[str, Any], policy: AuditPolicy) -> tuple[list[di
             top = max(bounds, key=lambda b: b["epsilon_lower_bound"])
             v = top["epsilon_lower_bound"]
             rules.append(
-                _rule("max_empirical_epsilon", v <= policy.max_empirical_epsilon, v, policy.max_empirical_epsilon,
-                      f"largest empirical epsilon lower bound {v:.4g} ({top['source']}); limit {policy.max_empirical_epsilon:g}")
+                _rule(
+                    "max_empirical_epsilon",
+                    v <= policy.max_empirical_epsilon,
+                    v,
+                    policy.max_empirical_epsilon,
+                    f"largest empirical epsilon lower bound {v:.4g} ({top['source']}); "
+                    f"limit {policy.max_empirical_epsilon:g}",
+                )
             )
         else:
-            rules.append(_rule("max_empirical_epsilon", True, None, policy.max_empirical_epsilon, "no epsilon bound computed"))
+            rules.append(
+                _rule("max_empirical_epsilon", True, None, policy.max_empirical_epsilon, "no epsilon bound computed")
+            )
 
     if policy.fail_on_dp_violation:
         violations = audit.get("dp_violations", [])
@@ -142,7 +154,8 @@ def evaluate_policy(audit: dict[str, Any], policy: AuditPolicy) -> tuple[list[di
             detail = "the run claims no differential privacy; nothing to violate"
         elif violations:
             detail = "; ".join(
-                f"{v['source']}: empirical lower bound {v['epsilon_lower_bound']:.4g} > claimed epsilon {v['claimed_epsilon']:.4g}"
+                f"{v['source']}: empirical lower bound {v['epsilon_lower_bound']:.4g} "
+                f"> claimed epsilon {v['claimed_epsilon']:.4g}"
                 for v in violations
             )
         else:
@@ -155,9 +168,14 @@ def evaluate_policy(audit: dict[str, Any], policy: AuditPolicy) -> tuple[list[di
             pid, row = min(li.items(), key=lambda kv: kv[1]["tv"])
             v = row["tv"]
             rules.append(
-                _rule("min_label_tv", v >= policy.min_label_tv, v, policy.min_label_tv,
-                      f"smallest TV between a client's uploads-based label estimate and its true labels {v:.4g} "
-                      f"(client {pid}); limit >= {policy.min_label_tv:g}")
+                _rule(
+                    "min_label_tv",
+                    v >= policy.min_label_tv,
+                    v,
+                    policy.min_label_tv,
+                    f"smallest TV between a client's uploads-based label estimate and its true labels {v:.4g} "
+                    f"(client {pid}); limit >= {policy.min_label_tv:g}",
+                )
             )
         else:
             rules.append(_rule("min_label_tv", True, None, policy.min_label_tv, "no client uploaded"))

@@ -42,8 +42,9 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     _write_json(path, data, allow_nan=False)
 
 
-def write_roc_plots(out: Path, curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
-                    targets: dict[str, Any]) -> dict[str, str]:
+def write_roc_plots(
+    out: Path, curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], targets: dict[str, Any]
+) -> dict[str, str]:
     """One log-log ROC per target, with the (eps, delta)-DP bound of the claim that
     protects a record of that target (Kairouz et al. 2015) when the run claims DP."""
     written: dict[str, str] = {}
@@ -55,7 +56,9 @@ def write_roc_plots(out: Path, curves: dict[str, dict[str, tuple[np.ndarray, np.
             kw = {"dp_epsilon": claim["epsilon"], "dp_delta": claim["delta"]}
         labelled = {f"{a} (AUC {t['attacks'][a]['summary']['auc']:.3f})": c for a, c in cv.items()}
         path = out / RunFolder.audit_roc(name)
-        plot_roc_loglog(labelled, path, title=f"{name}: {t['n_members']} members / {t['n_nonmembers']} non-members", **kw)
+        plot_roc_loglog(
+            labelled, path, title=f"{name}: {t['n_members']} members / {t['n_nonmembers']} non-members", **kw
+        )
         written[name] = path.name
     return written
 
@@ -73,8 +76,10 @@ def _f(x: Any, digits: int = 3) -> str:
 def _claim_text(c: dict[str, Any] | None) -> str:
     if not c:
         return "none (the run claims no DP for this target)"
-    txt = (f"ε = {_f(c['epsilon'])} at δ = {c['delta']:.3g} ({c['unit']}-level, {c['mechanism']}, "
-           f"accountant {c['accountant']}, {c['neighbouring']})")
+    txt = (
+        f"ε = {_f(c['epsilon'])} at δ = {c['delta']:.3g} ({c['unit']}-level, {c['mechanism']}, "
+        f"accountant {c['accountant']}, {c['neighbouring']})"
+    )
     if c.get("epsilon_is"):
         txt += f"; ε is {c['epsilon_is']}"
     if c.get("derivation") and c["derivation"] != "as claimed":
@@ -93,7 +98,8 @@ def _target_section(name: str, t: dict[str, Any], plot: str | None) -> list[str]
         f"({t['n_fit']} fit / {t['n_eval']} evaluation); {t.get('reference_models', 0)} reference models.",
         f"- Claimed privacy for one record: {_claim_text(t.get('claimed'))}.",
         "",
-        "| attack | AUC | TPR @ 10 % FPR [95 % CI] | TPR @ 1 % FPR [95 % CI] | TPR @ 0.1 % FPR [95 % CI] | advantage | ε lower bound (eval split) |",
+        "| attack | AUC | TPR @ 10 % FPR [95 % CI] | TPR @ 1 % FPR [95 % CI] | TPR @ 0.1 % FPR [95 % CI] "
+        "| advantage | ε lower bound (eval split) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for a, res in t["attacks"].items():
@@ -104,39 +110,55 @@ def _target_section(name: str, t: dict[str, Any], plot: str | None) -> list[str]
             star = "" if r["resolvable"] else "*"
             cells.append(f"{_f(r['tpr'])}{star} [{_f(r['tpr_ci'][0])}, {_f(r['tpr_ci'][1])}]")
         mark = " (chosen on fit split)" if a == t["best_attack"] else ""
-        lines.append(f"| {a}{mark} | {_f(s['auc'])} | " + " | ".join(cells)
-                     + f" | {_f(s['advantage'])} | {_f(res['empirical_epsilon']['epsilon_lower_bound'])} |")
+        lines.append(
+            f"| {a}{mark} | {_f(s['auc'])} | "
+            + " | ".join(cells)
+            + f" | {_f(s['advantage'])} | {_f(res['empirical_epsilon']['epsilon_lower_bound'])} |"
+        )
     lines.append("")
     if any(not r["resolvable"] for res in t["attacks"].values() for r in res["summary"]["tpr_at_fpr"].values()):
-        lines += ["\\* the target FPR is below 1 / (number of non-members): the value is the TPR at zero false positives.", ""]
+        lines += [
+            "\\* the target FPR is below 1 / (number of non-members): the value is the TPR at zero false positives.",
+            "",
+        ]
     for a, why in t.get("skipped_attacks", {}).items():
         lines.append(f"- `{a}` not run: {why}.")
     claim = t.get("claimed")
     verdict = ""
     if claim:
-        verdict = (" — **DP VIOLATION**: above the claimed ε" if t["violation"]
-                   else " — consistent with the claimed ε")
+        verdict = " — **DP VIOLATION**: above the claimed ε" if t["violation"] else " — consistent with the claimed ε"
     lines += [
-        f"**Empirical ε lower bound: {_f(t['epsilon_lower_bound'])}** (attack `{t['best_attack']}`, δ = {t['delta']:.3g}; "
+        f"**Empirical ε lower bound: {_f(t['epsilon_lower_bound'])}** "
+        f"(attack `{t['best_attack']}`, δ = {t['delta']:.3g}; "
         f"the most this sample could certify: {_f(t['max_certifiable_epsilon'])}) vs claimed ε "
         f"{_f(claim['epsilon']) if claim else 'none'}{verdict}.",
         "",
     ]
     pc = t.get("per_class", {})
     if pc:
-        lines += [f"Per class (`{t['best_attack']}`):", "", "| class | members | non-members | AUC | TPR @ 1 % FPR |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += [
+            f"Per class (`{t['best_attack']}`):",
+            "",
+            "| class | members | non-members | AUC | TPR @ 1 % FPR |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for k, v in pc.items():
             if v.get("skipped"):
                 lines.append(f"| {k} | {v['n_members']} | {v['n_nonmembers']} | – ({v['reason']}) | – |")
             else:
-                lines.append(f"| {k} | {v['n_members']} | {v['n_nonmembers']} | {_f(v['auc'])} | "
-                             f"{_f(v['tpr_at_fpr']['0.01']['tpr'])} |")
+                lines.append(
+                    f"| {k} | {v['n_members']} | {v['n_nonmembers']} | {_f(v['auc'])} | "
+                    f"{_f(v['tpr_at_fpr']['0.01']['tpr'])} |"
+                )
         lines.append("")
     pcl = t.get("per_client", {})
     if pcl:
-        lines += [f"Per client (its members vs all non-members, `{t['best_attack']}`):", "",
-                  "| client | members | AUC | TPR @ 1 % FPR |", "| --- | --- | --- | --- |"]
+        lines += [
+            f"Per client (its members vs all non-members, `{t['best_attack']}`):",
+            "",
+            "| client | members | AUC | TPR @ 1 % FPR |",
+            "| --- | --- | --- | --- |",
+        ]
         for k, v in pcl.items():
             lines.append(f"| {k} | {v['n_members']} | {_f(v['auc'])} | {_f(v['tpr_at_fpr']['0.01']['tpr'])} |")
         lines.append("")
@@ -157,20 +179,34 @@ def _client_summary(audit: dict[str, Any]) -> list[str]:
     targets, labels = audit["targets"], audit["label_inference"]["clients"]
     if not audit["target_clients"]:
         return []
-    lines = ["## Per client", "", "| client | uploads: best AUC | local student: best AUC | label TV (uniform guess) |",
-             "| --- | --- | --- | --- |"]
+    lines = [
+        "## Per client",
+        "",
+        "| client | uploads: best AUC | local student: best AUC | label TV (uniform guess) |",
+        "| --- | --- | --- | --- |",
+    ]
     for pid in audit["target_clients"]:
         li = labels.get(str(pid))
         tv = f"{_f(li['tv'])} ({_f(li['tv_uniform_guess'])})" if li else "–"
-        lines.append(f"| {pid} | {_best_auc(targets.get(f'uploads_client{pid}'))} | "
-                     f"{_best_auc(targets.get(f'local_client{pid}'))} | {tv} |")
+        lines.append(
+            f"| {pid} | {_best_auc(targets.get(f'uploads_client{pid}'))} | "
+            f"{_best_auc(targets.get(f'local_client{pid}'))} | {tv} |"
+        )
     return lines + [""]
 
 
 def write_report(path: Path, audit: dict[str, Any]) -> None:
     """report.md: the verdict, the claims, the bounds against them, every target, the method."""
-    lines = (_verdict_lines(audit) + _claims_lines(audit) + _bounds_lines(audit) + _client_summary(audit)
-             + _targets_lines(audit) + _canary_lines(audit) + _label_lines(audit) + _method_lines(audit))
+    lines = (
+        _verdict_lines(audit)
+        + _claims_lines(audit)
+        + _bounds_lines(audit)
+        + _client_summary(audit)
+        + _targets_lines(audit)
+        + _canary_lines(audit)
+        + _label_lines(audit)
+        + _method_lines(audit)
+    )
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines))
 
@@ -180,7 +216,8 @@ def _verdict_lines(audit: dict[str, Any]) -> list[str]:
     lines = [
         f"# Privacy audit of `{audit['run_dir']}`",
         "",
-        f"**{'PASSED' if v['passed'] else 'FAILED'}** (exit code {v['exit_code']}; policy: {audit['policy']['source']})",
+        f"**{'PASSED' if v['passed'] else 'FAILED'}** "
+        f"(exit code {v['exit_code']}; policy: {audit['policy']['source']})",
         "",
     ]
     for r in v["rules"]:
@@ -193,12 +230,17 @@ def _claims_lines(audit: dict[str, Any]) -> list[str]:
     lines = ["## Privacy claims of the run", ""]
     claims = audit["privacy_claims"]
     if not any(claims.values()):
-        return lines + ["The run claims no differential privacy: the attacks below measure leakage, there is no claim to violate.", ""]
+        return lines + [
+            "The run claims no differential privacy: the attacks below measure leakage, there is no claim to violate.",
+            "",
+        ]
     lines += ["| unit | ε | δ | mechanism | accountant | neighbouring |", "| --- | --- | --- | --- | --- | --- |"]
     for unit, c in claims.items():
         if c:
-            lines.append(f"| {unit} | {_f(c['epsilon'])} | {c['delta']:.3g} | {c.get('mechanism', '–')} | "
-                         f"{c.get('accountant', '–')} | {c.get('neighbouring', 'add/remove (assumed)')} |")
+            lines.append(
+                f"| {unit} | {_f(c['epsilon'])} | {c['delta']:.3g} | {c.get('mechanism', '–')} | "
+                f"{c.get('accountant', '–')} | {c.get('neighbouring', 'add/remove (assumed)')} |"
+            )
     lines.append("")
     for name, c in audit["claims_per_target"].items():
         lines.append(f"- applies to one record of `{name}`: {_claim_text(c)}")
@@ -211,7 +253,8 @@ def _bounds_lines(audit: dict[str, Any]) -> list[str]:
     lines = [
         "## Empirical ε lower bounds vs claimed ε",
         "",
-        f"Each bound holds at confidence 1 − {conf['alpha']:g}/{conf['n_bounds']} (Bonferroni), so all of them hold jointly "
+        f"Each bound holds at confidence 1 − {conf['alpha']:g}/{conf['n_bounds']} (Bonferroni), "
+        "so all of them hold jointly "
         f"at {1 - conf['alpha']:.0%}.",
         "",
         "| source | ε lower bound | max certifiable | δ | claimed ε | result |",
@@ -226,8 +269,10 @@ def _bounds_lines(audit: dict[str, Any]) -> list[str]:
             res = "ok (but the claim is above what this sample can certify: a violation could not show)"
         else:
             res = "ok"
-        lines.append(f"| {b['source']} | {_f(b['epsilon_lower_bound'])} | {_f(b['max_certifiable_epsilon'])} | "
-                     f"{b['delta']:.3g} | {_f(b['claimed_epsilon'])} | {res} |")
+        lines.append(
+            f"| {b['source']} | {_f(b['epsilon_lower_bound'])} | {_f(b['max_certifiable_epsilon'])} | "
+            f"{b['delta']:.3g} | {_f(b['claimed_epsilon'])} | {res} |"
+        )
     lines.append("")
     return lines
 
@@ -245,7 +290,8 @@ def _canary_lines(audit: dict[str, Any]) -> list[str]:
     if not can:
         return lines + ["The run has no canaries (set `audit.canaries` > 0 to check the DP implementation itself).", ""]
     lines += [
-        f"{can['m']} canaries, {can['n_included']} included in client {can['client']}'s data (each with probability ½); "
+        f"{can['m']} canaries, {can['n_included']} included in client {can['client']}'s data "
+        "(each with probability ½); "
         f"score: {can['score']}.",
         "",
         "| target | guesses | correct | ε lower bound | cap (all correct) | claimed ε | result |",
@@ -254,16 +300,22 @@ def _canary_lines(audit: dict[str, Any]) -> list[str]:
     for kind, r in can["results"].items():
         claim = r.get("claimed")
         res = "no claim" if not claim else ("**DP VIOLATION**" if r["violation"] else "ok")
-        lines.append(f"| {kind} | {r['n_guesses']} | {r['n_correct']} | {_f(r['epsilon_lower_bound'])} | "
-                     f"{_f(r['max_cap'])} | {_f(claim['epsilon']) if claim else '–'} | {res} |")
+        lines.append(
+            f"| {kind} | {r['n_guesses']} | {r['n_correct']} | {_f(r['epsilon_lower_bound'])} | "
+            f"{_f(r['max_cap'])} | {_f(claim['epsilon']) if claim else '–'} | {res} |"
+        )
     lines.append("")
     return lines
 
 
 def _label_lines(audit: dict[str, Any]) -> list[str]:
     li = audit["label_inference"]
-    lines = ["## Label-distribution inference from uploads (Shi, Ouyang & Wang 2025)", "",
-             f"Estimate: {li['method']}. Lower TV = more leakage; baselines: {li['baselines']}.", ""]
+    lines = [
+        "## Label-distribution inference from uploads (Shi, Ouyang & Wang 2025)",
+        "",
+        f"Estimate: {li['method']}. Lower TV = more leakage; baselines: {li['baselines']}.",
+        "",
+    ]
     if not li["clients"]:
         return lines
     s = li["summary"]
@@ -276,8 +328,10 @@ def _label_lines(audit: dict[str, Any]) -> list[str]:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for pid, r in li["clients"].items():
-        lines.append(f"| {pid} | {r['n_private']} | {_f(r['tv'])} | {_f(r['kl'])} | {_f(r['tv_uniform_guess'])} | "
-                     f"{_f(r['tv_population_prior'])} |")
+        lines.append(
+            f"| {pid} | {r['n_private']} | {_f(r['tv'])} | {_f(r['kl'])} | {_f(r['tv_uniform_guess'])} | "
+            f"{_f(r['tv_population_prior'])} |"
+        )
     lines.append("")
     return lines
 

@@ -174,7 +174,7 @@ def claims_for_targets(
     if rec and client is not None:
         rec = _device_claim(rec, client)
     if local_noise is None:
-        local_noise = bool(cli) and _noise_is_local(cli)
+        local_noise = _noise_is_local(cli) if cli else False
     r = _record_equivalent(rec, "record_level") if rec else None
     c = _record_equivalent(cli, "client_level") if cli else None
 
@@ -325,8 +325,15 @@ def _population(ctx: _Context) -> tuple[np.ndarray, np.ndarray]:
     return test.x[idx], test.y[idx]
 
 
-def _reference_models(ctx: _Context, arch: str, points: TargetPoints, pop: tuple[np.ndarray, np.ndarray],
-                      recipe: TrainRecipe, seed: int, n_train: int) -> tuple[list[Any], np.ndarray]:
+def _reference_models(
+    ctx: _Context,
+    arch: str,
+    points: TargetPoints,
+    pop: tuple[np.ndarray, np.ndarray],
+    recipe: TrainRecipe,
+    seed: int,
+    n_train: int,
+) -> tuple[list[Any], np.ndarray]:
     """K reference models on random halves of candidates + population.
 
     The pool takes only as many population points as make a half about ``n_train`` (the
@@ -342,8 +349,15 @@ def _reference_models(ctx: _Context, arch: str, points: TargetPoints, pop: tuple
     mask = np.zeros((k, n + pop[1].size), bool)
     mask[:, : n + n_pop] = balanced_in_mask(k, n + n_pop, ctx.rng)
     models = [
-        fit_reference(arch, ctx.fleet.image_size, ctx.fleet.num_classes, pool_x[mask[i, : n + n_pop]],
-                      pool_y[mask[i, : n + n_pop]], recipe, seed=seed + 7919 * (i + 1))
+        fit_reference(
+            arch,
+            ctx.fleet.image_size,
+            ctx.fleet.num_classes,
+            pool_x[mask[i, : n + n_pop]],
+            pool_y[mask[i, : n + n_pop]],
+            recipe,
+            seed=seed + 7919 * (i + 1),
+        )
         for i in range(k)
     ]
     return models, mask
@@ -416,8 +430,9 @@ def _audit_client(ctx: _Context, pid: int, recipe_seed: int) -> dict[str, Any]:
         pairs = []
         for k, r in enumerate(refs):
             noise = ctx.plan.noise_std if ctx.plan.noise_on_device else 0.0
-            answers = replay_answers(r, qx, counts, bound=ctx.plan.bound, clip_norm=ctx.plan.clip_norm,
-                                     noise_std=noise, rng=ctx.rng)
+            answers = replay_answers(
+                r, qx, counts, bound=ctx.plan.bound, clip_norm=ctx.plan.clip_norm, noise_std=noise, rng=ctx.rng
+            )
             mk = mimic_from_answers(arch, fleet.image_size, c, qx, answers, mrec, seed=recipe_seed + 104_729 * (k + 1))
             pairs.append(_probs_pair(mk, points, pop_x))
         rx, rz = _stack(pairs, n, z, c)
@@ -448,18 +463,37 @@ def _audit_global(ctx: _Context, seed: int) -> dict[str, Any]:
     ref_x = fleet.splits.reference.x
     if len(ref_x) > ctx.options.max_queries:
         ref_x = ref_x[np.sort(ctx.rng.choice(len(ref_x), ctx.options.max_queries, replace=False))]
-    srec = TrainRecipe(epochs=min(ctx.options.max_reference_epochs, max(1, d.server_epochs * cfg.rounds)),
-                       batch_size=d.batch_size, lr=d.server_lr, momentum=d.momentum)
+    srec = TrainRecipe(
+        epochs=min(ctx.options.max_reference_epochs, max(1, d.server_epochs * cfg.rounds)),
+        batch_size=d.batch_size,
+        lr=d.server_lr,
+        momentum=d.momentum,
+    )
     pairs = []
     for k, r in enumerate(refs):
-        student = mimic_from_answers(server_arch, fleet.image_size, c, ref_x, probs_of(r, ref_x).astype(np.float32),
-                                     srec, seed=seed + 15_485_863 * (k + 1), temperature=d.temperature)
+        student = mimic_from_answers(
+            server_arch,
+            fleet.image_size,
+            c,
+            ref_x,
+            probs_of(r, ref_x).astype(np.float32),
+            srec,
+            seed=seed + 15_485_863 * (k + 1),
+            temperature=d.temperature,
+        )
         pairs.append(_probs_pair(student, points, pop_x))
     target = ctx.model(server_arch, state)
     tx, tz = _probs_pair(target, points, pop_x)
     rx, rz = _stack(pairs, n, z, c)
-    return {"points": points, "pop_y": pop_y, "mask": (mask[:, :n], mask[:, n:]), "global": (tx, tz, rx, rz),
-            "recipe": recipe, "server_recipe": srec, "model": target}
+    return {
+        "points": points,
+        "pop_y": pop_y,
+        "mask": (mask[:, :n], mask[:, n:]),
+        "global": (tx, tz, rx, rz),
+        "recipe": recipe,
+        "server_recipe": srec,
+        "model": target,
+    }
 
 
 def _label_inference(ctx: _Context) -> dict[str, Any]:
@@ -646,7 +680,8 @@ class _AuditRun:
         if cli_claim and not (self.local_noise or _noise_is_local(cli_claim)):
             self.warnings.append(
                 "the client-level noise is not added on the device (the run's privacy.client-level is "
-                f"{self.plan.mode!r}): the server saw un-noised replies, so that claim does not cover the uploads target"
+                f"{self.plan.mode!r}): the server saw un-noised replies, "
+                "so that claim does not cover the uploads target"
             )
         self.claims_by_target: dict[str, dict[str, Any] | None] = {}
         self.n_bounds = 2 * len(self.clients) + 1 + (3 if art.canaries is not None else 0)
@@ -657,8 +692,16 @@ class _AuditRun:
         self.bounds: list[dict[str, Any]] = []
         self.mimics: dict[int, Any] = {}
 
-    def add_target(self, name: str, kind: str, desc: str, probs: tuple, info: dict[str, Any], extra: dict[str, Any],
-                   owner: int | None) -> None:
+    def add_target(
+        self,
+        name: str,
+        kind: str,
+        desc: str,
+        probs: tuple,
+        info: dict[str, Any],
+        extra: dict[str, Any],
+        owner: int | None,
+    ) -> None:
         """Attack one target; keep its result, its ROC curves and its epsilon lower bound."""
         options = self.options
         claim = claims_for_targets(self.art.privacy, owner, self.local_noise)[kind]
@@ -676,8 +719,15 @@ class _AuditRun:
         self.targets[name] = res
         self.curves[name] = cv
         ee = res["attacks"][res["best_attack"]]["empirical_epsilon"]
-        self.bounds.append(_bound_entry(f"{name} (membership inference, {res['best_attack']})",
-                                        ee["epsilon_lower_bound"], ee["max_certifiable_epsilon"], claim, delta))
+        self.bounds.append(
+            _bound_entry(
+                f"{name} (membership inference, {res['best_attack']})",
+                ee["epsilon_lower_bound"],
+                ee["max_certifiable_epsilon"],
+                claim,
+                delta,
+            )
+        )
 
     def audit_clients(self, bar: ProgressTask | None = None) -> None:
         """Targets (a) and (b) of every selected client: its uploads and its local student
@@ -698,20 +748,34 @@ class _AuditRun:
             for kind in ("uploads", "local"):
                 self.targets[f"{kind}_client{pid}"] = {"skipped": True, "reason": info["skipped"], "kind": kind}
             return
-        common = {"client": pid, "architecture": self.art.client_students[pid][0],
-                  "reference_recipe": asdict(info["recipe"]), "reference_models": options.reference_models}
+        common = {
+            "client": pid,
+            "architecture": self.art.client_students[pid][0],
+            "reference_recipe": asdict(info["recipe"]),
+            "reference_models": options.reference_models,
+        }
         if "uploads" in info:
             self.mimics[pid] = info["mimic"]
             self.add_target(
-                f"uploads_client{pid}", "uploads",
+                f"uploads_client{pid}",
+                "uploads",
                 f"(a) client {pid}'s uploads: mimic distilled from its answers on {info['n_queries']} reference-set "
-                f"queries over rounds {info['rounds']}; reference models mimicked the same way (distillation-based LiRA)",
-                info["uploads"], info,
+                f"queries over rounds {info['rounds']}; "
+                "reference models mimicked the same way (distillation-based LiRA)",
+                info["uploads"],
+                info,
                 {**common, "mimic_recipe": asdict(_mimic_recipe(self.ctx)), "rounds": info["rounds"]},
                 owner=pid,
             )
-        self.add_target(f"local_client{pid}", "local", f"(b) client {pid}'s final local student", info["local"],
-                        info, common, owner=pid)
+        self.add_target(
+            f"local_client{pid}",
+            "local",
+            f"(b) client {pid}'s final local student",
+            info["local"],
+            info,
+            common,
+            owner=pid,
+        )
         self.timings[f"client{pid}"] = time.monotonic() - t0
 
     def audit_global(self) -> None:
@@ -722,14 +786,21 @@ class _AuditRun:
         if "skipped" in ginfo:
             self.targets["global"] = {"skipped": True, "reason": ginfo["skipped"], "kind": "global"}
         else:
-            self.add_target("global", "global",
-                            f"(c) the released global student; members: private data of the {len(art.participants)} "
-                            "clients that uploaded",
-                            ginfo["global"], ginfo,
-                            {"architecture": art.global_student[0], "reference_recipe": asdict(ginfo["recipe"]),
-                             "reference_distillation": asdict(ginfo["server_recipe"]),
-                             "reference_models": options.reference_models},
-                            owner=None)
+            self.add_target(
+                "global",
+                "global",
+                f"(c) the released global student; members: private data of the {len(art.participants)} "
+                "clients that uploaded",
+                ginfo["global"],
+                ginfo,
+                {
+                    "architecture": art.global_student[0],
+                    "reference_recipe": asdict(ginfo["recipe"]),
+                    "reference_distillation": asdict(ginfo["server_recipe"]),
+                    "reference_models": options.reference_models,
+                },
+                owner=None,
+            )
         self.timings["global"] = time.monotonic() - t0
 
     def audit_canaries(self) -> dict[str, Any] | None:
@@ -745,11 +816,19 @@ class _AuditRun:
         else:
             self.warnings.append(f"the canary client {cpid} uploaded nothing: no canary audit of its uploads")
         models["global"] = self.ctx.model(*art.global_student)
-        canary = _canary_rows(self.ctx, models, claims_for_targets(art.privacy, cpid, self.local_noise),
-                              self.alpha_each)
+        canary = _canary_rows(
+            self.ctx, models, claims_for_targets(art.privacy, cpid, self.local_noise), self.alpha_each
+        )
         for kind, res in canary["results"].items():
-            self.bounds.append(_bound_entry(f"canaries vs {kind} (client {cpid}, one-run audit)",
-                                            res["epsilon_lower_bound"], res["max_cap"], res["claimed"], res["delta"]))
+            self.bounds.append(
+                _bound_entry(
+                    f"canaries vs {kind} (client {cpid}, one-run audit)",
+                    res["epsilon_lower_bound"],
+                    res["max_cap"],
+                    res["claimed"],
+                    res["delta"],
+                )
+            )
         self.timings["canaries"] = time.monotonic() - t0
         return canary
 
@@ -758,13 +837,20 @@ class _AuditRun:
         if pid not in self.mimics:
             art = self.art
             uq, soft, _ = _upload_queries(self.ctx, pid)
-            self.mimics[pid] = mimic_from_answers(art.client_students[pid][0], art.fleet.image_size,
-                                                  art.fleet.num_classes, art.fleet.splits.reference.x[uq], soft,
-                                                  _mimic_recipe(self.ctx), seed=self.options.seed * 1_000_003 + 17)
+            self.mimics[pid] = mimic_from_answers(
+                art.client_students[pid][0],
+                art.fleet.image_size,
+                art.fleet.num_classes,
+                art.fleet.splits.reference.x[uq],
+                soft,
+                _mimic_recipe(self.ctx),
+                seed=self.options.seed * 1_000_003 + 17,
+            )
         return self.mimics[pid]
 
-    def audit_record(self, run_dir: str | Path, policy: Any, canary: dict[str, Any] | None,
-                     labels: dict[str, Any]) -> dict[str, Any]:
+    def audit_record(
+        self, run_dir: str | Path, policy: Any, canary: dict[str, Any] | None, labels: dict[str, Any]
+    ) -> dict[str, Any]:
         """audit.json without its verdict, plots and timings."""
         art, options = self.art, self.options
         return {
@@ -783,7 +869,8 @@ class _AuditRun:
                 "alpha": options.alpha,
                 "n_bounds": self.n_bounds,
                 "alpha_per_bound": self.alpha_each,
-                "note": "every epsilon lower bound holds at 1 - alpha/n_bounds, so all of them hold jointly at 1 - alpha",
+                "note": "every epsilon lower bound holds at 1 - alpha/n_bounds, "
+                "so all of them hold jointly at 1 - alpha",
             },
             "methodology": METHODOLOGY,
             "targets": self.targets,
@@ -814,13 +901,15 @@ METHODOLOGY = {
         "attack and threshold chosen on the fit split (largest Clopper-Pearson bound there), bound computed on the "
         "evaluation split; eps >= max(ln((TPR_lo - delta)/FPR_hi), ln((TNR_lo - delta)/FNR_hi))"
     ),
-    "dp_violation": "an empirical lower bound above the smallest claimed epsilon that protects one record of the target",
+    "dp_violation": "an empirical lower bound above the smallest claimed epsilon "
+    "that protects one record of the target",
     "delta": "the claimed delta of the target where the run is DP, otherwise options.default_delta",
 }
 
 
-def main(run_dir: str, policy: str | None = None, out: str | None = None, reference_models: int = 4,
-         target_clients: int = 2) -> int:
+def main(
+    run_dir: str, policy: str | None = None, out: str | None = None, reference_models: int = 4, target_clients: int = 2
+) -> int:
     """CLI entry point: run the audit, print the verdict, return the exit code
     (0 pass, 1 policy failed, 2 unreadable input / usage error)."""
     try:

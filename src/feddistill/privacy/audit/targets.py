@@ -168,27 +168,61 @@ def _t(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
-def fit_reference(arch: str, image_size: int, num_classes: int, x: np.ndarray, y: np.ndarray,
-                  recipe: TrainRecipe, seed: int) -> torch.nn.Module:
+def fit_reference(
+    arch: str, image_size: int, num_classes: int, x: np.ndarray, y: np.ndarray, recipe: TrainRecipe, seed: int
+) -> torch.nn.Module:
     """A reference model trained with the (approximated) client recipe."""
     model = build_model(arch, image_size, num_classes, seed=seed)
-    train_supervised(model, _t(x), _t(y), epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
-                     momentum=recipe.momentum, seed=seed)
+    train_supervised(
+        model,
+        _t(x),
+        _t(y),
+        epochs=recipe.epochs,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        momentum=recipe.momentum,
+        seed=seed,
+    )
     return model
 
 
-def mimic_from_answers(arch: str, image_size: int, num_classes: int, query_x: np.ndarray, soft: np.ndarray,
-                       recipe: TrainRecipe, seed: int, temperature: float = 1.0) -> torch.nn.Module:
+def mimic_from_answers(
+    arch: str,
+    image_size: int,
+    num_classes: int,
+    query_x: np.ndarray,
+    soft: np.ndarray,
+    recipe: TrainRecipe,
+    seed: int,
+    temperature: float = 1.0,
+) -> torch.nn.Module:
     """Distil a model of ``arch`` from soft labels on the reference-set queries
     (the auditor's view of a client: Shi, Ouyang & Wang, PoPETs 2025)."""
     model = build_model(arch, image_size, num_classes, seed=seed)
-    train_distill(model, _t(query_x), _t(soft.astype(np.float32)), temperature=temperature, epochs=recipe.epochs,
-                  batch_size=recipe.batch_size, lr=recipe.lr, momentum=recipe.momentum, seed=seed)
+    train_distill(
+        model,
+        _t(query_x),
+        _t(soft.astype(np.float32)),
+        temperature=temperature,
+        epochs=recipe.epochs,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        momentum=recipe.momentum,
+        seed=seed,
+    )
     return model
 
 
-def replay_answers(model: torch.nn.Module, query_x: np.ndarray, counts: np.ndarray, *, bound: str,
-                   clip_norm: float, noise_std: float, rng: np.random.Generator) -> np.ndarray:
+def replay_answers(
+    model: torch.nn.Module,
+    query_x: np.ndarray,
+    counts: np.ndarray,
+    *,
+    bound: str,
+    clip_norm: float,
+    noise_std: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """What a client with ``model`` would have uploaded, averaged like the real uploads:
     its outputs bounded as the run bounds answers (``mechanisms.bound_answers``), plus the
     on-device Gaussian noise (std ``noise_std`` per entry, 0 when none) averaged over the
