@@ -48,7 +48,7 @@ def _fixmatch(model, x, targets, unlabelled, steps: int, seed: int, flip: bool) 
 def client_logits(fleet, num_clients: int, start, ref_x, knobs: dict, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(clients, rows, classes) logits of every client fine-tuned from ``start``, and their label counts."""
     from feddistill.client.answers import label_counts
-    from feddistill.simulations.fleet import private_tensors
+    from feddistill.data.fleet import private_tensors
     from feddistill.training import predict_logits, train_supervised
 
     logits, counts = [], []
@@ -116,10 +116,10 @@ def ablation(out: Path, overrides: dict) -> dict:
     from bench.common import header
     from feddistill.config import load_config, validation_size
     from feddistill.data.datasets import FLIP_KEEPS_CLASS
+    from feddistill.data.fleet import as_tensors, load_fleet
     from feddistill.models import build_model
     from feddistill.server.app import public_labels, split_validation, validation_labels
     from feddistill.server.consensus import FleetLabels
-    from feddistill.simulations.fleet import as_tensors, load_fleet
     from feddistill.training import evaluate_model, predict_logits
 
     knobs = {**DEFAULTS, **{k: v for k, v in overrides.items() if k in DEFAULTS}}

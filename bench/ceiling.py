@@ -135,9 +135,9 @@ def ceiling(out: Path, overrides: dict) -> dict:
 
     from bench.common import header, settings
     from feddistill.config import load_config
+    from feddistill.data.fleet import as_tensors, load_fleet, private_tensors
     from feddistill.models import build_model
     from feddistill.server.app import teacher_and_validation
-    from feddistill.simulations.fleet import as_tensors, load_fleet, private_tensors
     from feddistill.training import evaluate_model, predict_logits, train_distill
 
     cfg = load_config(Path("configs/fashion.toml"), {**overrides, "output_dir": str(out / "unused")})

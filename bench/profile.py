@@ -38,8 +38,8 @@ def profile(out: Path, overrides: dict) -> dict:
     from bench.inprocess import InProcessGrid
     from feddistill.client.app import make_client_app
     from feddistill.config import load_config
+    from feddistill.data.fleet import load_fleet
     from feddistill.server.app import run_distillation, teacher_and_validation
-    from feddistill.simulations.fleet import load_fleet
 
     base = {**NO_BASELINES, "rounds": 3, **overrides}
     cfg = load_config(Path("configs/fashion.toml"), {**base, "output_dir": str(out / "run")})

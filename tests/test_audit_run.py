@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from feddistill.config import parse_config
+from feddistill.data.fleet import fleet_canaries, load_fleet, training_data
 from feddistill.models import build_model
 from feddistill.privacy.audit.runner import (
     AuditInputError,
@@ -27,7 +28,6 @@ from feddistill.privacy.audit.runner import (
     run_audit,
 )
 from feddistill.privacy.audit.targets import matched_members
-from feddistill.simulations.fleet import fleet_canaries, load_fleet, training_data
 from feddistill.training import predict_probs, train_distill, train_supervised
 
 CHEAP = AuditOptions(reference_models=2, target_clients=1, max_points=100)

@@ -85,8 +85,8 @@ def test_gap_closed():
 @pytest.mark.parametrize("validation_fraction", [0.0, 0.2])
 def test_public_labels_are_the_teachers_rows_of_the_reference_set(tmp_path, validation_fraction):
     from feddistill.config import validation_size
+    from feddistill.data.fleet import load_fleet
     from feddistill.server.app import public_labels, split_validation
-    from feddistill.simulations.fleet import load_fleet
 
     overrides = {"output_dir": str(tmp_path), "release.validation_fraction": validation_fraction}
     if not validation_fraction:

@@ -288,8 +288,8 @@ def test_public_teacher_cache_returns_the_same_teacher_without_training_or_infer
     """Weights, reference-set probabilities and test metrics come back from the cache; a
     corrupt entry is retrained, never trusted."""
     from feddistill.config import TeacherConfig
+    from feddistill.data.fleet import load_fleet
     from feddistill.server import teacher as teacher_mod
-    from feddistill.simulations.fleet import load_fleet
 
     monkeypatch.setenv("FEDDISTILL_CACHE", str(tmp_path))
     cfg = load_config(None, {"fleet.num_clients": 3})

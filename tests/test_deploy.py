@@ -33,8 +33,8 @@ from feddistill.client.device import (
 from feddistill.client.state import load_state
 from feddistill.config import load_config
 from feddistill.data import ArrayDataset, DataError, reference_digest
+from feddistill.data.fleet import load_fleet
 from feddistill.privacy.ledger import PrivacyLedger
-from feddistill.simulations.fleet import load_fleet
 
 VENV_BIN = Path(sys.executable).parent
 

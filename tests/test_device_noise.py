@@ -24,12 +24,12 @@ from feddistill.client.device import write_device_data
 from feddistill.client.secagg import ARRAY_NAMES, answers_as_fitres
 from feddistill.config import ConfigError, load_config
 from feddistill.data import ArrayDataset
+from feddistill.data.fleet import load_fleet
 from feddistill.privacy.accounting import GaussianEvent
 from feddistill.privacy.dpsgd import dpsgd_schedule
 from feddistill.privacy.ledger import PrivacyLedger
 from feddistill.privacy.plan import check_devices_noise_source, record_noise_multiplier, upload_privacy
 from feddistill.server.app import round_config
-from feddistill.simulations.fleet import load_fleet
 from feddistill.strategies import teacher_arrays
 
 PID, ROUND = 1, 1

@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 
 from feddistill.cli import cli
 from feddistill.config import load_config
+from feddistill.data.fleet import as_tensors, load_fleet
 from feddistill.export import FP32_FILE, INT8_FILE, META_FILE, export_model
 from feddistill.models import build_model
 from feddistill.server.app import write_json
 from feddistill.server.gate import Releaser
-from feddistill.simulations.fleet import as_tensors, load_fleet
 from feddistill.training import predict_logits, train_supervised
 
 INT8_MIN_AGREEMENT = 0.95  # stated tolerance: int8 predictions agree with fp32 on >= 95 % of test inputs

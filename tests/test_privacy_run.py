@@ -16,8 +16,8 @@ from feddistill import protocol
 from feddistill.client.app import handle_distill
 from feddistill.client.state import load_state
 from feddistill.config import ConfigError, load_config
+from feddistill.data.fleet import load_fleet
 from feddistill.privacy.plan import upload_privacy
-from feddistill.simulations.fleet import load_fleet
 from test_simulation import SMALL, _request
 
 

@@ -105,8 +105,8 @@ def _cfg(tmp_path: Path, **overrides):
 
 
 def test_public_teacher_training_prints_plain_progress(tmp_path, monkeypatch, capsys):
+    from feddistill.data.fleet import load_fleet
     from feddistill.server.teacher import public_teacher
-    from feddistill.simulations.fleet import load_fleet
 
     monkeypatch.setenv("FEDDISTILL_CACHE", str(tmp_path / "cache"))
     cfg = _cfg(tmp_path, **{"teacher.model": "mlp", "teacher.epochs": 4})
@@ -127,8 +127,8 @@ def test_public_teacher_training_prints_plain_progress(tmp_path, monkeypatch, ca
 
 
 def test_baselines_print_plain_progress(tmp_path, capsys):
+    from feddistill.data.fleet import load_fleet
     from feddistill.simulations import baselines
-    from feddistill.simulations.fleet import load_fleet
 
     cfg = _cfg(tmp_path, **{"baselines.local_epochs": 2})
     fleet = load_fleet(cfg.data, cfg.fleet, cfg.seed)

@@ -8,9 +8,9 @@ from flwr.app import Array, Context, RecordDict
 from feddistill import protocol
 from feddistill.client.app import handle_distill
 from feddistill.config import load_config
+from feddistill.data.fleet import load_fleet
 from feddistill.deploy.certs import generate_credentials
 from feddistill.deploy.download_signing import sign_download
-from feddistill.simulations.fleet import load_fleet
 from test_simulation import SMALL, _request
 
 

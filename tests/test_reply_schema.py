@@ -81,9 +81,9 @@ def test_the_real_client_reply_passes_the_schema(tmp_path):
 
     from feddistill.client.app import handle_distill
     from feddistill.config import load_config
+    from feddistill.data.fleet import load_fleet
     from feddistill.privacy.plan import upload_privacy
     from feddistill.server.app import round_config
-    from feddistill.simulations.fleet import load_fleet
     from feddistill.strategies import teacher_arrays
 
     cfg = load_config(

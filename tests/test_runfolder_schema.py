@@ -469,10 +469,10 @@ def test_what_the_writers_write_is_what_the_auditor_reads(tmp_path):
 
     from feddistill.client.app import save_local_student
     from feddistill.config import parse_config
+    from feddistill.data.fleet import load_fleet
     from feddistill.models import build_model
     from feddistill.privacy.audit.artifacts import load_run
     from feddistill.server.outputs import save_audit_setup, save_student, save_uploads, write_json
-    from feddistill.simulations.fleet import load_fleet
 
     cfg = parse_config(
         {

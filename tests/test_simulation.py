@@ -14,8 +14,8 @@ from flwr.app import Context, Message, RecordDict
 from feddistill import protocol
 from feddistill.client.app import handle_distill
 from feddistill.config import load_config
+from feddistill.data.fleet import load_fleet
 from feddistill.server.app import round_config
-from feddistill.simulations.fleet import load_fleet
 from feddistill.strategies import teacher_arrays
 
 SMALL = {

@@ -71,7 +71,7 @@ class DistillConfig:
     query_size: int = 450  # |Q|: reference examples queried per round
     digest_epochs: int = 10  # client: KD toward the teacher signal on the queries
     revisit_epochs: int = 5  # client: cross-entropy on private data
-    client_start: str = "global"  # each round a client starts from: "global" (the server's latest global student) | "own"
+    client_start: str = "global"  # a client starts each round from: "global" (the server's latest student) | "own"
     revisit_kd_weight: float = 1.0  # client: weight of KD on the queries while revisiting (0 = plain FedMD revisit)
     batch_size: int = 32
     lr: float = 0.05

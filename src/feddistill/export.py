@@ -186,10 +186,10 @@ def export_release(run_dir: Path, rid: str, out_dir: Path | None = None, *, late
     """Export release `rid` of a finished run (see the module docstring). Raises ReleaseError
     (unknown or rejected release, no history), ConfigError, DataError or RunFolderError (the
     export folder is a file or cannot be written) with a clear message."""
+    from feddistill.data.fleet import as_tensors, load_fleet
     from feddistill.models import build_model
     from feddistill.runfolder import RunFolder, check_output_folder, model_of_blob
     from feddistill.server.gate import load_release_model
-    from feddistill.simulations.fleet import as_tensors, load_fleet
     from feddistill.simulations.run import resume_config
 
     run_dir = Path(run_dir)

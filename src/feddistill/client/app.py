@@ -57,6 +57,7 @@ from feddistill.client.answers import abstentions, answer_logits, label_counts
 from feddistill.client.device import ClientData, client_data, device_id, is_device
 from feddistill.client.state import load_state, save_state, state_dir
 from feddistill.config import RunConfig, parse_config
+from feddistill.data.fleet import load_fleet, private_tensors
 from feddistill.encoding import encode_answers
 from feddistill.models import build_model
 from feddistill.privacy.mechanisms import add_gaussian_noise, bound_answers, noise_rng
@@ -69,7 +70,6 @@ from feddistill.privacy.plan import (
     upload_privacy,
 )
 from feddistill.simulations.attacks import corrupt_answers, hostile_clients
-from feddistill.simulations.fleet import load_fleet, private_tensors
 from feddistill.training import predict_logits, train_distill, train_revisit, train_supervised
 
 if TYPE_CHECKING:  # imported lazily below (inside the functions) at run time

@@ -16,7 +16,7 @@ The device's persisted student and record-level privacy ledger live in ``data-di
 (:func:`feddistill.client.state.state_dir`).
 
 Without ``data-dir`` (simulation) the data come from the simulated fleet
-(:func:`feddistill.simulations.fleet.load_fleet`), as before.
+(:func:`feddistill.data.fleet.load_fleet`), as before.
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def client_data(cfg: RunConfig, context: Context) -> ClientData:
     partition_id = device_id(context)
     if is_device(context):
         return read_device_data(str(context.node_config["data-dir"]), partition_id)
-    from feddistill.simulations.fleet import as_tensors, fleet_canaries, load_fleet, training_data
+    from feddistill.data.fleet import as_tensors, fleet_canaries, load_fleet, training_data
 
     fleet = load_fleet(cfg.data, cfg.fleet, cfg.seed)
     ref_x, _ = as_tensors(fleet.splits.reference)
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from feddistill.config import ConfigError, load_config, parse_override
-    from feddistill.simulations.fleet import load_fleet
+    from feddistill.data.fleet import load_fleet
 
     parser = argparse.ArgumentParser(prog="python -m feddistill.client.device", description=main.__doc__)
     parser.add_argument("out_dir", type=Path, help="writes OUT_DIR/device-<i>/{private,reference}.npz")

@@ -299,7 +299,7 @@ class LocalDeployment:
     def prepare(self) -> None:
         """Credentials, device data dirs and the flwr connection config."""
         from feddistill.client.device import write_device_data
-        from feddistill.simulations.fleet import load_fleet
+        from feddistill.data.fleet import load_fleet
 
         self.out.mkdir(parents=True, exist_ok=True)
         certs_dir = self.out / "certs"

@@ -16,13 +16,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 
 from feddistill.config import RunConfig
+from feddistill.data.fleet import as_tensors, load_fleet
 from feddistill.models import build_model, count_parameters
 from feddistill.privacy.accounting import GaussianEvent, noise_multiplier_for_epsilon
 from feddistill.privacy.ledger import PrivacyLedger
 from feddistill.runfolder import FinalBlock, PrivacyReport, RoundRecord, RunFolder
 from feddistill.server.nodes import wait_for_nodes
 from feddistill.server.outputs import write_json
-from feddistill.simulations.fleet import as_tensors, load_fleet
 from feddistill.training import evaluate_model, train_supervised
 
 log = logging.getLogger("feddistill")

@@ -28,6 +28,7 @@ from flwr.serverapp import Grid
 
 from feddistill import protocol
 from feddistill.config import RunConfig, abstains
+from feddistill.data.fleet import as_tensors, load_fleet
 from feddistill.deploy.download_signing import sign_download
 from feddistill.models import build_model, count_parameters
 from feddistill.privacy.ledger import PrivacyLedger
@@ -55,7 +56,6 @@ from feddistill.server.outputs import (
     write_json,
 )
 from feddistill.server.public import public_control_of, public_labels, teacher_and_validation, validation_labels
-from feddistill.simulations.fleet import as_tensors, load_fleet
 from feddistill.strategies import (
     AnswerStrategy,
     CentralGaussianAnswers,

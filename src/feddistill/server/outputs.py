@@ -42,7 +42,7 @@ def save_reliability(calibration: dict[str, Any], path: Path, rid: str | None) -
 
 def save_audit_setup(folder: RunFolder, cfg: RunConfig) -> None:
     """The run's audit folder, and its one-run canaries when the config has some."""
-    from feddistill.simulations.fleet import fleet_canaries
+    from feddistill.data.fleet import fleet_canaries
 
     folder.audit.mkdir(parents=True, exist_ok=True)
     canaries = fleet_canaries(cfg)

@@ -22,8 +22,8 @@ from feddistill.atomic import atomic_path
 from feddistill.config import TeacherConfig
 from feddistill.console import training_progress
 from feddistill.data import Splits
+from feddistill.data.fleet import as_tensors
 from feddistill.models import build_model
-from feddistill.simulations.fleet import as_tensors
 from feddistill.training import Evaluation, evaluate_model, predict_probs, train_supervised
 
 log = logging.getLogger("feddistill")

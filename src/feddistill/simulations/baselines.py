@@ -14,8 +14,8 @@ import torch
 
 from feddistill.config import RunConfig
 from feddistill.console import progress, training_progress
+from feddistill.data.fleet import Fleet, as_tensors
 from feddistill.models import build_model
-from feddistill.simulations.fleet import Fleet, as_tensors
 from feddistill.training import evaluate_model, train_supervised
 
 

@@ -57,10 +57,10 @@ def resume_config(run_dir: Path) -> RunConfig:
 
 def simulate(cfg: RunConfig, *, verbose: bool = False, baselines: bool = True, resume: bool = False) -> dict[str, Any]:
     """The full experiment: feddistill on Flower, plus the configured baselines on the same fleet."""
+    from feddistill.data.fleet import load_fleet
     from feddistill.server.app import write_json
     from feddistill.server.control import gap_closed
     from feddistill.simulations import baselines as bl
-    from feddistill.simulations.fleet import load_fleet
 
     folder = RunFolder(cfg.output_dir)
     folder.root.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ import torch
 
 from feddistill.config import ConfigError, RunConfig, parse_config
 from feddistill.data import DataError
+from feddistill.data.fleet import Canaries, Fleet, load_fleet
 from feddistill.models import MODEL_NAMES, build_model
 from feddistill.runfolder import (
     CLIENT_FILE,
@@ -40,7 +41,6 @@ from feddistill.runfolder import (
     RunFolder,
     load_model,
 )
-from feddistill.simulations.fleet import Canaries, Fleet, load_fleet
 
 __all__ = ["AuditInputError", "ClientUploads", "RunArtifacts", "load_run", "KEEP_HINT"]
 

@@ -1,4 +1,4 @@
-"""A simulated fleet's data, loaded once per process and indexed by partition.
+"""A fleet's data (splits and partitions), loaded once per process and indexed by partition.
 
 Every Ray worker that runs ClientApps calls :func:`load_fleet` with the same
 (frozen, hashable) config sections and gets the cached splits and partitions,
