@@ -266,9 +266,31 @@ def test_a_devices_own_record_cap_wins_over_the_servers_target(tmp_path):
 
 
 def test_simulation_scenarios_never_run_on_a_device(tmp_path):
+    """The scenarios are the simulation's ClientApp mod; installed on a device's app, it passes through."""
+    from feddistill.simulations.scenarios import scenario_mods
+
     hostile = {"scenario.dropout": 1.0, "scenario.hostile_fraction": 1.0, "scenario.attack": "nan"}
     cfg = _cfg(tmp_path, "run", **OS, **hostile)
-    simulated = handle_distill(_request(cfg), _simulated(), cfg)
+    (mod,) = scenario_mods(cfg)
+
+    def honest(msg: Message, context: Context) -> Message:
+        return handle_distill(msg, context, cfg)
+
+    simulated = mod(_request(cfg), _simulated(), honest)
     assert simulated.has_error() and simulated.error.code == protocol.DROPPED
-    answers = _answers(handle_distill(_request(cfg), _device(tmp_path, cfg), cfg))  # neither drops nor lies
+    answers = _answers(mod(_request(cfg), _device(tmp_path, cfg), honest))  # neither drops nor lies
     assert np.isfinite(answers).all()
+
+
+def test_flwr_run_installs_no_scenario_and_refuses_a_run_config_that_asks_for_one(tmp_path):
+    from feddistill.server.app import refuse_scenarios
+    from feddistill.server.loop import DistillationRun
+
+    for key, value in (("scenario.dropout", 0.3), ("scenario.hostile_fraction", 0.2), ("scenario.shift_round", 1)):
+        with pytest.raises(ConfigError, match="feddistill simulate"):
+            refuse_scenarios(_cfg(tmp_path, "run", **{key: value}))
+    refuse_scenarios(_cfg(tmp_path, "plain"))
+    refuse_scenarios(_cfg(tmp_path, "peer", method="fedavg", **{"scenario.dropout": 0.3}))  # FedAvg never used them
+    # the round loop without the simulation's sampling hook: no silent run without the label shift
+    with pytest.raises(RuntimeError, match="does not install"):
+        DistillationRun(None, _cfg(tmp_path, "shift", **{"scenario.shift_round": 1}))

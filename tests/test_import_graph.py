@@ -179,3 +179,25 @@ def test_nothing_imports_the_bench_cli():
     graph = import_graph()
     importers = sorted(m for m, targets in graph.items() if "bench.__main__" in targets)
     assert not importers, f"modules importing bench.__main__ (import from bench.common instead): {importers}"
+
+
+def imported_by(graph: dict[str, set[str]], roots) -> set[str]:
+    """Every module of the project that ``roots`` import, directly or not (the roots included)."""
+    seen, todo = set(), list(roots)
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(graph.get(module, ()))
+    return seen
+
+
+def test_the_production_apps_import_nothing_from_simulations():
+    """Simulation up (issue 17): the ClientApp, the ServerApp and the round loop, and whatever they
+    import, know no simulation scenario; a simulation installs its own (a ClientApp mod, a sampling hook)."""
+    graph = import_graph()
+    roots = ("feddistill.client.app", "feddistill.server.app", "feddistill.server.loop")
+    reached = imported_by(graph, roots)
+    assert "feddistill.data.fleet" in reached and "feddistill.client.secagg" in reached  # the scan follows lazy imports
+    simulation = sorted(m for m in reached if m == "feddistill.simulations" or m.startswith("feddistill.simulations."))
+    assert not simulation, f"the production apps import simulation modules: {simulation}"

@@ -23,8 +23,8 @@ What leaves a device — a ``train.distill`` reply is exactly:
 
 Nothing else: no weights, no private-set size, no losses on private data, no
 self-declared sender id (the server knows the sender from Flower's node id).
-A refusal is an Error reply (``protocol.REFUSED``, or ``protocol.DROPPED`` for a
-simulated dropout) whose reason names a rule, never a private value; the
+A refusal is an Error reply (``protocol.REFUSED``; ``protocol.DROPPED`` is a simulated
+dropout's) whose reason names a rule, never a private value; the
 ``query.identify`` reply carries the node-config id and whether the node is a
 device. Under SecAgg+ (``feddistill.client.secagg``) the answers travel masked,
 with only ``record-epsilon`` in plain text. The FedAvg *baseline*
@@ -45,12 +45,14 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from feddistill import protocol
 from feddistill.client.answers import abstentions, answer_logits, label_counts
@@ -69,7 +71,6 @@ from feddistill.privacy.plan import (
     record_noise_multiplier,
     upload_privacy,
 )
-from feddistill.simulations.attacks import corrupt_answers, hostile_clients
 from feddistill.training import predict_logits, train_distill, train_revisit, train_supervised
 
 if TYPE_CHECKING:  # imported lazily below (inside the functions) at run time
@@ -109,13 +110,6 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
         return Message(Error(protocol.REFUSED, "reference-set digest mismatch: refusing to answer"), reply_to=msg)
 
     rnd = int(config[protocol.ROUND])
-    # simulation scenarios (dropouts, hostile answers) never run on a real device, whatever the server asks
-    if (
-        not device
-        and cfg.scenario.dropout
-        and np.random.default_rng([cfg.seed, rnd, partition_id, 0xD0]).random() < cfg.scenario.dropout
-    ):
-        return Message(Error(protocol.DROPPED, "dropped out (simulated)"), reply_to=msg)
     teacher = msg.content.array_records[protocol.TEACHER_RECORD]
     rejected = _release_rejection(msg, context, cfg, config, teacher, rnd)
     if rejected is not None:
@@ -155,7 +149,7 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
     answers = answer_matrix(
         logits, upload_privacy(cfg), None if private is None else private + 2, abstain=abstentions(logits, counts, cfg)
     )
-    answers = _encode(answers, cfg, str(config["answer-dtype"]), -1 if device else partition_id, seed, num_classes)
+    answers = encode_answers(answers, str(config["answer-dtype"]))
     save_state(store, partition_id, rnd, student.state_dict(), None if ledger is None else ledger.to_json())
     if cfg.audit.keep_artifacts:  # simulation only: the auditor's target (b), the local student
         save_local_student(student, cfg, partition_id)
@@ -282,25 +276,6 @@ def _start_student(
     return _student(cfg, image_size, num_classes, partition_id, start, arch)
 
 
-def _encode(
-    answers: np.ndarray, cfg: RunConfig, encoding: str, partition_id: int, seed: int, num_classes: int
-) -> np.ndarray:
-    """The wire form; a hostile simulated client (scenario.hostile-fraction) corrupts it."""
-    hostile = partition_id in hostile_clients(cfg.fleet.num_clients, cfg.scenario.hostile_fraction, cfg.seed)
-    # With one-byte votes a hostile client can only lie about the class, so it corrupts the
-    # matrix first and the vote carries the lie.
-    if hostile and encoding == "vote":
-        answers = corrupt_answers(
-            answers, cfg.scenario.attack, np.random.default_rng(seed + 3), num_classes=num_classes
-        )
-    answers = encode_answers(answers, encoding)
-    if hostile and encoding != "vote":
-        answers = corrupt_answers(
-            answers, cfg.scenario.attack, np.random.default_rng(seed + 3), num_classes=num_classes
-        )
-    return answers
-
-
 def answer_matrix(
     logits: np.ndarray, plan: UploadPrivacy, seed: int | None, abstain: np.ndarray | None = None
 ) -> np.ndarray:
@@ -414,16 +389,28 @@ def handle_fedavg(msg: Message, context: Context, cfg: RunConfig) -> Message:
     )
 
 
-def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
-    """A ClientApp for `cfg`; with None it reads Flower's run config (`flwr run .`)."""
+def make_client_app(cfg: RunConfig | None = None, mods: Sequence[Mod] = ()) -> ClientApp:
+    """A ClientApp for `cfg`; with None it reads Flower's run config (`flwr run .`).
+
+    ``mods`` are Flower mods, ``(msg, context, call_next) -> Message``, wrapped (the first
+    outermost) around every distill request: a ``train.distill`` message, and the distill
+    request inside a SecAgg+ masking stage. The production apps install none; a simulation
+    installs its scenarios (dropouts, hostile answers: ``feddistill.simulations.scenarios``).
+    """
     client_app = ClientApp()
 
     def resolve(context: Context) -> RunConfig:
         return cfg if cfg is not None else parse_config(dict(context.run_config), "run config")
 
+    def answer(msg: Message, context: Context) -> Message:
+        return handle_distill(msg, context, resolve(context))
+
+    for mod in reversed(mods):  # Flower's order: mods[0] sees the request first
+        answer = _wrapped(answer, mod)
+
     @client_app.train("distill")
     def distill(msg: Message, context: Context) -> Message:
-        return handle_distill(msg, context, resolve(context))
+        return answer(msg, context)
 
     @client_app.query("identify")
     def identify(msg: Message, context: Context) -> Message:
@@ -436,10 +423,17 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         from feddistill.client.secagg import handle_secagg, is_secagg
 
         if is_secagg(msg):  # SecAgg+ (distill.secure-aggregation): Flower's workflow speaks the legacy "train"
-            return handle_secagg(msg, context, resolve(context), handle_distill)
+            return handle_secagg(msg, context, resolve(context), lambda m, c, _cfg: answer(m, c))
         return handle_fedavg(msg, context, resolve(context))
 
     return client_app
 
 
-app = make_client_app()
+def _wrapped(call_next: ClientAppCallable, mod: Mod) -> ClientAppCallable:
+    def wrapped(msg: Message, context: Context) -> Message:
+        return mod(msg, context, call_next)
+
+    return wrapped
+
+
+app = make_client_app()  # `flwr run .`: no scenario mods (its ServerApp refuses a run config that asks for one)

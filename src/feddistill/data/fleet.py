@@ -13,7 +13,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from feddistill.config import DataConfig, FleetConfig
+from feddistill.config import DataConfig, FleetConfig, RunConfig
 from feddistill.data import ArrayDataset, Splits, label_histograms, load_dataset, make_splits, partition
 
 
@@ -107,7 +107,7 @@ def training_data(fleet: Fleet, partition_id: int, canaries: Canaries | None) ->
     return (torch.cat([x, torch.from_numpy(canaries.x[keep])]), torch.cat([y, torch.from_numpy(canaries.y[keep])]))
 
 
-def fleet_canaries(cfg) -> Canaries | None:
+def fleet_canaries(cfg: RunConfig) -> Canaries | None:
     """The run's canaries (None when the audit asks for none)."""
     if cfg.audit.canaries == 0:
         return None

@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from feddistill.config import RunConfig, parse_config
 from feddistill.server.loop import (
     DistillationRun,
+    SamplingHook,
     build_strategy,
     charge_local,
     client_ledger,
@@ -24,7 +25,6 @@ from feddistill.server.loop import (
     record_device_epsilons,
     reference_margin,
     round_config,
-    shift_scenario,
 )
 from feddistill.server.nodes import identify_nodes, identify_reply, wait_for_nodes
 from feddistill.server.outputs import (
@@ -59,7 +59,6 @@ __all__ = [
     "record_device_epsilons",
     "reference_margin",
     "round_config",
-    "shift_scenario",
     "identify_nodes",
     "identify_reply",
     "wait_for_nodes",
@@ -79,21 +78,31 @@ __all__ = [
 log = logging.getLogger("feddistill")
 
 
-def run_distillation(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
+def run_distillation(
+    grid: Grid, cfg: RunConfig, resume: bool = False, sampling: SamplingHook | None = None
+) -> dict[str, Any]:
     """Run (or resume) a federated-distillation run on `grid`; its results.json content."""
-    return DistillationRun(grid, cfg, resume).run()
+    return DistillationRun(grid, cfg, resume, sampling).run()
 
 
-def run_server(grid: Grid, cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
+def run_server(
+    grid: Grid, cfg: RunConfig, resume: bool = False, sampling: SamplingHook | None = None
+) -> dict[str, Any]:
     if cfg.method in ("fedavg", "dp-fedavg"):
         from feddistill.server.fedavg import run_fedavg
 
         return run_fedavg(grid, cfg)
-    return run_distillation(grid, cfg, resume)
+    return run_distillation(grid, cfg, resume, sampling)
 
 
-def make_server_app(cfg: RunConfig | None = None, resume: bool = False) -> ServerApp:
-    """A ServerApp for `cfg`; with None it reads Flower's run config (`flwr run .`)."""
+def make_server_app(
+    cfg: RunConfig | None = None, resume: bool = False, sampling: SamplingHook | None = None
+) -> ServerApp:
+    """A ServerApp for `cfg`; with None it reads Flower's run config (`flwr run .`).
+
+    ``sampling`` is a simulation's say in whom each round samples (``feddistill.simulations.shift``);
+    under `flwr run` there is none, and a run config that asks for a simulation scenario is refused.
+    """
     server_app = ServerApp()
 
     @server_app.main()
@@ -104,13 +113,14 @@ def make_server_app(cfg: RunConfig | None = None, resume: bool = False) -> Serve
             log.addHandler(handler)
             log.setLevel(logging.INFO)
         if cfg is not None:  # feddistill simulate: its CLI reports errors (and checked the folder already)
-            run_server(grid, cfg, resume)
+            run_server(grid, cfg, resume, sampling)
             return
         from feddistill.config import ConfigError
         from feddistill.runfolder import RunFolderError, prepare_run_folder
 
         try:
             run_cfg = parse_config(dict(context.run_config), "run config")
+            refuse_scenarios(run_cfg)
             prepare_run_folder(run_cfg.output_dir, ways_out=FLWR_WAYS_OUT)  # fedavg too, before anything runs
         except (ConfigError, RunFolderError) as exc:
             # one line in the log, and the same line as the run's failure details; a fresh exception
@@ -120,6 +130,28 @@ def make_server_app(cfg: RunConfig | None = None, resume: bool = False) -> Serve
         run_server(grid, run_cfg, resume)
 
     return server_app
+
+
+def refuse_scenarios(cfg: RunConfig) -> None:
+    """`flwr run .` installs no simulation scenario (feddistill.client.app:app is the production
+    ClientApp): a feddistill run config that asks for one is refused, not silently run without it."""
+    from feddistill.config import ConfigError
+
+    s = cfg.scenario
+    asked = [
+        key
+        for key, value in (
+            ("scenario.dropout", s.dropout),
+            ("scenario.hostile-fraction", s.hostile_fraction),
+            ("scenario.shift-round", s.shift_round),
+        )
+        if value
+    ]
+    if asked and cfg.method == "feddistill":
+        raise ConfigError(
+            f"run config: {', '.join(asked)} asks for a simulation scenario, which `flwr run` does not install "
+            "(its ClientApp and ServerApp are the production ones): run it with `feddistill simulate`"
+        )
 
 
 FLWR_WAYS_OUT = "choose a fresh output-dir (flwr run neither resumes nor overwrites a run)"

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from flwr.app import ConfigRecord, Message
@@ -28,7 +29,7 @@ from flwr.serverapp import Grid
 
 from feddistill import protocol
 from feddistill.config import RunConfig, abstains
-from feddistill.data.fleet import as_tensors, load_fleet
+from feddistill.data.fleet import Fleet, as_tensors, load_fleet
 from feddistill.deploy.download_signing import sign_download
 from feddistill.models import build_model, count_parameters
 from feddistill.privacy.ledger import PrivacyLedger
@@ -70,6 +71,22 @@ from feddistill.training import Evaluation, evaluate_probs, predict_logits
 log = logging.getLogger("feddistill")
 
 
+class SamplingHook(Protocol):
+    """A say in whom each round may sample, installed by a simulation (the label-shift scenario,
+    ``feddistill.simulations.shift.LabelShift``); the production ServerApp installs none."""
+
+    def start(self, fleet: Fleet, devices: set[int]) -> None:
+        """Once the nodes are known (``devices``: the client ids of real devices); may refuse the run."""
+
+    def eligible(self, rnd: int) -> Collection[int]:
+        """The client (partition) ids round ``rnd`` may sample."""
+        ...
+
+    def population(self, rnd: int) -> str | None:
+        """What results.json records as round ``rnd``'s ``population`` (None: nothing)."""
+        ...
+
+
 @dataclass
 class RoundOutcome:
     """What one round has produced so far, phase by phase; its results.json record is made of it."""
@@ -106,8 +123,13 @@ class DistillationRun:
     the round's steps, so a seeded run, and a resumed one, gives the same numbers.
     """
 
-    def __init__(self, grid: Grid, cfg: RunConfig, resume: bool = False) -> None:
-        self.grid, self.cfg, self.resume = grid, cfg, resume
+    def __init__(self, grid: Grid, cfg: RunConfig, resume: bool = False, sampling: SamplingHook | None = None) -> None:
+        if cfg.scenario.shift_round and sampling is None:
+            raise RuntimeError(
+                "scenario.shift-round is a simulation scenario that this ServerApp does not install: "
+                "run it with `feddistill simulate`"
+            )
+        self.grid, self.cfg, self.resume, self.sampling = grid, cfg, resume, sampling
         self.rounds: list[dict[str, Any]] = []
         self.start = 1  # the first round to play
         self.stop_reason: str | None = None
@@ -258,7 +280,8 @@ class DistillationRun:
         check_devices_noise_source(cfg, len(self.devices_seen))  # devices refuse seeded noise: one clear error, now
         self.strategy.node_order = sorted(self.nodes, key=lambda n: self.node_partition[n])
         self.all_nodes = list(self.strategy.node_order)
-        self.populations = shift_scenario(cfg, self.fleet, self.devices_seen)
+        if self.sampling is not None:
+            self.sampling.start(self.fleet, self.devices_seen)
 
     # -- one round -----------------------------------------------------------------------
 
@@ -292,10 +315,8 @@ class DistillationRun:
     def sample(self, r: RoundOutcome) -> None:
         """The round's queries, and a download message to each client the strategy samples."""
         cfg, d = self.cfg, self.cfg.distill
-        if self.populations is not None:
-            from feddistill.simulations.shift import eligible_partitions
-
-            eligible = set(eligible_partitions(r.round, cfg.scenario.shift_round, self.populations))
+        if self.sampling is not None:
+            eligible = set(self.sampling.eligible(r.round))
             self.strategy.node_order = [n for n in self.all_nodes if self.node_partition[n] in eligible]
         margin = reference_margin(self.student, self.ref_x) if d.query_selection == "uncertain" else None
         r.queries = select_queries(self.query_rng, d.query_size, d.query_selection, margin, self.accepted)
@@ -442,7 +463,7 @@ class DistillationRun:
             bytes_uploaded=collected.bytes_uploaded,
             client_epsilon=self.client_epsilon(),
             seconds=time.monotonic() - r.started,
-            population=None if self.populations is None else "A" if r.round < self.cfg.scenario.shift_round else "B",
+            population=None if self.sampling is None else self.sampling.population(r.round),
         ).to_dict()
 
     # -- checkpoint ----------------------------------------------------------------------
@@ -610,26 +631,6 @@ def client_ledger(plan: UploadPrivacy) -> PrivacyLedger | None:
         mechanism=plan.mechanism,
         neighbouring=plan.neighbouring,
     )
-
-
-def shift_scenario(cfg: RunConfig, fleet, devices_seen: set[int]):
-    """The label-shift scenario's two client populations (None when off)."""
-    if not cfg.scenario.shift_round:
-        return None
-    if devices_seen:
-        raise RuntimeError("scenario.shift-round is a simulation scenario: real devices' label mixes are unknown")
-    from feddistill.simulations.shift import check_populations, shift_populations
-
-    populations = shift_populations(fleet.label_histograms())
-    check_populations(populations)
-    log.info(
-        "label-shift scenario: rounds < %d sample %d clients (labels mostly in the lower classes), "
-        "later rounds the other %d",
-        cfg.scenario.shift_round,
-        len(populations[0]),
-        len(populations[1]),
-    )
-    return populations
 
 
 def charge_local(messages, participations, node_partition, ledger, plan, rnd):

@@ -25,6 +25,8 @@ def simulate_flower(cfg: RunConfig, *, verbose: bool = False, resume: bool = Fal
     from feddistill.client.app import make_client_app
     from feddistill.server.app import make_server_app
     from feddistill.simulations.quiet import silence_simulation_noise
+    from feddistill.simulations.scenarios import scenario_mods
+    from feddistill.simulations.shift import sampling_hook
 
     silence_simulation_noise()  # Flower's run_simulation banner and fraction_evaluate warning, Ray's tip
 
@@ -33,8 +35,9 @@ def simulate_flower(cfg: RunConfig, *, verbose: bool = False, resume: bool = Fal
         "init_args": {"logging_level": "INFO" if verbose else "ERROR", "log_to_driver": verbose},
     }
     run_simulation(
-        server_app=make_server_app(cfg, resume=resume),
-        client_app=make_client_app(cfg),
+        # the scenarios (feddistill.simulations.scenarios, .shift) are installed here, never in the production apps
+        server_app=make_server_app(cfg, resume=resume, sampling=sampling_hook(cfg)),
+        client_app=make_client_app(cfg, mods=scenario_mods(cfg)),
         num_supernodes=cfg.fleet.num_clients,
         backend_config=backend_config,
         verbose_logging=verbose,
