@@ -28,6 +28,9 @@ from feddistill.privacy.audit.runner import (
     run_audit,
 )
 from feddistill.privacy.audit.targets import matched_members
+from feddistill.privacy.plan import run_privacy
+from feddistill.runfolder import RunFolder
+from feddistill.server.outputs import save_privacy_plan
 from feddistill.training import predict_probs, train_distill, train_supervised
 
 CHEAP = AuditOptions(reference_models=2, target_clients=1, max_points=100)
@@ -93,6 +96,7 @@ def build_run(out: Path, *, num_clients: int, epochs: int, canaries: int, privac
         "privacy": privacy,
     }
     (out / "results.json").write_text(json.dumps(results))
+    save_privacy_plan(RunFolder(out), run_privacy(cfg))
 
 
 @pytest.fixture(scope="module")
@@ -382,14 +386,13 @@ def test_record_claim_uses_the_clients_own_device_epsilon():
 
 
 def test_reference_answers_replay_the_runs_upload_mechanism():
-    from feddistill.privacy.audit.runner import _UploadPlan
     from feddistill.privacy.audit.targets import probs_of, replay_answers
+    from feddistill.privacy.plan import RunPrivacy, run_privacy
 
     cfg = parse_config({"privacy": {"client-level": "local", "noise-multiplier": 0.5}})
-    plan = _UploadPlan.of(cfg)
-    assert plan.mode == "local" and plan.noise_on_device
+    plan = RunPrivacy.from_json(run_privacy(cfg).to_json()).upload  # as the audit reads it back
+    assert plan.mode == "local"
     assert plan.noise_std == pytest.approx(0.5 * np.sqrt(cfg.distill.query_size))
-    assert _UploadPlan.of(parse_config({})).noise_on_device is False
     fleet = load_fleet(cfg.data, cfg.fleet, cfg.seed)
     model = build_model("mlp", fleet.image_size, fleet.num_classes, seed=0)
     qx = fleet.splits.reference.x[:64]

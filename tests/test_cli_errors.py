@@ -239,14 +239,15 @@ def test_overwrite_refuses_folders_that_are_not_runs(tmp_path: Path) -> None:
 def test_run_entries_cover_what_a_run_writes() -> None:
     """The names a run writes, from the code that writes them: a new artefact must be added
     to RUN_ENTRIES, or --overwrite would refuse every folder that holds it."""
+    from feddistill.runfolder import RELEASES as RELEASES_DIR
     from feddistill.server.checkpoint import CHECKPOINT, JOURNAL
-    from feddistill.server.gate import RELEASES_DIR
 
     assert {
         CHECKPOINT,
         JOURNAL,
         RELEASES_DIR,
         "config.json",
+        "privacy-plan.json",
         "results.json",
         "clients",
         "audit",

@@ -60,12 +60,13 @@ def _context(node_config: dict) -> Context:
 
 
 def _request(cfg, digest: str, num_classes: int = 10, rnd: int = 1) -> Message:
+    from feddistill.privacy.plan import run_privacy
     from feddistill.server.app import round_config
     from feddistill.strategies import teacher_arrays
 
     queries = np.arange(cfg.distill.query_size)
     signal = np.full((len(queries), num_classes), 1.0 / num_classes, np.float32)
-    config = round_config(cfg, digest)
+    config = round_config(cfg, digest, run_privacy(cfg))
     config[protocol.ROUND] = rnd
     content = RecordDict({protocol.TEACHER_RECORD: teacher_arrays(signal, queries), protocol.CONFIG_RECORD: config})
     return Message(content, dst_node_id=1, message_type=protocol.DISTILL)

@@ -28,7 +28,7 @@ from feddistill.data.fleet import load_fleet
 from feddistill.privacy.accounting import GaussianEvent
 from feddistill.privacy.dpsgd import dpsgd_schedule
 from feddistill.privacy.ledger import PrivacyLedger
-from feddistill.privacy.plan import check_devices_noise_source, record_noise_multiplier, upload_privacy
+from feddistill.privacy.plan import check_devices_noise_source, record_noise_multiplier, run_privacy, upload_privacy
 from feddistill.server.app import round_config
 from feddistill.strategies import teacher_arrays
 
@@ -62,7 +62,7 @@ def _request(cfg, rnd: int = ROUND) -> Message:
     fleet = load_fleet(cfg.data, cfg.fleet, cfg.seed)
     queries = np.arange(cfg.distill.query_size)
     signal = np.full((len(queries), fleet.num_classes), 1.0 / fleet.num_classes, np.float32)
-    config = round_config(cfg, fleet.splits.reference_digest)
+    config = round_config(cfg, fleet.splits.reference_digest, run_privacy(cfg))
     config[protocol.ROUND] = rnd
     content = RecordDict({protocol.TEACHER_RECORD: teacher_arrays(signal, queries), protocol.CONFIG_RECORD: config})
     return Message(content, dst_node_id=1, message_type=protocol.DISTILL)

@@ -82,7 +82,7 @@ def test_the_real_client_reply_passes_the_schema(tmp_path):
     from feddistill.client.app import handle_distill
     from feddistill.config import load_config
     from feddistill.data.fleet import load_fleet
-    from feddistill.privacy.plan import upload_privacy
+    from feddistill.privacy.plan import run_privacy, upload_privacy
     from feddistill.server.app import round_config
     from feddistill.strategies import teacher_arrays
 
@@ -97,7 +97,7 @@ def test_the_real_client_reply_passes_the_schema(tmp_path):
         },
     )
     fleet = load_fleet(cfg.data, cfg.fleet, cfg.seed)
-    config = round_config(cfg, fleet.splits.reference_digest)
+    config = round_config(cfg, fleet.splits.reference_digest, run_privacy(cfg))
     config[protocol.ROUND] = 1
     signal = np.full((20, fleet.num_classes), 1.0 / fleet.num_classes, np.float32)
     request = Message(

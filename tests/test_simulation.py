@@ -15,6 +15,7 @@ from feddistill import protocol
 from feddistill.client.app import handle_distill
 from feddistill.config import load_config
 from feddistill.data.fleet import load_fleet
+from feddistill.privacy.plan import run_privacy
 from feddistill.server.app import round_config
 from feddistill.strategies import teacher_arrays
 
@@ -41,7 +42,7 @@ def _request(cfg, digest: str, rnd: int = 1) -> Message:
     fleet = load_fleet(cfg.data, cfg.fleet, cfg.seed)
     queries = np.arange(cfg.distill.query_size)
     signal = np.full((len(queries), fleet.num_classes), 1.0 / fleet.num_classes, np.float32)
-    config = round_config(cfg, digest)
+    config = round_config(cfg, digest, run_privacy(cfg))
     config[protocol.ROUND] = rnd
     content = RecordDict({protocol.TEACHER_RECORD: teacher_arrays(signal, queries), protocol.CONFIG_RECORD: config})
     return Message(content, dst_node_id=1, message_type=protocol.DISTILL)

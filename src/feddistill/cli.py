@@ -71,7 +71,7 @@ def simulate(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's and Ray's own logs."),
 ) -> None:
     """Run a simulated fleet on Flower's simulation engine and write results.json + accuracy.png."""
-    from feddistill.runfolder import RunFolderError, prepare_run_folder
+    from feddistill.runfolder import RunFolder, RunFolderError, prepare_run_folder
 
     _setup_logging(verbose)
     try:
@@ -99,16 +99,17 @@ def simulate(
         results = run(cfg, verbose=verbose, baselines=not no_baselines, resume=resume is not None)
     except (DataError, CheckpointError, RunFolderError) as exc:
         _fail(str(exc))
+    folder = RunFolder(Path(cfg.output_dir))
     if results["method"] != "feddistill":
         console.print(f"{results['method']}: final test accuracy {results['final']['student_accuracy']:.3f}")
         if results.get("privacy", {}).get("client_level"):
             p = results["privacy"]["client_level"]
             console.print(f"client-level epsilon = {p['epsilon']:.3f} at delta = {p['delta']:g} ({p['accountant']})")
-        console.print(f"results: {Path(cfg.output_dir) / 'results.json'}")
+        console.print(f"results: {folder.results}")
         return
-    plot_accuracy(results, Path(cfg.output_dir) / "accuracy.png")
+    plot_accuracy(results, folder.accuracy_plot)
     print_summary(results, console)
-    console.print(f"\nresults: {Path(cfg.output_dir) / 'results.json'}  plot: {Path(cfg.output_dir) / 'accuracy.png'}")
+    console.print(f"\nresults: {folder.results}  plot: {folder.accuracy_plot}")
 
 
 @cli.command()
@@ -247,14 +248,14 @@ def export(
     """Export a released student for devices: TorchScript fp32 and int8 (dynamic quantization) + export.json."""
     from feddistill.data import DataError
     from feddistill.export import META_FILE, export_release
-    from feddistill.runfolder import RunFolderError
+    from feddistill.runfolder import RunFolder, RunFolderError
     from feddistill.server.gate import ReleaseError
 
     try:
         meta = export_release(run_dir, release, out, latency_runs=latency_runs)
     except (ReleaseError, ConfigError, DataError, RunFolderError) as exc:
         _fail(str(exc))
-    target = out if out is not None else run_dir / "exports" / release
+    target = out if out is not None else RunFolder(run_dir).export(release)
     for name, form in meta["forms"].items():
         lat = form["latency"]
         console.print(

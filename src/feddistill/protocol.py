@@ -30,6 +30,7 @@ REPLY_META = "meta"  # ConfigRecord: exactly ROUND and DIGEST, echoed back
 # Config keys (request) / meta keys (reply)
 ROUND = "round"
 DIGEST = "reference-digest"
+PRIVACY_PLAN = "privacy-plan"  # request: the run's privacy plan as JSON (feddistill.privacy.plan.RunPrivacy)
 NUM_EXAMPLES = "num-examples"  # Flower's FedAvg baseline only; never part of a distill reply
 SIGNATURE = "release-signature"  # Ed25519 signature of the round's download (feddistill.deploy.download_signing)
 RELEASE_ID = "release-id"  # the id the download is signed under (download_signing.download_id)

@@ -16,6 +16,7 @@ export, releases, bench). Every path of it comes from :class:`RunFolder`; no oth
 ``src/`` spells one (tests/test_runfolder_schema.py checks)::
 
     RUN_DIR/config.json                    the run's config (what `simulate --resume` reads back)
+    RUN_DIR/privacy-plan.json             the run's privacy plan (feddistill.privacy.plan.RunPrivacy)
     RUN_DIR/results.json                   RunResults: rounds (RoundRecord), final (FinalBlock),
                                            baselines (Baselines), privacy (PrivacyReport), ...
     RUN_DIR/checkpoint.pt                  the server's checkpoint (feddistill.server.checkpoint)
@@ -88,6 +89,7 @@ __all__ = [
 # ---- the layout ---------------------------------------------------------------------------
 
 CONFIG = "config.json"
+PRIVACY_PLAN = "privacy-plan.json"
 RESULTS = "results.json"
 CHECKPOINT = "checkpoint.pt"
 JOURNAL = "ledger-journal.jsonl"
@@ -123,6 +125,7 @@ RUN_MARKERS = (RESULTS, CHECKPOINT, CONFIG, CLIENTS)
 RUN_ENTRIES = frozenset(
     {
         CONFIG,
+        PRIVACY_PLAN,
         RESULTS,
         CHECKPOINT,
         JOURNAL,
@@ -150,6 +153,7 @@ class RunFolder:
         object.__setattr__(self, "root", Path(self.root))
 
     config = property(lambda self: self.root / CONFIG)
+    privacy_plan = property(lambda self: self.root / PRIVACY_PLAN)
     results = property(lambda self: self.root / RESULTS)
     checkpoint = property(lambda self: self.root / CHECKPOINT)
     journal = property(lambda self: self.root / JOURNAL)

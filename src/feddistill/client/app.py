@@ -64,12 +64,12 @@ from feddistill.encoding import encode_answers
 from feddistill.models import build_model
 from feddistill.privacy.mechanisms import add_gaussian_noise, bound_answers, noise_rng
 from feddistill.privacy.plan import (
+    PlanRefused,
+    RecordPrivacy,
     UploadPrivacy,
+    accept_privacy,
     device_noise_refusal,
     noise_seed,
-    record_mechanism,
-    record_noise_multiplier,
-    upload_privacy,
 )
 from feddistill.training import predict_logits, train_distill, train_revisit, train_supervised
 
@@ -95,14 +95,19 @@ def _student(
 def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """One round on a client: digest, revisit, answer; or an Error reply saying why not.
 
-    Refuses (``protocol.REFUSED``) on a device asked for seeded noise, a reference-set digest
-    mismatch, a rejected signed download, or a round over the device's record-level budget.
+    Refuses (``protocol.REFUSED``) on a device asked for seeded noise, a privacy plan its config
+    does not give, a reference-set digest mismatch, a rejected signed download, or a round over
+    the device's record-level budget.
     """
     device = is_device(context)
     refusal, cap = _device_refusal(cfg, context, device)
     if refusal is not None:
         return Message(Error(protocol.REFUSED, refusal), reply_to=msg)
     config = msg.content.config_records[protocol.CONFIG_RECORD]
+    try:  # the server's calibrated plan, checked against this client's own config and targets
+        privacy = accept_privacy(str(config.get(protocol.PRIVACY_PLAN, "")), cfg)
+    except PlanRefused as exc:
+        return Message(Error(protocol.REFUSED, f"privacy plan refused: {exc}"), reply_to=msg)
     # a device reads its own data dir (node config `data-dir`), a simulated client its partition
     data = client_data(cfg, context)
     partition_id = data.partition_id
@@ -131,8 +136,8 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
 
     # Record-level DP: the device checks its OWN budget before touching private data.
     ledger, event = None, None
-    if cfg.privacy.record_level:
-        ledger, event = _record_plan(kept.ledger_json, cfg, int(config["revisit-epochs"]), cap)
+    if privacy.record is not None:
+        ledger, event = _record_plan(kept.ledger_json, cfg, privacy.record, cap)
         if not ledger.can_afford(event):
             reason = (
                 f"record-level budget: this round would raise epsilon from {ledger.epsilon():.3f} to "
@@ -147,7 +152,7 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
     counts = label_counts(data.private_y.numpy(), num_classes)  # stays on the device
     logits = answer_logits(predict_logits(student, query_x).numpy(), counts, cfg)
     answers = answer_matrix(
-        logits, upload_privacy(cfg), None if private is None else private + 2, abstain=abstentions(logits, counts, cfg)
+        logits, privacy.upload, None if private is None else private + 2, abstain=abstentions(logits, counts, cfg)
     )
     answers = encode_answers(answers, str(config["answer-dtype"]))
     save_state(store, partition_id, rnd, student.state_dict(), None if ledger is None else ledger.to_json())
@@ -200,7 +205,7 @@ def _revisit(
             lr=common["lr"],
             momentum=common["momentum"],
             noise_multiplier=event.noise_multiplier,
-            max_grad_norm=cfg.privacy.max_grad_norm,
+            max_grad_norm=cfg.privacy.max_grad_norm,  # the plan's (accept_privacy checked they agree)
             seed=None if private is None else private + 1,
         )
         ledger.record(event, rnd)
@@ -319,39 +324,32 @@ def device_record_cap(context: Context) -> float | None:
 
 
 def _record_plan(
-    saved: str | None, cfg: RunConfig, epochs: int, cap: float | None = None
+    saved: str | None, cfg: RunConfig, record: RecordPrivacy, cap: float | None = None
 ) -> tuple[PrivacyLedger, GaussianEvent]:
     """The device's record-level ledger and what this round's DP-SGD would cost.
 
-    The cost, ``GaussianEvent(z, q, epochs * int(1/q))``, depends only on public parameters
-    (:func:`feddistill.privacy.dpsgd.dpsgd_schedule`, :func:`record_noise_multiplier`), not on
-    the device's number of records. The ledger's budget is the run config's target, lowered
-    to the device's own ``cap`` when one is set.
+    The cost, ``record.event()``, depends only on public parameters (the run's privacy plan,
+    :class:`~feddistill.privacy.plan.RecordPrivacy`), not on the device's number of records.
+    The ledger's budget is the run config's target, lowered to the device's own ``cap`` when
+    one is set.
     """
-    # imported here: Opacus and dp-accounting cost seconds in every fresh ClientApp process
-    from feddistill.privacy.accounting import GaussianEvent
-    from feddistill.privacy.dpsgd import dpsgd_schedule
-
-    rate, steps = dpsgd_schedule(cfg.privacy.record_sampling_rate, epochs)
-    ledger = _record_ledger(saved, cfg)
+    ledger = _record_ledger(saved, cfg, record)
     if cap is not None:
         ledger.target_epsilon = cap if ledger.target_epsilon is None else min(ledger.target_epsilon, cap)
-    return ledger, GaussianEvent(record_noise_multiplier(cfg, rate, steps), rate, steps)
+    return ledger, record.event()
 
 
-def _record_ledger(saved: str | None, cfg: RunConfig) -> PrivacyLedger:
+def _record_ledger(saved: str | None, cfg: RunConfig, record: RecordPrivacy) -> PrivacyLedger:
+    # imported here: dp-accounting costs seconds in every fresh ClientApp process
     from feddistill.privacy.ledger import PrivacyLedger
 
     if saved is not None:
         ledger = PrivacyLedger.from_json(saved)
         # the history is the device's; the budget is whatever the device's config says now
-        ledger.target_epsilon = cfg.privacy.record_target_epsilon or None
+        ledger.target_epsilon = record.target_epsilon
         return ledger
     return PrivacyLedger(
-        unit="record",
-        delta=cfg.privacy.record_delta,
-        target_epsilon=cfg.privacy.record_target_epsilon or None,
-        mechanism=record_mechanism(cfg),
+        unit="record", delta=record.delta, target_epsilon=record.target_epsilon, mechanism=record.mechanism
     )
 
 

@@ -23,7 +23,7 @@ _WHERE = {
     "noise_multiplier_for_epsilon": "accounting",
     "DPTrainResult": "dpsgd",
     "dp_train": "dpsgd",
-    "dpsgd_schedule": "dpsgd",
+    "dpsgd_schedule": "plan",
     "noise_for_record_target": "dpsgd",
     "UNITS": "ledger",
     "BudgetExceeded": "ledger",

@@ -58,7 +58,7 @@ the shares of a configured z when it is parsed); the plan of a distributed run i
 from __future__ import annotations
 
 from feddistill.config import RunConfig
-from feddistill.privacy.plan import secagg_privacy, upload_privacy
+from feddistill.privacy.plan import secagg_privacy, secagg_shares, upload_privacy
 from feddistill.secagg_shares import (
     CLIP_FAILURE_SHARE,
     LOCAL_CLIP_FAILURE,
@@ -68,7 +68,6 @@ from feddistill.secagg_shares import (
     clip_failure_probability,
     derived_clipping_range,
     entries_per_run,
-    run_shares,
     secagg_noise,
     share_std,
 )
@@ -90,11 +89,6 @@ __all__ = [
 
 
 def run_secagg_noise(cfg: RunConfig) -> SecAggNoise:
-    """The run's SecAgg+ shares and quantization, whatever the privacy mode (server and clients
-    both derive it from the config; a device uses its own)."""
-    p = cfg.privacy
-    if p.client_level in ("central", "gnmax"):
-        return secagg_privacy(cfg)[1]
-    if p.client_level == "local":
-        return run_shares(cfg, upload_privacy(cfg).noise_multiplier)
-    return run_shares(cfg, 0.0)
+    """The run's SecAgg+ shares and quantization, whatever the privacy mode (calibrates the answer
+    noise: the server derives it once per run, :func:`feddistill.privacy.plan.run_privacy`)."""
+    return secagg_shares(cfg, upload_privacy(cfg))

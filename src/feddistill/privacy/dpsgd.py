@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 from torch.utils.data import TensorDataset
 
 from .accounting import noise_multiplier_for_epsilon
+from .plan import dpsgd_schedule  # public: the schedule is part of the run's privacy plan
 
 __all__ = ["DPTrainResult", "dp_train", "dpsgd_schedule", "noise_for_record_target"]
 
@@ -63,25 +64,6 @@ class DPTrainResult:
     noise_multiplier: float
     max_grad_norm: float
     mean_loss: float
-
-
-def dpsgd_schedule(sampling_rate: float, epochs: int) -> tuple[float, int]:
-    """``(sampling_rate, steps)`` that :func:`dp_train` will use, known before training.
-
-    ``sampling_rate`` is q, given (``privacy.record-sampling-rate``): every step
-    takes each record independently with probability q (expected batch size
-    q·n), and an epoch is ``int(1 / q)`` such Poisson batches, as in Opacus'
-    ``DPDataLoader``; so ``steps = epochs * int(1 / q)``. Neither depends on the
-    number of records. A device checks
-    ``ledger.can_afford(GaussianEvent(z, *dpsgd_schedule(q, epochs)))`` before
-    it trains.
-    """
-    if isinstance(epochs, bool) or int(epochs) != epochs or epochs < 1:
-        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
-    if isinstance(sampling_rate, bool) or not (math.isfinite(sampling_rate) and 0 < sampling_rate <= 1):
-        raise ValueError(f"sampling_rate must be in (0, 1], got {sampling_rate!r}")
-    # Same expression as opacus.utils.uniform_sampler.UniformWithReplacementSampler.
-    return float(sampling_rate), int(epochs) * int(1 / sampling_rate)
 
 
 def _check_model(model: nn.Module) -> None:

@@ -40,6 +40,8 @@ the server refuses to start a seeded run with devices.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -141,60 +143,73 @@ class UploadPrivacy:
         return low - slack, b + slack
 
 
-def upload_privacy(cfg: RunConfig) -> UploadPrivacy:
+def upload_privacy(cfg: RunConfig, noise_multiplier: float | None = None) -> UploadPrivacy:
+    """The uploads' mechanism with answer noise ``noise_multiplier`` (z2 under Confident-GNMax);
+    ``None`` calibrates it to ``privacy.target-epsilon`` (:func:`upload_noise_multiplier`)."""
     p = cfg.privacy
+    z = upload_noise_multiplier(cfg) if noise_multiplier is None else noise_multiplier
     if cfg.distill.secure_aggregation != "off" and p.client_level in ("central", "gnmax"):
-        return secagg_privacy(cfg)[0]
+        return _secagg_upload(cfg, z)
     q = cfg.distill.query_size
     sensitivity = reply_sensitivity(p.bound, q, neighbouring="add/remove", clip_norm=p.clip_norm)
-    target = p.target_epsilon or None
     common: dict[str, Any] = dict(
         mode=p.client_level,
         bound=p.bound,
         clip_norm=p.clip_norm,
         sensitivity=sensitivity,
         delta=p.delta,
-        target_epsilon=target,
+        target_epsilon=p.target_epsilon or None,
         threshold_noise_multiplier=p.threshold_noise_multiplier,
+        noise_multiplier=z,
     )
     if p.client_level == "off":
-        return UploadPrivacy(noise_multiplier=0.0, accounted_noise_multiplier=0.0, sampling_rate=1.0, **common)
+        return UploadPrivacy(accounted_noise_multiplier=0.0, sampling_rate=1.0, **common)
     if p.client_level == "local":
-        z = p.noise_multiplier or _calibrate(p.target_epsilon, p.delta, 1.0, planned_participations(cfg))
-        return UploadPrivacy(noise_multiplier=z, accounted_noise_multiplier=z, sampling_rate=1.0, **common)
+        return UploadPrivacy(accounted_noise_multiplier=z, sampling_rate=1.0, **common)
     rate = cfg.fleet.fraction
     if p.client_level in ("central", "gnmax"):
-        z = p.noise_multiplier or _calibrate(p.target_epsilon, p.delta, rate, cfg.rounds)
-        return UploadPrivacy(noise_multiplier=z, accounted_noise_multiplier=z, sampling_rate=rate, **common)
-    # confident-gnmax: combined z of the threshold check and the answer
-    z1 = p.threshold_noise_multiplier
-    if p.noise_multiplier:
-        z2 = p.noise_multiplier
-    else:
-        z_total = _calibrate(p.target_epsilon, p.delta, rate, cfg.rounds)
-        rest = 1 / z_total**2 - 1 / z1**2
-        if rest <= 0:
-            raise ValueError(
-                f"confident-gnmax: the threshold check alone (z1={z1}) spends more than the target "
-                f"epsilon {p.target_epsilon}; raise privacy.threshold-noise-multiplier"
-            )
-        z2 = 1 / math.sqrt(rest)
-    combined = 1 / math.sqrt(1 / z1**2 + 1 / z2**2)
-    return UploadPrivacy(noise_multiplier=z2, accounted_noise_multiplier=combined, sampling_rate=rate, **common)
+        return UploadPrivacy(accounted_noise_multiplier=z, sampling_rate=rate, **common)
+    # confident-gnmax: the threshold check and the answer together are one Gaussian
+    combined = 1 / math.sqrt(1 / p.threshold_noise_multiplier**2 + 1 / z**2)
+    return UploadPrivacy(accounted_noise_multiplier=combined, sampling_rate=rate, **common)
 
 
-def secagg_privacy(cfg: RunConfig) -> tuple[UploadPrivacy, SecAggNoise]:
-    """The run's :class:`UploadPrivacy` under SecAgg+ with distributed DP (``privacy.client-level``
-    central or gnmax) and its :class:`~feddistill.secagg_shares.SecAggNoise`; the rule is
-    :mod:`feddistill.privacy.distributed`'s docstring."""
+def upload_noise_multiplier(cfg: RunConfig) -> float:
+    """The answer noise z: ``privacy.noise-multiplier`` when given, else calibrated so that the
+    run's planned events fit ``privacy.target-epsilon`` (0 without client-level DP)."""
     p = cfg.privacy
-    q = cfg.distill.query_size
-    sensitivity = reply_sensitivity(p.bound, q, neighbouring="replace-one", clip_norm=p.clip_norm)
-    delta_clip = CLIP_FAILURE_SHARE * p.delta
-    delta = p.delta - delta_clip  # the accountant's delta; the clipping failure takes the rest
-    z = p.noise_multiplier or _calibrate(p.target_epsilon, delta, 1.0, cfg.rounds)
+    if p.client_level == "off":
+        return 0.0
+    if p.noise_multiplier:
+        return p.noise_multiplier
+    if p.client_level == "local":
+        return _calibrate(p.target_epsilon, p.delta, 1.0, planned_participations(cfg))
+    if cfg.distill.secure_aggregation != "off" and p.client_level in ("central", "gnmax"):
+        return _calibrate(p.target_epsilon, _secagg_delta(cfg), 1.0, cfg.rounds)
+    z_total = _calibrate(p.target_epsilon, p.delta, cfg.fleet.fraction, cfg.rounds)
+    if p.client_level != "confident-gnmax":
+        return z_total
+    rest = 1 / z_total**2 - 1 / p.threshold_noise_multiplier**2  # z2 of the answer, given z1
+    if rest <= 0:
+        raise ValueError(
+            f"confident-gnmax: the threshold check alone (z1={p.threshold_noise_multiplier}) spends more than "
+            f"the target epsilon {p.target_epsilon}; raise privacy.threshold-noise-multiplier"
+        )
+    return 1 / math.sqrt(rest)
+
+
+def _secagg_delta(cfg: RunConfig) -> float:
+    """The accountant's delta under distributed DP: the clipping failure takes the rest."""
+    return cfg.privacy.delta - CLIP_FAILURE_SHARE * cfg.privacy.delta
+
+
+def _secagg_upload(cfg: RunConfig, z: float) -> UploadPrivacy:
+    """The uploads under SecAgg+ with distributed DP (``privacy.client-level`` central or gnmax);
+    the rule is :mod:`feddistill.privacy.distributed`'s docstring."""
+    p = cfg.privacy
+    sensitivity = reply_sensitivity(p.bound, cfg.distill.query_size, neighbouring="replace-one", clip_norm=p.clip_norm)
     noise = run_shares(cfg, z)  # the sum carries N(0, (z * sensitivity)^2), clipped w.p. <= delta_clip
-    plan = UploadPrivacy(
+    return UploadPrivacy(
         mode=p.client_level,
         bound=p.bound,
         clip_norm=p.clip_norm,
@@ -203,12 +218,23 @@ def secagg_privacy(cfg: RunConfig) -> tuple[UploadPrivacy, SecAggNoise]:
         threshold_noise_multiplier=p.threshold_noise_multiplier,
         accounted_noise_multiplier=z,
         sampling_rate=1.0,
-        delta=delta,
+        delta=_secagg_delta(cfg),
         target_epsilon=p.target_epsilon or None,
         secure_aggregation=cfg.distill.secure_aggregation,
         clip_failure=noise.clip_failure,
     )
-    return plan, noise
+
+
+def secagg_privacy(cfg: RunConfig) -> tuple[UploadPrivacy, SecAggNoise]:
+    """The run's :class:`UploadPrivacy` under SecAgg+ with distributed DP and its
+    :class:`~feddistill.secagg_shares.SecAggNoise`."""
+    plan = upload_privacy(cfg)
+    return plan, secagg_shares(cfg, plan)
+
+
+def secagg_shares(cfg: RunConfig, plan: UploadPrivacy) -> SecAggNoise:
+    """The run's SecAgg+ shares and quantization for the uploads ``plan``, whatever its mode."""
+    return run_shares(cfg, plan.noise_multiplier if plan.mode in ("local", "central", "gnmax") else 0.0)
 
 
 @lru_cache(maxsize=256)
@@ -218,18 +244,76 @@ def _calibrate(target: float, delta: float, rate: float, steps: int) -> float:
     return noise_multiplier_for_epsilon(target, delta, rate, steps)
 
 
+def dpsgd_schedule(sampling_rate: float, epochs: int) -> tuple[float, int]:
+    """``(sampling_rate, steps)`` that :func:`feddistill.privacy.dpsgd.dp_train` will use, known
+    before training.
+
+    ``sampling_rate`` is q, given (``privacy.record-sampling-rate``): every step
+    takes each record independently with probability q (expected batch size
+    q·n), and an epoch is ``int(1 / q)`` such Poisson batches, as in Opacus'
+    ``DPDataLoader``; so ``steps = epochs * int(1 / q)``. Neither depends on the
+    number of records. A device checks
+    ``ledger.can_afford(GaussianEvent(z, *dpsgd_schedule(q, epochs)))`` before
+    it trains.
+    """
+    if isinstance(epochs, bool) or int(epochs) != epochs or epochs < 1:
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    if isinstance(sampling_rate, bool) or not (math.isfinite(sampling_rate) and 0 < sampling_rate <= 1):
+        raise ValueError(f"sampling_rate must be in (0, 1], got {sampling_rate!r}")
+    # Same expression as opacus.utils.uniform_sampler.UniformWithReplacementSampler.
+    return float(sampling_rate), int(epochs) * int(1 / sampling_rate)
+
+
 def record_noise_multiplier(cfg: RunConfig, sampling_rate: float, steps_per_round: int) -> float:
     """DP-SGD z for a device: given, or calibrated so that its planned participations fit its target.
 
     Every input is public — the config's Poisson rate q (``privacy.record-sampling-rate``),
-    the steps per round from :func:`feddistill.privacy.dpsgd.dpsgd_schedule` and the planned
-    participations — so every device of a run uses the same z, whatever its number of records.
+    the steps per round from :func:`dpsgd_schedule` and the planned participations — so every
+    device of a run uses the same z, whatever its number of records.
     """
     p = cfg.privacy
     if p.record_noise_multiplier:
         return p.record_noise_multiplier
     return _calibrate(
         p.record_target_epsilon, p.record_delta, sampling_rate, steps_per_round * planned_participations(cfg)
+    )
+
+
+@dataclass(frozen=True)
+class RecordPrivacy:
+    """Record-level DP-SGD on every device of a run: all public, the same on every device."""
+
+    noise_multiplier: float
+    sampling_rate: float  # Poisson q per step
+    steps_per_round: int
+    max_grad_norm: float
+    delta: float
+    target_epsilon: float | None
+    planned_participations: int
+    mechanism: str
+
+    def event(self) -> GaussianEvent:
+        """What one participation's DP-SGD costs."""
+        from feddistill.privacy.accounting import GaussianEvent
+
+        return GaussianEvent(self.noise_multiplier, self.sampling_rate, self.steps_per_round)
+
+
+def record_privacy(cfg: RunConfig, noise_multiplier: float | None = None) -> RecordPrivacy | None:
+    """The run's DP-SGD (None without record-level DP); ``None`` calibrates its z."""
+    p = cfg.privacy
+    if not p.record_level:
+        return None
+    rate, steps = dpsgd_schedule(p.record_sampling_rate, cfg.distill.revisit_epochs)
+    return RecordPrivacy(
+        noise_multiplier=record_noise_multiplier(cfg, rate, steps) if noise_multiplier is None else noise_multiplier,
+        sampling_rate=rate,
+        steps_per_round=steps,
+        max_grad_norm=p.max_grad_norm,
+        delta=p.record_delta,
+        target_epsilon=p.record_target_epsilon or None,
+        planned_participations=planned_participations(cfg),
+        mechanism=record_mechanism(cfg),
     )
 
 
@@ -294,3 +378,113 @@ def check_devices_noise_source(cfg: RunConfig, num_devices: int) -> None:
             f"{cfg.privacy.noise_source!r}: devices refuse seeded noise; run with "
             "--run-config 'privacy.noise-source=\"os-entropy\"'"
         )
+
+
+@dataclass(frozen=True)
+class RunPrivacy:
+    """A run's whole privacy plan: the uploads' mechanism, the devices' DP-SGD, the SecAgg+ shares
+    and the noise source. The server derives it once per run (:func:`run_privacy`, which
+    calibrates every noise multiplier), keeps it in the run folder and sends it with every round;
+    a device checks it against its own config (:func:`accept_privacy`) instead of calibrating."""
+
+    upload: UploadPrivacy
+    record: RecordPrivacy | None  # None without record-level DP
+    secagg: SecAggNoise | None  # None without secure aggregation
+    noise_source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """The wire form (a round's ``protocol.PRIVACY_PLAN``): floats round-trip exactly."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunPrivacy:
+        return cls(
+            upload=UploadPrivacy(**d["upload"]),
+            record=None if d["record"] is None else RecordPrivacy(**d["record"]),
+            secagg=None if d["secagg"] is None else SecAggNoise(**d["secagg"]),
+            noise_source=str(d["noise_source"]),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> RunPrivacy:
+        return cls.from_dict(json.loads(text))
+
+
+def run_privacy(cfg: RunConfig, upload_noise: float | None = None, record_noise: float | None = None) -> RunPrivacy:
+    """The run's privacy plan with the given noise multipliers; ``None`` calibrates one."""
+    upload = upload_privacy(cfg, upload_noise)
+    return RunPrivacy(
+        upload=upload,
+        record=record_privacy(cfg, record_noise),
+        secagg=secagg_shares(cfg, upload) if cfg.distill.secure_aggregation != "off" else None,
+        noise_source=cfg.privacy.noise_source,
+    )
+
+
+class PlanRefused(ValueError):
+    """A device refuses the server's privacy plan (the message says which rule)."""
+
+
+def accept_privacy(sent: str, cfg: RunConfig) -> RunPrivacy:
+    """A device's check of the plan the server sent (cached: one check per plan and config).
+
+    Everything but the calibrated noise multipliers follows from the device's own config, so the
+    device rebuilds the plan from its config and the server's multipliers and refuses any
+    difference; then, for the noise the device itself adds (local answer noise, SecAgg+ shares,
+    DP-SGD), it checks with one accountant call that the multiplier meets its target epsilon over
+    the planned participations: the server cannot talk a device into weaker noise.
+    """
+    key = (sent, cfg.digest())
+    if key not in _ACCEPTED:
+        _ACCEPTED[key] = _check_plan(sent, cfg)
+    return _ACCEPTED[key]
+
+
+_ACCEPTED: dict[tuple[str, str], RunPrivacy] = {}  # (plan JSON, config digest) -> the accepted plan
+
+
+def _check_plan(sent: str, cfg: RunConfig) -> RunPrivacy:
+    try:
+        plan = RunPrivacy.from_json(sent)
+        mine = run_privacy(cfg, plan.upload.noise_multiplier, plan.record.noise_multiplier if plan.record else 0.0)
+    except (ValueError, TypeError, KeyError, ZeroDivisionError) as exc:
+        raise PlanRefused(f"privacy plan unreadable or impossible for this device's config: {exc!r}") from None
+    differences = _differences(dataclasses.asdict(plan), dataclasses.asdict(mine), "")
+    if differences:
+        raise PlanRefused("the server's privacy plan differs from this device's config: " + "; ".join(differences))
+    _check_own_noise(plan, cfg)
+    return plan
+
+
+def _differences(sent: Any, mine: Any, where: str) -> list[str]:
+    if isinstance(sent, dict) and isinstance(mine, dict):
+        keys = sorted(set(sent) | set(mine))
+        return [d for k in keys for d in _differences(sent.get(k), mine.get(k), f"{where}.{k}".lstrip("."))]
+    return [] if sent == mine else [f"{where} = {sent!r}, expected {mine!r}"]
+
+
+def _check_own_noise(plan: RunPrivacy, cfg: RunConfig) -> None:
+    """Refuse a calibrated multiplier, for noise the device adds itself, that is too weak for
+    its target epsilon over the planned participations. (A multiplier the device's own config
+    fixes was compared already; its target then is a cap the ledger enforces round by round.)"""
+    from feddistill.privacy.accounting import GaussianEvent, epsilon_pld
+
+    up, rec = plan.upload, plan.record
+    checks: list[tuple[str, GaussianEvent, float, float | None]] = []
+    if up.target_epsilon and (up.mode == "local" or up.distributed) and not cfg.privacy.noise_multiplier:
+        steps = planned_participations(cfg) if up.mode == "local" else cfg.rounds
+        event = GaussianEvent(up.accounted_noise_multiplier, 1.0, steps)
+        checks.append(("client-level", event, up.delta, up.target_epsilon))
+    if rec is not None and rec.target_epsilon and not cfg.privacy.record_noise_multiplier:
+        event = GaussianEvent(rec.noise_multiplier, rec.sampling_rate, rec.steps_per_round * rec.planned_participations)
+        checks.append(("record-level", event, rec.delta, rec.target_epsilon))
+    for unit, event, delta, target in checks:
+        eps = epsilon_pld([event], delta)
+        if target is not None and eps > target * (1 + 1e-9):
+            raise PlanRefused(
+                f"{unit} noise multiplier {event.noise_multiplier:.6g} gives epsilon {eps:.4f} > target {target:g} "
+                f"(delta={delta:g}) over {event.steps} planned steps"
+            )

@@ -29,9 +29,8 @@ from typing import Any
 
 from feddistill.atomic import atomic_path
 from feddistill.config import ReleaseConfig, RunConfig
+from feddistill.runfolder import RunFolder
 
-RELEASES_DIR = "releases"
-INDEX = "index.json"
 PROMOTED, REJECTED = "promoted", "rejected"
 
 
@@ -164,7 +163,7 @@ def save_release_model(run_dir: Path, release: Release, state_dict: dict[str, An
     """Write a promoted student to ``releases/<id>.pt``; returns its path relative to the run."""
     import torch
 
-    rel = f"{RELEASES_DIR}/{release.id}.pt"
+    rel = RunFolder.release_file(release.id)
     with atomic_path(Path(run_dir) / rel) as tmp:
         torch.save(
             {
@@ -179,14 +178,14 @@ def save_release_model(run_dir: Path, release: Release, state_dict: dict[str, An
 
 
 def save_index(run_dir: Path, history: ReleaseHistory) -> Path:
-    path = Path(run_dir) / RELEASES_DIR / INDEX
+    path = RunFolder(Path(run_dir)).release_index
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(history.to_dict(), indent=2))
     return path
 
 
 def load_index(run_dir: Path) -> ReleaseHistory:
-    path = Path(run_dir) / RELEASES_DIR / INDEX
+    path = RunFolder(Path(run_dir)).release_index
     if not Path(run_dir).is_dir():
         raise ReleaseError(f"{run_dir}: no such run folder")
     if not path.is_file():
@@ -209,7 +208,9 @@ def load_release_model(run_dir: Path, rid: str) -> tuple[Release, dict[str, Any]
         release = history.get(rid)
     except KeyError:
         known = ", ".join(r.id for r in history.promoted) or "none"
-        raise ReleaseError(f"{Path(run_dir) / RELEASES_DIR / INDEX}: no release {rid!r} (released: {known})") from None
+        raise ReleaseError(
+            f"{RunFolder(Path(run_dir)).release_index}: no release {rid!r} (released: {known})"
+        ) from None
     if release.status != PROMOTED or not release.path:
         raise ReleaseError(f"{rid} was a candidate the gate rejected, never released ({release.reason})")
     path = Path(run_dir) / release.path

@@ -34,7 +34,7 @@ from feddistill.deploy.download_signing import sign_download
 from feddistill.models import build_model, count_parameters
 from feddistill.privacy.ledger import PrivacyLedger
 from feddistill.privacy.mechanisms import noise_rng
-from feddistill.privacy.plan import UploadPrivacy, check_devices_noise_source, noise_seed, upload_privacy
+from feddistill.privacy.plan import RunPrivacy, UploadPrivacy, check_devices_noise_source, noise_seed, run_privacy
 from feddistill.runfolder import FinalBlock, RoundRecord, RunFolder, prepare_run_folder
 from feddistill.server.checkpoint import (
     ServerState,
@@ -51,6 +51,7 @@ from feddistill.server.nodes import identify_nodes, wait_for_nodes
 from feddistill.server.outputs import (
     privacy_report,
     save_audit_setup,
+    save_privacy_plan,
     save_reliability,
     save_student,
     save_uploads,
@@ -179,7 +180,9 @@ class DistillationRun:
         self.held = validation_labels(cfg, self.splits)  # calibrates the consensus gate; never trained on
 
     def _plan_privacy(self) -> None:
-        self.plan = upload_privacy(self.cfg)
+        self.privacy = run_privacy(self.cfg)  # derived once: every noise multiplier calibrated here
+        save_privacy_plan(self.folder, self.privacy)
+        self.plan = self.privacy.upload
         # the server's own DP noise (central, GNMax): seeded only in a seeded simulation
         self.noise = noise_rng(noise_seed(self.cfg, self.cfg.seed + 2, device=False))
         self.strategy = build_strategy(self.cfg, self.plan, self.noise)
@@ -323,7 +326,7 @@ class DistillationRun:
         download = teacher_arrays(
             self.signal[r.queries], r.queries, self.student.state_dict() if d.client_start == "global" else None
         )
-        config = round_config(cfg, self.splits.reference_digest)
+        config = round_config(cfg, self.splits.reference_digest, self.privacy)
         if cfg.security.signing_key:
             sign_download(config, download, key_path=cfg.security.signing_key, rnd=r.round, run_id=self.grid.run.run_id)
         r.messages = list(self.strategy.configure_train(r.round, download, config, self.grid))
@@ -548,7 +551,7 @@ class DistillationRun:
                 "kl_threshold": cfg.drift.kl_threshold,
                 "alerts": [{"round": r["round"], "alert": r["drift_alert"]} for r in rounds if r["drift_alert"]],
             },
-            "privacy": privacy_report(cfg, self.plan, self.ledger, self.devices),
+            "privacy": privacy_report(cfg, self.privacy, self.ledger, self.devices),
             # simulation only: real devices' private labels are theirs alone (nobody knows the split)
             "label_histograms": None if self.devices_seen else self.fleet.label_histograms().tolist(),
         }
@@ -575,11 +578,13 @@ class DistillationRun:
         ).to_dict()
 
 
-def round_config(cfg: RunConfig, digest: str) -> ConfigRecord:
+def round_config(cfg: RunConfig, digest: str, privacy: RunPrivacy) -> ConfigRecord:
+    """What every client of a round is told: the reference digest, the privacy plan, training settings."""
     d = cfg.distill
     return ConfigRecord(
         {
             protocol.DIGEST: digest,
+            protocol.PRIVACY_PLAN: privacy.to_json(),
             "student-model": d.server_student,
             "temperature": d.temperature,
             "digest-epochs": d.digest_epochs,

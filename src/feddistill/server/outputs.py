@@ -13,7 +13,7 @@ from feddistill.atomic import atomic_path
 from feddistill.atomic import write_json as _write_json
 from feddistill.config import RunConfig
 from feddistill.privacy.ledger import PrivacyLedger
-from feddistill.privacy.plan import NOISE_SOURCES, UploadPrivacy, client_noise_source, record_mechanism
+from feddistill.privacy.plan import NOISE_SOURCES, RunPrivacy, client_noise_source
 from feddistill.runfolder import PrivacyReport, RunFolder, save_model
 
 
@@ -40,6 +40,11 @@ def save_reliability(calibration: dict[str, Any], path: Path, rid: str | None) -
     )
 
 
+def save_privacy_plan(run: RunFolder, privacy: RunPrivacy) -> None:
+    """The run's privacy plan, as derived when it started: what the audit replays answers through."""
+    write_json(run.privacy_plan, privacy.to_dict())
+
+
 def save_audit_setup(folder: RunFolder, cfg: RunConfig) -> None:
     """The run's audit folder, and its one-run canaries when the config has some."""
     from feddistill.data.fleet import fleet_canaries
@@ -61,9 +66,10 @@ def save_uploads(path: Path, queries: np.ndarray, collected) -> None:
 
 
 def privacy_report(
-    cfg: RunConfig, plan: UploadPrivacy, ledger: PrivacyLedger | None, devices: dict[int, dict[str, float]]
+    cfg: RunConfig, privacy: RunPrivacy, ledger: PrivacyLedger | None, devices: dict[int, dict[str, float]]
 ) -> dict[str, Any]:
     """results.json's "privacy": every epsilon with its unit, mechanism, accountant and delta."""
+    plan, record = privacy.upload, privacy.record
     client_level = None
     if ledger is not None:
         client_level = {
@@ -90,20 +96,20 @@ def privacy_report(
                 }
             )
     record_level = None
-    if cfg.privacy.record_level:
+    if record is not None:
         worst = max(devices.items(), key=lambda kv: kv[1]["record-epsilon"], default=(None, None))
         record_level = {
             "epsilon": None if worst[1] is None else worst[1]["record-epsilon"],
             "epsilon_is": "the largest epsilon of any device (each device accounts its own)",
-            "delta": cfg.privacy.record_delta,
+            "delta": record.delta,
             "unit": "record",
             "neighbouring": "add/remove",
-            "mechanism": record_mechanism(cfg),
+            "mechanism": record.mechanism,
             "accountant": "pld",
-            "target_epsilon": cfg.privacy.record_target_epsilon or None,
+            "target_epsilon": record.target_epsilon,
             "protects_against": "everyone, the server included (noise added on the device during training)",
             "noise_source": NOISE_SOURCES[cfg.privacy.noise_source],
-            "sampling_rate": cfg.privacy.record_sampling_rate,
+            "sampling_rate": record.sampling_rate,
             "worst_device": worst[0],
             # the client id each reply's Flower node id maps to (identify_nodes), never an id a reply declares
             "devices_keyed_by": "client id of the sending Flower node (partition-id / device-id given at start-up)",

@@ -30,6 +30,7 @@ from feddistill.config import ConfigError, RunConfig, parse_config
 from feddistill.data import DataError
 from feddistill.data.fleet import Canaries, Fleet, load_fleet
 from feddistill.models import MODEL_NAMES, build_model
+from feddistill.privacy.plan import RunPrivacy, UploadPrivacy
 from feddistill.runfolder import (
     CLIENT_FILE,
     UPLOAD_FILE,
@@ -76,6 +77,7 @@ class RunArtifacts:
     results: dict[str, Any]
     fleet: Fleet
     privacy: dict[str, dict[str, Any] | None]  # {"record_level": ..., "client_level": ...}
+    upload: UploadPrivacy  # how the run bounded and noised answers (its privacy plan)
     global_student: tuple[str, dict[str, torch.Tensor]]  # (arch, state_dict)
     uploads: dict[int, ClientUploads]  # partition id -> uploads
     client_students: dict[int, tuple[str, dict[str, torch.Tensor]]]
@@ -269,6 +271,17 @@ def _load_client_students(
     return client_students
 
 
+def _load_privacy_plan(path: Path) -> RunPrivacy:
+    """The privacy plan the run used (written when it started), so that reference models' answers
+    are replayed through the same mechanism."""
+    if not path.is_file():
+        raise AuditInputError(f"{path}: missing (the privacy plan a run writes when it starts); re-run the simulation")
+    try:
+        return RunPrivacy.from_json(path.read_text())
+    except (ValueError, TypeError, KeyError) as exc:
+        raise AuditInputError(f"{path}: unreadable privacy plan ({exc!r})") from exc
+
+
 def load_run(run_dir: str | Path) -> RunArtifacts:
     """Read and validate a run directory; raise :class:`AuditInputError` naming what is missing."""
     run_dir = Path(run_dir)
@@ -277,6 +290,7 @@ def load_run(run_dir: str | Path) -> RunArtifacts:
     fleet = _rebuild_fleet(cfg, results, run.results)
     warnings: list[str] = []
     privacy = _privacy_claims(results, run.results, warnings)
+    upload = _load_privacy_plan(run.privacy_plan).upload
 
     size, classes = fleet.image_size, fleet.num_classes
     student_path = run.global_student
@@ -312,6 +326,7 @@ def load_run(run_dir: str | Path) -> RunArtifacts:
         results=results,
         fleet=fleet,
         privacy=privacy,
+        upload=upload,
         global_student=global_student,
         uploads=uploads,
         client_students=client_students,

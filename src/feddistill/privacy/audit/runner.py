@@ -42,6 +42,8 @@ import torch
 
 from feddistill.console import ProgressTask, progress
 from feddistill.models import build_model
+from feddistill.privacy.plan import UploadPrivacy
+from feddistill.runfolder import AUDIT_JSON, AUDIT_MARKDOWN, RunFolder
 
 from .artifacts import AuditInputError, RunArtifacts, load_run
 from .attacks import loss_scores
@@ -189,32 +191,6 @@ def claims_for_targets(
     }
 
 
-@dataclass(frozen=True)
-class _UploadPlan:
-    """How the run bounded and noised answers (``feddistill.privacy.plan``), so reference
-    models' answers can be replayed through the same mechanism before mimicry."""
-
-    mode: str = "off"  # "off" | "local" | "central" | "gnmax" | "confident-gnmax"
-    bound: str = "probs"
-    clip_norm: float = 1.0
-    noise_std: float = 0.0  # per entry, added on the device in "local" mode
-
-    @classmethod
-    def of(cls, cfg: Any) -> _UploadPlan:
-        try:
-            from feddistill.privacy.plan import upload_privacy
-
-            p = upload_privacy(cfg)
-            return cls(p.mode, p.bound, float(p.clip_norm), float(p.noise_std))
-        except Exception:  # an older run config without a privacy section: plain probabilities
-            priv = getattr(cfg, "privacy", None)
-            return cls(bound=str(getattr(priv, "bound", "probs")))
-
-    @property
-    def noise_on_device(self) -> bool:
-        return self.mode == "local" and self.noise_std > 0
-
-
 # --------------------------------------------------------------------------- evaluation
 def _fit_split(member: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
     """Boolean mask of the fit split, stratified by membership (each side keeps >= 1 of each)."""
@@ -291,7 +267,7 @@ class _Context:
     rng: np.random.Generator
     ev_idx: np.ndarray  # test-split positions of non-member candidates
     pop_idx: np.ndarray  # test-split positions of population data
-    plan: _UploadPlan
+    plan: UploadPrivacy  # the run's upload mechanism (its privacy plan)
 
     @property
     def fleet(self):
@@ -429,7 +405,7 @@ def _audit_client(ctx: _Context, pid: int, recipe_seed: int) -> dict[str, Any]:
         tx, tz = _probs_pair(mimic, points, pop_x)
         pairs = []
         for k, r in enumerate(refs):
-            noise = ctx.plan.noise_std if ctx.plan.noise_on_device else 0.0
+            noise = ctx.plan.noise_std if ctx.plan.mode == "local" else 0.0  # noise added on the device
             answers = replay_answers(
                 r, qx, counts, bound=ctx.plan.bound, clip_norm=ctx.plan.clip_norm, noise_std=noise, rng=ctx.rng
             )
@@ -639,8 +615,8 @@ def _run_audit(
     run.timings["total"] = time.monotonic() - t_start
     audit["timings_s"] = run.timings
     audit = sanitize(audit)
-    write_json(out / "audit.json", audit)
-    write_report(out / "report.md", audit)
+    write_json(out / AUDIT_JSON, audit)
+    write_report(out / AUDIT_MARKDOWN, audit)
     return audit, code
 
 
@@ -653,7 +629,7 @@ def _audit_inputs(
     policy = load_policy(policy_path)
     options.check()
     art = load_run(run_dir)
-    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "audit-report"
+    out = Path(out_dir) if out_dir is not None else RunFolder(Path(run_dir)).audit_report
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -671,7 +647,7 @@ class _AuditRun:
         self.art, self.options = art, options
         self.rng = np.random.default_rng([options.seed, 0xA0D17])
         ev_idx, pop_idx = split_test(art.fleet.splits.test.y, options.seed)
-        self.plan = _UploadPlan.of(art.cfg)
+        self.plan = art.upload
         self.ctx = _Context(art, options, self.rng, ev_idx, pop_idx, self.plan)
         self.local_noise = self.plan.mode == "local" if self.plan.mode != "off" else None
         self.clients = _select_clients(art, options.target_clients)
@@ -861,7 +837,12 @@ class _AuditRun:
             "policy": policy.to_dict(),
             "privacy_claims": art.privacy,
             "claims_per_target": self.claims_by_target,
-            "upload_mechanism": asdict(self.plan),
+            "upload_mechanism": {
+                "mode": self.plan.mode,
+                "bound": self.plan.bound,
+                "clip_norm": self.plan.clip_norm,
+                "noise_std": self.plan.noise_std if self.plan.mode == "local" else 0.0,
+            },
             "is_dp": art.is_dp,
             "target_clients": self.clients,
             "participants": art.participants,
@@ -919,7 +900,7 @@ def main(
     except AuditInputError as exc:
         print(f"feddistill audit: error: {exc}", file=sys.stderr)
         return 2
-    out_dir = Path(out) if out is not None else Path(run_dir) / "audit-report"
+    out_dir = Path(out) if out is not None else RunFolder(Path(run_dir)).audit_report
     for name, t in audit["targets"].items():
         if t.get("skipped"):
             print(f"{name}: skipped ({t['reason']})")
