@@ -14,6 +14,10 @@ Suites:
   deploy   3 SuperNodes on loopback (TLS, node auth) vs the simulation engine on the same digits
            run: seconds per round; the client footprint (install size, ClientApp import time,
            peak RSS of a SuperNode with the ClientApp processes it starts).
+  install  the device install profile (`pip install feddistill`, no extras) in a fresh venv vs the full
+           install: site-packages MiB (torch's share), and a ClientApp's cold start (fresh process,
+           median of 5); the device self-check (plain, signed, DP-SGD, SecAgg+ rounds) in the device venv,
+           and one real round answered by flower-supernode processes of the device venv.
   comms    upload bytes and accuracy for answers in float32, float16, uint8 and one-byte votes.
   scale    time per round and peak RSS (whole process tree) for 10, 100 and 1000 clients, and the
            orchestration overhead: the same 100-client run on Flower's simulation engine vs
@@ -55,6 +59,7 @@ SUITES: dict[str, str] = {
     "core": "bench.core:core",
     "audit": "bench.audit:audit",
     "deploy": "bench.deploy:deploy",
+    "install": "bench.install:install",
     "privacy": "bench.privacy:privacy",
     "faults": "bench.faults:faults",
     "comms": "bench.comms:comms",

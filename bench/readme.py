@@ -223,6 +223,46 @@ def deploy(d: dict[str, Any]) -> str:
     )
 
 
+def install(d: dict[str, Any]) -> str:
+    device, full = d["profiles"]["device"], d["profiles"]["full"]
+    lines = [
+        f"| install | command | site-packages | of it torch | distributions | ClientApp cold start, wall (median of {d['runs']}) | its CPU time (median) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, row in (("device", device), ("full", full)):
+        lines.append(
+            f"| {name} | `{d['commands'][name]}` | {row['site_packages_mib']:.0f} MiB | {row['torch_mib']:.0f} MiB | "
+            f"{row['distributions']} | {row['cold_start_median']:.1f} s | {row['cold_start_cpu_median']:.1f} s |"
+        )
+    saved = full["site_packages_mib"] - device["site_packages_mib"]
+    check = d["device_check"]
+    rounds = ", ".join(f"{kind} {'ok' if r['ok'] else 'FAILED'}" for kind, r in check["rounds"].items())
+    left_out = sorted(set(full["excluded_installed"]) - set(device["excluded_installed"]))
+    load = " to ".join(f"{x:.0f}" for x in d["load_average"])
+    lines += [
+        "",
+        f"`full` is `scripts/setup.sh`'s environment: `.[full]` plus the test tools (pytest, hypothesis, ruff, mypy). "
+        f"The device install is {saved:.0f} MiB ({100 * saved / full['site_packages_mib']:.0f} %) smaller: it leaves out "
+        f"{', '.join(left_out)} (and what they pull in); torch is {100 * device['torch_mib'] / device['site_packages_mib']:.0f} % of what remains. "
+        f"Its cold start (a fresh process loading the ClientApp as a SuperNode does, after one warm-up) is about the full "
+        f"install's, because the ClientApp imports none of those packages in either (wall seconds: device "
+        f"{', '.join(f'{s:.1f}' for s in device['cold_start_seconds'])}; full {', '.join(f'{s:.1f}' for s in full['cold_start_seconds'])}; "
+        f"taken in turns, on {d['environment']['cpus']} cores with a load average of {load} from other work, so wall time "
+        f"is mostly waiting for a core, and the CPU time is the figure to compare). In the device environment "
+        f"`python -m feddistill.deploy.device_check` answered one request of each kind through the ClientApp: {rounds}; "
+        f"packages of the full install it imported: {', '.join(check['heavy_imported']) or 'none'}.",
+    ]
+    node = d.get("supernode_round")
+    if node:
+        lines[-1] += (
+            f" And a real round on loopback (a SuperLink of the full install with TLS, SuperNode authentication and "
+            f"signed downloads; {node['supernodes']} `flower-supernode` processes of the device install, whose "
+            f"ClientApp processes ran in the device environment): {node['replies']} replies from {node['clients']} "
+            f"sampled devices, {node['wall_seconds']:.0f} s including start-up and the public teacher's training."
+        )
+    return "\n".join(lines) + "\n"
+
+
 FRONTIER_LABELS = {
     "non-private": ("feddistill, mean of answers", "–"),
     "era": ("feddistill, ERA (DS-FL)", "–"),
@@ -572,6 +612,7 @@ RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
     "audit": audit,
     "scale": scale,
     "deploy": deploy,
+    "install": install,
     "frontier": frontier,
     "profile": profile,
     "ceiling": ceiling,

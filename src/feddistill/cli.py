@@ -15,6 +15,7 @@ from rich.text import Text
 
 from feddistill.config import ConfigError, load_config, parse_override
 from feddistill.console import make_console
+from feddistill.profiles import missing_message
 
 cli = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Federated, privacy-preserving knowledge distillation on Flower."
@@ -48,6 +49,13 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _require(command: str, *extras: str) -> None:
+    """Fail in one line, naming the missing packages, when ``command`` needs more than a device install."""
+    problem = missing_message(command, *extras)
+    if problem is not None:
+        _fail(problem)
+
+
 def _fail(message: str, code: int = 2) -> None:
     """One line on stderr, whatever the terminal's width and whatever the message holds:
     never wrapped (soft_wrap), never read as rich markup (paths may hold brackets)."""
@@ -73,6 +81,7 @@ def simulate(
     """Run a simulated fleet on Flower's simulation engine and write results.json + accuracy.png."""
     from feddistill.runfolder import RunFolder, RunFolderError, prepare_run_folder
 
+    _require("feddistill simulate", "simulation", "plots")
     _setup_logging(verbose)
     try:
         overrides = dict(parse_override(s) for s in set_)
@@ -137,6 +146,7 @@ def audit(
     """Membership-inference and DP-claim audit of a finished run: audit.json, report.md, roc_*.png.
 
     Exit code 0: policy passed; 1: policy failed (a DP violation always fails); 2: unreadable run or policy."""
+    _require("feddistill audit", "simulation", "plots")
     _setup_logging(False)
     from feddistill.privacy.audit.runner import main as audit_main
 
@@ -272,6 +282,7 @@ def report(
     out: Path | None = typer.Option(None, "--out", "-o", help="HTML file (default RUN_DIR/report.html)."),
 ) -> None:
     """A self-contained HTML run report: accuracy, epsilon, bytes, drops, releases, drift, calibration, audit."""
+    _require("feddistill report", "plots")
     from feddistill.report import ReportError, write_html_report
 
     try:

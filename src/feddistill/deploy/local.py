@@ -201,7 +201,10 @@ class LocalDeployment:
         config: Mapping[str, Any] | None = None,
         startup_timeout_s: float = 60.0,
         sign: bool = True,
+        supernode_bin: str | Path | None = None,
     ) -> None:
+        """``supernode_bin``: the ``bin`` folder of the environment the SuperNodes (and the ClientApp
+        processes they start) run in, e.g. a device install's venv; default: this one's."""
         from feddistill.config import flat_run_config, parse_config
 
         if num_supernodes < 1:
@@ -210,6 +213,7 @@ class LocalDeployment:
         self.num_supernodes = num_supernodes
         self.app_dir = Path(app_dir).resolve() if app_dir is not None else find_app_dir()
         self.startup_timeout_s = startup_timeout_s
+        self.supernode_bin = Path(supernode_bin) if supernode_bin is not None else _VENV_BIN
         self.sign = sign
         # the run config as Flower will see it (overrides only; the app's pyproject has the rest).
         # Devices draw their noise from OS entropy (they refuse seeded noise: the server knows the seed).
@@ -245,10 +249,12 @@ class LocalDeployment:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def env(self, flwr_home: Path | None = None) -> dict[str, str]:
+    def env(self, flwr_home: Path | None = None, bin_dir: Path = _VENV_BIN) -> dict[str, str]:
         env = dict(os.environ)
+        if bin_dir != _VENV_BIN:  # another environment (a device install) imports its own feddistill
+            env.pop("PYTHONPATH", None)
         env.update(
-            PATH=f"{_VENV_BIN}{os.pathsep}{env.get('PATH', '')}",  # Flower starts flower-superexec from PATH
+            PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",  # Flower starts flower-superexec from PATH
             FLWR_HOME=str(flwr_home or self.flwr_home),
             FLWR_TELEMETRY_ENABLED="0",
             FLWR_DISABLE_UPDATE_CHECK="1",
@@ -412,14 +418,14 @@ class LocalDeployment:
         if self.sign:  # the device accepts only downloads signed by the deployment's key
             node_config += f" release-public-key={_toml_string_path(self.creds.release_signing_pub.resolve())}"
         cmd = [
-            str(_VENV_BIN / "flower-supernode"),
+            str(self.supernode_bin / "flower-supernode"),
             "--superlink", self.address,
             "--root-certificates", str(self.creds.ca_cert),
             "--auth-supernode-private-key", str(private_key or self.creds.supernode_private_keys[i]),
             "--node-config", node_config,
             "--port", str(free_port()),
         ]  # fmt: skip
-        proc = self._spawn(name or f"supernode-{i}", cmd, self.env(home))
+        proc = self._spawn(name or f"supernode-{i}", cmd, self.env(home, self.supernode_bin))
         if name is None:
             self.supernodes[i] = proc
         else:
