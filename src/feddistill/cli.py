@@ -76,12 +76,18 @@ def simulate(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace the run already in the results folder (deletes what it wrote)."
     ),
+    ray_address: str | None = typer.Option(
+        None,
+        "--ray-address",
+        help="Run the clients on a running Ray cluster (HEAD:PORT of its `ray start --head`) instead of a local Ray.",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's and Ray's own logs."),
 ) -> None:
     """Run a simulated fleet on Flower's simulation engine and write results.json + accuracy.png."""
+    _require("feddistill simulate", "simulation", "plots")  # before importing the simulation engine
     from feddistill.runfolder import RunFolder, RunFolderError, prepare_run_folder
+    from feddistill.simulations.run import RayClusterError, check_ray_address
 
-    _require("feddistill simulate", "simulation", "plots")
     _setup_logging(verbose)
     try:
         overrides = dict(parse_override(s) for s in set_)
@@ -95,9 +101,11 @@ def simulate(
             cfg = load_config(config, overrides)
             if out is not None:
                 cfg = dataclasses.replace(cfg, output_dir=str(out))
+        if ray_address is not None:  # an unreachable cluster fails here, not after minutes of Ray's retries
+            check_ray_address(ray_address)
         # before anything runs: a folder that is a file, unwritable, or holds another run fails here
         prepare_run_folder(cfg.output_dir, resume=resume is not None, overwrite=overwrite)
-    except (ConfigError, RunFolderError) as exc:
+    except (ConfigError, RunFolderError, RayClusterError) as exc:
         _fail(str(exc))
     from feddistill.data import DataError
     from feddistill.report import plot_accuracy, print_summary
@@ -105,7 +113,9 @@ def simulate(
     from feddistill.simulations.run import simulate as run
 
     try:
-        results = run(cfg, verbose=verbose, baselines=not no_baselines, resume=resume is not None)
+        results = run(
+            cfg, verbose=verbose, baselines=not no_baselines, resume=resume is not None, ray_address=ray_address
+        )
     except (DataError, CheckpointError, RunFolderError) as exc:
         _fail(str(exc))
     folder = RunFolder(Path(cfg.output_dir))

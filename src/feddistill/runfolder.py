@@ -27,6 +27,8 @@ export, releases, bench). Every path of it comes from :class:`RunFolder`; no oth
     RUN_DIR/releases/<id>.pt               each promoted student: a model file
     RUN_DIR/clients/client<N>.pt           a simulated client's state (feddistill.client.state),
     RUN_DIR/clients/client<N>.prev.pt      and the version before it
+    RUN_DIR/clients/workers.jsonl          which host, process and Ray node served each simulated
+                                           client's round (feddistill.client.placement)
     RUN_DIR/audit/uploads/roundNNNN.npz    with audit.keep-artifacts: the uploads as received,
     RUN_DIR/audit/clients/client<N>.pt     each client's local student (a model file),
     RUN_DIR/audit/canaries.npz             and the one-run canaries
@@ -99,6 +101,7 @@ RELIABILITY_PLOT = "reliability.png"
 RELEASES = "releases"
 RELEASE_INDEX = "index.json"
 CLIENTS = "clients"
+WORKERS = "workers.jsonl"
 AUDIT = "audit"
 UPLOADS = "uploads"
 CANARIES = "canaries.npz"
@@ -163,6 +166,7 @@ class RunFolder:
     releases = property(lambda self: self.root / RELEASES)
     release_index = property(lambda self: self.root / RELEASES / RELEASE_INDEX)
     clients = property(lambda self: self.root / CLIENTS)  # simulated clients' states
+    workers = property(lambda self: self.root / CLIENTS / WORKERS)  # where each simulated client's round ran
     audit = property(lambda self: self.root / AUDIT)
     uploads = property(lambda self: self.root / AUDIT / UPLOADS)
     local_students = property(lambda self: self.root / AUDIT / CLIENTS)

@@ -57,6 +57,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from feddistill import protocol
 from feddistill.client.answers import abstentions, answer_logits, label_counts
 from feddistill.client.device import ClientData, client_data, device_id, is_device
+from feddistill.client.placement import log_placement
 from feddistill.client.state import load_state, save_state, state_dir
 from feddistill.config import RunConfig, parse_config
 from feddistill.data.fleet import load_fleet, private_tensors
@@ -156,6 +157,8 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
     )
     answers = encode_answers(answers, str(config["answer-dtype"]))
     save_state(store, partition_id, rnd, student.state_dict(), None if ledger is None else ledger.to_json())
+    if not device:  # a simulated client: which host / Ray node ran its round (feddistill.client.placement)
+        log_placement(cfg.output_dir, rnd, partition_id)
     if cfg.audit.keep_artifacts:  # simulation only: the auditor's target (b), the local student
         save_local_student(student, cfg, partition_id)
     return distill_reply(msg, answers, rnd, data.reference_digest, None if ledger is None else ledger.epsilon())

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,36 @@ from feddistill.runfolder import Baselines, FinalBlock, RunFolder
 log = logging.getLogger("feddistill")
 
 
-def simulate_flower(cfg: RunConfig, *, verbose: bool = False, resume: bool = False) -> dict[str, Any]:
-    """One Flower simulation of `cfg` (feddistill or fedavg); returns its results.json."""
+class RayClusterError(RuntimeError):
+    """``--ray-address`` names no Ray cluster that answers."""
+
+
+def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in one line, before anything runs, when nothing answers at ``address``, the head's
+    ``HOST:PORT`` (``auto``: Ray finds the cluster itself): ray.init retries an unreachable
+    address for minutes."""
+    if address == "auto":
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise RayClusterError(f"--ray-address {address!r}: expected HOST:PORT of the head node, e.g. 10.0.0.5:6379")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise RayClusterError(
+            f"--ray-address {address}: no Ray cluster answers there ({exc}); "
+            f"start its head with `ray start --head --port={port}`"
+        ) from exc
+
+
+def simulate_flower(
+    cfg: RunConfig, *, verbose: bool = False, resume: bool = False, ray_address: str | None = None
+) -> dict[str, Any]:
+    """One Flower simulation of `cfg` (feddistill or fedavg); returns its results.json.
+
+    ``ray_address`` (``HOST:PORT`` of a running cluster's head, or ``auto``) runs the clients on
+    that Ray cluster's nodes instead of a Ray instance started for this run alone."""
     # Ray workers must not re-resolve the app's dependencies, and must not print per-actor banners.
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
@@ -30,9 +59,12 @@ def simulate_flower(cfg: RunConfig, *, verbose: bool = False, resume: bool = Fal
 
     silence_simulation_noise()  # Flower's run_simulation banner and fraction_evaluate warning, Ray's tip
 
+    init_args: dict[str, Any] = {"logging_level": "INFO" if verbose else "ERROR", "log_to_driver": verbose}
+    if ray_address:  # Flower's RayBackend passes init_args to ray.init: the cluster's CPUs then size its actor pool
+        init_args["address"] = ray_address
     backend_config = {
         "client_resources": {"num_cpus": cfg.simulation.cpus_per_client, "num_gpus": 0.0},
-        "init_args": {"logging_level": "INFO" if verbose else "ERROR", "log_to_driver": verbose},
+        "init_args": init_args,
     }
     run_simulation(
         # the scenarios (feddistill.simulations.scenarios, .shift) are installed here, never in the production apps
@@ -58,8 +90,16 @@ def resume_config(run_dir: Path) -> RunConfig:
     return parse_config({**values, "output_dir": str(run_dir)}, str(path))
 
 
-def simulate(cfg: RunConfig, *, verbose: bool = False, baselines: bool = True, resume: bool = False) -> dict[str, Any]:
-    """The full experiment: feddistill on Flower, plus the configured baselines on the same fleet."""
+def simulate(
+    cfg: RunConfig,
+    *,
+    verbose: bool = False,
+    baselines: bool = True,
+    resume: bool = False,
+    ray_address: str | None = None,
+) -> dict[str, Any]:
+    """The full experiment: feddistill on Flower, plus the configured baselines on the same fleet
+    (the Flower runs on the Ray cluster at ``ray_address`` when given)."""
     from feddistill.data.fleet import load_fleet
     from feddistill.server.app import write_json
     from feddistill.server.control import gap_closed
@@ -67,7 +107,7 @@ def simulate(cfg: RunConfig, *, verbose: bool = False, baselines: bool = True, r
 
     folder = RunFolder(cfg.output_dir)
     folder.root.mkdir(parents=True, exist_ok=True)
-    results = simulate_flower(cfg, verbose=verbose, resume=resume)
+    results = simulate_flower(cfg, verbose=verbose, resume=resume, ray_address=ray_address)
     if cfg.method != "feddistill":  # a peer run on its own (fedavg, dp-fedavg): no baselines of its own
         return results
     base = Baselines.from_dict(results.get("baselines", {}), "baselines")  # the server's own: the public-only control
@@ -84,7 +124,7 @@ def simulate(cfg: RunConfig, *, verbose: bool = False, baselines: bool = True, r
         if cfg.baselines.fedavg:
             log.info("baseline: Flower FedAvg on the same fleet")
             fed_cfg = dataclasses.replace(cfg, method="fedavg", output_dir=str(folder.baseline("fedavg")))
-            fed = simulate_flower(fed_cfg, verbose=verbose)
+            fed = simulate_flower(fed_cfg, verbose=verbose, ray_address=ray_address)
             base.fedavg = {
                 "init": fed["init"],
                 "accuracy": fed["final"]["student_accuracy"],
@@ -94,7 +134,7 @@ def simulate(cfg: RunConfig, *, verbose: bool = False, baselines: bool = True, r
         if cfg.baselines.dp_fedavg:
             log.info("baseline: Flower DP-FedAvg at the same client-level target")
             dp_cfg = dataclasses.replace(cfg, method="dp-fedavg", output_dir=str(folder.baseline("dp-fedavg")))
-            dp = simulate_flower(dp_cfg, verbose=verbose)
+            dp = simulate_flower(dp_cfg, verbose=verbose, ray_address=ray_address)
             base.dp_fedavg = {
                 "accuracy": dp["final"]["student_accuracy"],
                 "bytes_per_client_round": dp["final"]["bytes_per_client_round"],
