@@ -19,7 +19,8 @@ Suites:
            median of 5); the device self-check (plain, signed, DP-SGD, SecAgg+ rounds) in the device venv,
            and one real round answered by flower-supernode processes of the device venv.
   comms    upload bytes and accuracy for answers in float32, float16, uint8 and one-byte votes.
-  scale    time per round and peak RSS (whole process tree) for 10, 100 and 1000 clients, and the
+  scale    time per round and peak RSS (whole process tree) for 10, 100 and 1000 clients (q = 0.1)
+           and 10,000 clients (q = 0.01, IID: about 100 per round, as at 1000), and the
            orchestration overhead: the same 100-client run on Flower's simulation engine vs
            in-process (bench/inprocess.py), measured in the same benchmark.
   ceiling  no DP: the student trained on the reference set's true labels (its ceiling) and the

@@ -177,19 +177,30 @@ def audit(d: dict[str, Any]) -> str:
 
 def scale(d: dict[str, Any]) -> str:
     lines = [
-        "| clients (10 % per round) | engine | wall time | seconds / round | peak RSS (process tree) | accuracy |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| clients | sampled per round | engine | wall time | outside the rounds | seconds / round "
+        "| peak RSS (process tree) | accuracy |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in d["runs"].values():
+        q = row.get("fraction", 0.1)
+        outside = row["wall_seconds"] - sum(row["round_seconds"])  # data, teacher, start-up, final evaluation
+        engine = row["engine"]
+        if engine != "in-process loop" and row.get("linkstate") != "indexed":
+            engine += ", Flower's LinkState (before the index)"
+        if row.get("stopped_after_round"):  # a run stopped at a deadline: its rounds so far
+            engine += f", stopped after round {row['stopped_after_round']} of {row['rounds_planned']}"
         lines.append(
-            f"| {row['clients']} | {row['engine']} | {row['wall_seconds'] / 60:.1f} min | "
-            f"{row['round_seconds_mean']:.1f} | {row['peak_rss_gib']:.2f} GiB | {_pct(row['accuracy'])} |"
+            f"| {row['clients']:,} | q = {q:g} (≈ {row['clients'] * q:.0f}), {row.get('partition', 'dirichlet')} "
+            f"| {engine} | {row['wall_seconds'] / 60:.1f} min "
+            f"| {outside / 60:.1f} min | {row['round_seconds_mean']:.1f} "
+            f"| {row['peak_rss_gib']:.2f} GiB | {_pct(row['accuracy'])} |"
         )
-    lines += [
-        "",
-        f"Orchestration overhead at 100 clients (Flower simulation ÷ in-process loop, same run): "
-        f"{d['overhead_ratio_per_round']:.2f}× per round, {d['overhead_ratio_wall']:.2f}× wall time.",
-    ]
+    if "overhead_ratio_per_round" in d:
+        lines += [
+            "",
+            f"Orchestration overhead at 100 clients (Flower simulation ÷ in-process loop, same run): "
+            f"{d['overhead_ratio_per_round']:.2f}× per round, {d['overhead_ratio_wall']:.2f}× wall time.",
+        ]
     return "\n".join(lines) + "\n"
 
 

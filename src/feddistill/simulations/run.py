@@ -53,6 +53,7 @@ def simulate_flower(
 
     from feddistill.client.app import make_client_app
     from feddistill.server.app import make_server_app
+    from feddistill.simulations.linkstate import indexed_linkstate
     from feddistill.simulations.quiet import silence_simulation_noise
     from feddistill.simulations.scenarios import scenario_mods
     from feddistill.simulations.shift import sampling_hook
@@ -66,14 +67,15 @@ def simulate_flower(
         "client_resources": {"num_cpus": cfg.simulation.cpus_per_client, "num_gpus": 0.0},
         "init_args": init_args,
     }
-    run_simulation(
-        # the scenarios (feddistill.simulations.scenarios, .shift) are installed here, never in the production apps
-        server_app=make_server_app(cfg, resume=resume, sampling=sampling_hook(cfg)),
-        client_app=make_client_app(cfg, mods=scenario_mods(cfg)),
-        num_supernodes=cfg.fleet.num_clients,
-        backend_config=backend_config,
-        verbose_logging=verbose,
-    )
+    with indexed_linkstate():  # Flower's own scans every stored message per node poll: N^2 at start-up
+        run_simulation(
+            # the scenarios (feddistill.simulations.scenarios, .shift) are installed here, never in the production apps
+            server_app=make_server_app(cfg, resume=resume, sampling=sampling_hook(cfg)),
+            client_app=make_client_app(cfg, mods=scenario_mods(cfg)),
+            num_supernodes=cfg.fleet.num_clients,
+            backend_config=backend_config,
+            verbose_logging=verbose,
+        )
     path = RunFolder(cfg.output_dir).results
     if not path.is_file():
         raise RuntimeError(f"the {cfg.method} run ended without writing {path}; see the log above")
