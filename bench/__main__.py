@@ -31,6 +31,10 @@ Suites:
   headline the Fashion-MNIST headline table: configs/fashion-fleet.toml at each privacy setting and
            the FedAvg / DP-FedAvg peers, each with its public-only control, private gain and gap
            closed (bench/headline.py; --set rounds=N --set seeds=N --set methods='"a,b"').
+  soak     the restart soak: 10 SuperNodes on loopback (TLS, node auth, record-level DP), 3 of
+           them and the SuperLink killed with SIGKILL mid-round and restarted, the run resumed;
+           checks every device's ledger against results.json (bench/soak.py; also run by `deploy`;
+           writes bench/results/deploy/soak.json + soak.png).
   ablation no DP, outside the loop: which mechanism makes the private data count (plain votes,
            prior correction, abstention, consensus gate), each as labels for a FixMatch student
            against the same student on public labels alone (bench/ablation.py).
@@ -70,7 +74,10 @@ SUITES: dict[str, str] = {
     "ceiling": "bench.ceiling:ceiling",
     "fuzz": "bench.fuzz:fuzz",
     "ablation": "bench.ablation:ablation",
+    "soak": "bench.soak:soak",
 }
+#: suites that write into another suite's folder (which they leave in place)
+RESULTS_FOLDER = {"soak": "deploy"}
 
 
 def suite(name: str) -> Callable[[Path, dict], dict]:
@@ -103,8 +110,8 @@ def main() -> None:
     from feddistill.config import parse_override
 
     overrides = dict(parse_override(s) for s in args.set)
-    out = args.out or Path("bench/results") / args.suite
-    if out.exists() and not args.keep:
+    out = args.out or Path("bench/results") / RESULTS_FOLDER.get(args.suite, args.suite)
+    if out.exists() and not args.keep and args.suite not in RESULTS_FOLDER:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     print(json.dumps(suite(args.suite)(out, overrides), indent=2))

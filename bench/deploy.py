@@ -121,4 +121,7 @@ def deploy(out: Path, overrides: dict) -> dict:
         },
     }
     (out / "deploy.json").write_text(json.dumps(summary, indent=2))
+    from bench.soak import soak  # the restart soak, next to it: soak.json, soak.png
+
+    summary["soak_passed"] = soak(out, {})["passed"]
     return summary

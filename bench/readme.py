@@ -271,6 +271,53 @@ def install(d: dict[str, Any]) -> str:
             f"ClientApp processes ran in the device environment): {node['replies']} replies from {node['clients']} "
             f"sampled devices, {node['wall_seconds']:.0f} s including start-up and the public teacher's training."
         )
+
+
+def soak(d: dict[str, Any]) -> str:
+    """The restart soak (bench/soak.py): what was killed when, and what each device's ledger shows."""
+    plan, link = d["plan"], d["superlink_restart"]
+    lines = [
+        "| round | replies / clients | dropped (who: reason) | seconds |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in d["rounds"]:
+        why = ", ".join(f"{k} ×{v}" for k, v in r["dropped"].items())
+        who = f"{r['dropped_clients']}: {why}" if r["dropped_clients"] else "–"
+        lines.append(f"| {r['round']} | {r['replies']} / {r['clients']} | {who} | {r['seconds']:.0f} |")
+    kills = "; ".join(
+        f"device {k['device']} in round {k['round']} ({k['moment']}, "
+        f"{'charged' if k['charged_before_kill'] else 'not charged'} before the kill, back after "
+        f"{k['down_seconds']:.0f} s and {k['restart_attempts']} start attempts)"
+        for k in d["kills"]
+    )
+    lost = {dev: v["charged_not_answered"] for dev, v in d["devices"].items() if v["charged_not_answered"]}
+    lines += [
+        "",
+        f"{plan['supernodes']} SuperNodes, {plan['rounds']} rounds, {d['wall_seconds'] / 60:.0f} min. `kill -9`: {kills}.",
+    ]
+    if link is not None:
+        lines.append(
+            f"SuperLink `kill -9` in round {link['round']} (after checkpoint {link['checkpointed_round']}), restarted "
+            f"on the same port and database: the ServerApp {'died with it' if link['serverapp_died'] else 'survived'}."
+        )
+    if d["superlink_database_locked_errors"]:
+        lines.append(
+            f"The SuperLink's log holds {d['superlink_database_locked_errors']} `database is locked` errors "
+            "(SQLite under load, answered with HTTP 500, which Flower 1.41's ServerApp does not retry)."
+        )
+    for r in d["resumes"]:
+        lines.append(
+            f"ServerApp died after checkpoint {r['after_round']} ({r['cause'] or 'exit ' + str(r['flwr_run_exit'])}): "
+            f"the dead Flower run {'was stopped' if r['old_run_stopped'] else 'could not be stopped'} and a new "
+            f"`flwr run` with `resume = true` continued from the checkpoint"
+            f"{'' if r['resumed_from_checkpoint'] else ' (NOT confirmed by its log)'}."
+        )
+    lines.append(
+        f"Charged on the device but the answer never reached the server (device: rounds): {lost or 'none'}; "
+        f"flagged in results.json as unconfirmed: {d['unconfirmed_rounds'] or 'none'}. Checks: "
+        + ", ".join(f"{name} {'✓' if ok else '✗'}" for name, ok in d["checks"].items())
+        + "."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -630,11 +677,12 @@ RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
     "quickstart": quickstart,
     "headline": headline,
     "ablation": ablation,
+    "soak": soak,
 }
 
 
 def render(name: str, results: Path = RESULTS) -> str | None:
-    path = results / name / f"{name}.json"
+    path = results / {"soak": "deploy"}.get(name, name) / f"{name}.json"  # the soak reports with deploy
     return RENDER[name](json.loads(path.read_text())) if path.is_file() else None
 
 

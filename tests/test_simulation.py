@@ -155,6 +155,7 @@ def test_run_survives_hostile_clients_and_dropouts(tmp_path):
     assert 1 <= non_finite <= 3  # the one hostile client, whenever it did not drop out
     assert dropped_out >= 1
     assert all(r["replies"] + sum(r["dropped"].values()) == r["clients"] for r in rounds)
+    assert all(len(r["dropped_clients"]) == sum(r["dropped"].values()) for r in rounds)  # who, one each
     assert rounds[-1]["student_accuracy"] > 0.6
     assert "replies dropped by validation" in proc.stdout
 

@@ -99,6 +99,8 @@ def simulate(
             cfg = resume_config(resume)
         else:
             cfg = load_config(config, overrides)
+            if cfg.resume:  # the run-config key is `flwr run`'s way; here the folder says which run
+                raise ConfigError("resume = true: resume a simulation with --resume RUN_DIR")
             if out is not None:
                 cfg = dataclasses.replace(cfg, output_dir=str(out))
         if ray_address is not None:  # an unreachable cluster fails here, not after minutes of Ray's retries

@@ -213,6 +213,9 @@ class RunConfig:
     seed: int = 0
     rounds: int = 10
     output_dir: str = "runs/latest"
+    # `flwr run` only: continue the interrupted run in output_dir from its checkpoint (e.g. after the
+    # SuperLink restarted and its ServerApp died); `feddistill simulate` has --resume instead
+    resume: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -244,10 +247,10 @@ class RunConfig:
     def digest(self) -> str:
         """SHA-256 of the canonical JSON form (the config hash recorded in results).
 
-        Where the run lives (``output_dir``) is left out: it says nothing about what the run
-        computes, and a run folder that was moved, or named by another spelling of its path,
-        must still resume (its checkpoint is keyed by this hash)."""
-        content = {k: v for k, v in self.to_dict().items() if k != "output_dir"}
+        Where the run lives (``output_dir``) and whether it is being resumed (``resume``) are left
+        out: they say nothing about what the run computes, and a run folder that was moved, or
+        named by another spelling of its path, must still resume (its checkpoint is keyed by this hash)."""
+        content = {k: v for k, v in self.to_dict().items() if k not in ("output_dir", "resume")}
         blob = json.dumps(content, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 

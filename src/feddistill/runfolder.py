@@ -512,6 +512,7 @@ class RoundRecord(_Record):
     clients: int = UNSET  # clients sent the round's download
     replies: int = UNSET  # validated replies
     dropped: dict[str, int] = UNSET  # dropped replies and dropouts, by reason
+    dropped_clients: list[int] = UNSET  # client ids sent the download whose answer was not kept
     over_budget_skipped: int = UNSET
     answered_queries: int = UNSET
     fleet_labelled_rows: int = UNSET  # reference rows whose training label is the fleet's

@@ -21,6 +21,12 @@
 Nothing runs with ``--insecure``; every download is signed and every SuperNode pins the key
 (unless ``sign=False`` / ``--no-sign``). Every process writes to ``<out>/logs/<name>.log``.
 
+Faults, for the restart soak (``bench/soak.py``): :meth:`LocalDeployment.kill_supernode` /
+:meth:`~LocalDeployment.restart_supernode` (``kill -9``, then the same key, data dir and state),
+:meth:`~LocalDeployment.restart_superlink` (same port, same ``--database``),
+:meth:`~LocalDeployment.stop_run` (``flwr stop``) and ``launch(..., resume=True)`` (a new
+``flwr run`` that continues the run in its output dir from its checkpoint).
+
 CLI: ``python -m feddistill.deploy.local OUT [--supernodes N] [--rounds R]
 [--config FILE.toml] [--set KEY=VALUE ...] [--timeout S] [--app-dir DIR] [--no-sign]``.
 """
@@ -104,6 +110,13 @@ class _Proc:
             return ""
 
 
+def run_id_of(proc: _Proc) -> int | None:
+    """The run id `flwr run` printed in its log (None: not yet, or it failed); the last one, as a
+    log is appended to when the same command runs again (a resumed run)."""
+    found = re.findall(r"Successfully started run (\d+)", proc.tail(1_000_000))
+    return int(found[-1]) if found else None
+
+
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)  # the group of a process we started with start_new_session=True
@@ -184,6 +197,22 @@ def stop_processes(procs: Sequence[subprocess.Popen], grace_s: float = 10.0) -> 
 def stop_process(proc: subprocess.Popen, grace_s: float = 10.0) -> int | None:
     """:func:`stop_processes` for one process."""
     return stop_processes([proc], grace_s)[0]
+
+
+def kill_process_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> int | None:
+    """``kill -9`` a process, its group and every descendant at once, with no SIGTERM first: a
+    crash, as when a device loses power (nothing gets to save or say goodbye). Returns the exit code."""
+    strays = _descendants(proc.pid) if proc.poll() is None else set()
+    _signal_group(proc, signal.SIGKILL)
+    _signal_pids(strays, signal.SIGKILL)
+    try:
+        code: int | None = proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        code = None
+    deadline = time.monotonic() + grace_s
+    while any(_alive(pid) for pid in strays) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return code
 
 
 class LocalDeployment:
@@ -335,7 +364,8 @@ class LocalDeployment:
 
     def start_superlink(self) -> None:
         assert self.creds is not None
-        self.port = free_port()
+        if self.port is None:  # a restart keeps the address the SuperNodes and `flwr` know
+            self.port = free_port()
         self._write_connection()
         (self.out / "superlink").mkdir(exist_ok=True)
         cmd = [
@@ -436,6 +466,71 @@ class LocalDeployment:
         proc = self.supernodes.pop(i)
         return stop_process(proc.popen)
 
+    # ---- faults: what a crash looks like (the soak, bench/soak.py, uses these)
+    def kill_supernode(self, i: int) -> int | None:
+        """``kill -9`` SuperNode `i` with the ClientApp processes it started (mid-round, its
+        reply is lost); :meth:`restart_supernode` brings it back."""
+        return kill_process_tree(self.supernodes.pop(i).popen)
+
+    def restart_supernode(self, i: int, timeout_s: float = 240.0, retry_s: float = 5.0) -> int:
+        """Start SuperNode `i` again with the same key (so the same node id), data dir (its
+        state and ledger) and node home (its log is appended to), as a supervisor would
+        (systemd's ``Restart=on-failure``): Flower 1.41's SuperLink refuses to activate a node
+        it still counts online (until 2 missed heartbeats, about a minute after a ``kill -9``),
+        so an attempt that exits is retried every `retry_s` seconds. Returns the attempts made."""
+        if i in self.supernodes:
+            raise DeploymentError(f"supernode-{i} is running: kill or stop it first")
+        deadline = time.monotonic() + timeout_s
+        attempts = 0
+        while time.monotonic() < deadline:
+            attempts += 1
+            if self._start_and_activate(i, deadline):
+                return attempts
+            time.sleep(retry_s)
+        raise DeploymentError(f"supernode-{i} did not come back within {timeout_s:.0f} s; see {self.logs}")
+
+    def _start_and_activate(self, i: int, deadline: float) -> bool:
+        """Start SuperNode `i` and wait until the SuperLink activated it (True) or it exited (False:
+        whatever it started is killed, so a failed attempt leaves no stray SuperExec behind)."""
+        log = self.logs / f"supernode-{i}.log"
+        offset = log.stat().st_size if log.is_file() else 0
+        proc = self.start_supernode(i, name=f"supernode-{i}")  # one of `_others` until it is up
+        started: set[int] = set()
+        while time.monotonic() < deadline:
+            started |= _descendants(proc.popen.pid)
+            with open(log, "rb") as fh:
+                fh.seek(offset)
+                if b"SuperNode ID:" in fh.read():
+                    self._others.remove(proc)
+                    self.supernodes[i] = proc
+                    return True
+            if proc.popen.poll() is not None:
+                break
+            time.sleep(0.2)
+        self._others.remove(proc)
+        kill_process_tree(proc.popen)
+        _signal_pids({pid for pid in started if _alive(pid)}, signal.SIGKILL)
+        return False
+
+    def restart_superlink(self, *, kill: bool = True) -> None:
+        """Stop the SuperLink (``kill -9`` by default, else SIGTERM) with the SuperExec and
+        ServerApp under it, and start it again on the same port with the same ``--database``
+        (registrations and runs survive in it)."""
+        assert self.superlink is not None, "the SuperLink is not running"
+        old, self.superlink = self.superlink, None
+        if kill:
+            kill_process_tree(old.popen)
+        else:
+            stop_process(old.popen)
+        self.start_superlink()
+
+    def stop_run(self, run_id: int) -> bool:
+        """``flwr stop <run_id>``: mark a run whose ServerApp died (e.g. with the SuperLink) as
+        stopped, so that no SuperNode works for it any more. Whether the SuperLink accepted it."""
+        name = f"stop-run-{run_id}"
+        done = self._run_all({name: [str(_VENV_BIN / "flwr"), "stop", str(run_id), CONNECTION]}, self.startup_timeout_s)
+        return done[name].returncode == 0
+
     def start(self, *, register: bool = True) -> LocalDeployment:
         """Prepare, start the SuperLink, register every key (skip it when the SuperLink's
         database already holds them) and start every SuperNode."""
@@ -456,6 +551,20 @@ class LocalDeployment:
         timeout_s: float = 600.0,
     ) -> dict[str, Any]:
         """``flwr run`` the app on this deployment; returns the ServerApp's results.json."""
+        proc = self.launch(rounds=rounds, output_dir=output_dir, overrides=overrides)
+        return self.wait_results(proc, output_dir, timeout_s)
+
+    def launch(
+        self,
+        *,
+        rounds: int,
+        output_dir: str | Path,
+        overrides: Mapping[str, Any] | None = None,
+        resume: bool = False,
+    ) -> _Proc:
+        """Start ``flwr run --stream`` of the app on this deployment (not waiting for it); with
+        `resume`, a new Flower run that continues the interrupted run in `output_dir` from its
+        checkpoint (run config ``resume = true``; the rest of the run config must be the same)."""
         from feddistill.config import flat_run_config, parse_config
 
         output_dir = Path(output_dir).expanduser().resolve()
@@ -464,6 +573,7 @@ class LocalDeployment:
             **flat_run_config(overrides or {}),
             "rounds": rounds,
             "output-dir": str(output_dir),
+            "resume": resume,
         }
         parse_config(run_config, "deploy-local config")
         unknown = sorted(set(run_config) - self._app_keys)
@@ -472,14 +582,14 @@ class LocalDeployment:
                 f"run-config keys {unknown} are not in [tool.flwr.app.config] of "
                 f"{self.app_dir / 'pyproject.toml'}: Flower would reject them"
             )
-        from feddistill.runfolder import RunFolder, RunFolderError, prepare_run_folder
+        from feddistill.runfolder import RunFolderError, prepare_run_folder
 
         try:  # the ServerApp would refuse it too, but only after Flower has started the run
-            prepare_run_folder(output_dir, ways_out="use a fresh output dir for every run")
+            prepare_run_folder(output_dir, resume=resume, ways_out="use a fresh output dir for every run")
         except RunFolderError as exc:
             raise DeploymentError(str(exc)) from None
-        results_path = RunFolder(output_dir).results
-        config_file = self.out / f"run-config-{output_dir.name}.toml"
+        name = f"{output_dir.name}-resume" if resume else output_dir.name
+        config_file = self.out / f"run-config-{name}.toml"
         config_file.write_text("".join(f"{json.dumps(k)} = {_toml_value(v)}\n" for k, v in sorted(run_config.items())))
         cmd = [
             str(_VENV_BIN / "flwr"),
@@ -490,9 +600,16 @@ class LocalDeployment:
             "--run-config",
             str(config_file),
         ]
-        name = f"flwr-run-{output_dir.name}"
-        proc = self._spawn(name, cmd, self.env())
+        proc = self._spawn(f"flwr-run-{name}", cmd, self.env())
         self._others.append(proc)
+        self.last_run = {"run_id": None, "log": str(proc.log), "run_config": str(config_file)}
+        return proc
+
+    def wait_results(self, proc: _Proc, output_dir: str | Path, timeout_s: float = 600.0) -> dict[str, Any]:
+        """Wait for the run `proc` (from :meth:`launch`) to write results.json; stop `proc`."""
+        from feddistill.runfolder import RunFolder
+
+        results_path = RunFolder(Path(output_dir).expanduser().resolve()).results
         deadline = time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline:
@@ -517,13 +634,9 @@ class LocalDeployment:
                 pass
         finally:
             stop_process(proc.popen, grace_s=5.0)
-            self._others.remove(proc)
-        match = re.search(r"Successfully started run (\d+)", proc.tail(1_000_000))
-        self.last_run = {
-            "run_id": int(match.group(1)) if match else None,
-            "log": str(proc.log),
-            "run_config": str(config_file),
-        }
+            if proc in self._others:
+                self._others.remove(proc)
+        self.last_run["run_id"] = run_id_of(proc)
         return results
 
     def _check_alive(self) -> None:

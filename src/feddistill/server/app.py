@@ -121,13 +121,14 @@ def make_server_app(
         try:
             run_cfg = parse_config(dict(context.run_config), "run config")
             refuse_scenarios(run_cfg)
-            prepare_run_folder(run_cfg.output_dir, ways_out=FLWR_WAYS_OUT)  # fedavg too, before anything runs
+            # fedavg too, before anything runs; `resume = true` continues the run the folder holds
+            prepare_run_folder(run_cfg.output_dir, resume=run_cfg.resume, ways_out=FLWR_WAYS_OUT)
         except (ConfigError, RunFolderError) as exc:
             # one line in the log, and the same line as the run's failure details; a fresh exception
             # so that Flower's report does not carry the whole stack under it
             log.error("%s", exc)
             raise type(exc)(str(exc)) from None
-        run_server(grid, run_cfg, resume)
+        run_server(grid, run_cfg, resume or run_cfg.resume)
 
     return server_app
 
@@ -147,6 +148,8 @@ def refuse_scenarios(cfg: RunConfig) -> None:
         )
         if value
     ]
+    if cfg.resume and cfg.method != "feddistill":
+        raise ConfigError(f"run config: resume = true: a {cfg.method} run has no checkpoint to resume from")
     if asked and cfg.method == "feddistill":
         raise ConfigError(
             f"run config: {', '.join(asked)} asks for a simulation scenario, which `flwr run` does not install "
@@ -154,7 +157,10 @@ def refuse_scenarios(cfg: RunConfig) -> None:
         )
 
 
-FLWR_WAYS_OUT = "choose a fresh output-dir (flwr run neither resumes nor overwrites a run)"
+FLWR_WAYS_OUT = (
+    "choose a fresh output-dir (flwr run never overwrites a run), or continue an interrupted one from its "
+    "checkpoint with --run-config 'resume=true'"
+)
 
 
 app = make_server_app()

@@ -110,6 +110,7 @@ class RoundOutcome:
     drift_kl: float | None = None
     drift_alert: str | None = None
     release: dict[str, Any] | None = None
+    dropped_clients: list[int] | None = None  # sent the download, answer not kept (lost, refused or rejected)
 
 
 class DistillationRun:
@@ -192,6 +193,9 @@ class DistillationRun:
         cfg, d = self.cfg, self.cfg.distill
         self.participations: dict[int, int] = {}  # local mode: how often each node has answered
         self.devices: dict[int, dict[str, float]] = {}  # record-level ledgers reported by devices
+        # client -> rounds it was sent since its last kept answer: it may have trained (and charged its
+        # ledger) in them without its report reaching us, e.g. killed after training (see note_dropouts)
+        self.unconfirmed: dict[int, list[int]] = {}
         self.query_rng = np.random.default_rng(cfg.seed + 1)
         self.fleet_labels = FleetLabels(len(self.signal), self.num_classes, d.fleet_labels, d.consensus_precision)
         self.accepted = np.zeros(len(self.signal), dtype=bool)  # rows whose training label is the fleet's
@@ -248,6 +252,7 @@ class DistillationRun:
             self.releaser.released_temperature = state.extra["released_temperature"]
             self.fleet_labels.restore(state.extra["fleet_labels"])
             self.accepted = fleet_accepted(self.fleet_labels, self.held)
+        self.unconfirmed = state.extra.get("unconfirmed", {})
         if self.ledger is not None and self.plan.mode == "local":
             for rnd in journaled_rounds_after(self.out, state.round):  # answers that may have reached us
                 self.ledger.record(self.plan.event(), rnd, sensitivity=self.plan.sensitivity)
@@ -351,11 +356,27 @@ class DistillationRun:
 
             r.new_signal, r.collected = secagg_round(self.grid, r.messages, cfg, r.round, self.node_partition)
         else:
-            replies = self.grid.send_and_receive(r.messages, timeout=cfg.simulation.round_timeout) if r.messages else []
+            replies = (
+                list(self.grid.send_and_receive(r.messages, timeout=cfg.simulation.round_timeout)) if r.messages else []
+            )
             r.new_signal, r.collected = self.strategy.aggregate_round(replies, self.reply_check(r.round))
+            count_silent(r.collected, r.messages, replies, r.round)
         if cfg.audit.keep_artifacts:
             save_uploads(self.folder.upload(r.round), r.queries, r.collected)
         record_device_epsilons(self.devices, r.collected)
+        self.note_dropouts(r)
+
+    def note_dropouts(self, r: RoundOutcome) -> None:
+        """Who was sent the round's download and whose answer was not kept, by client id; and, for
+        the record-level report, the rounds since each client's last kept answer."""
+        assert r.messages is not None and r.collected is not None
+        sent = {self.node_partition[m.metadata.dst_node_id] for m in r.messages}
+        kept = set(r.collected.senders)
+        r.dropped_clients = sorted(sent - kept)
+        for client in kept:  # its report covers every round it trained in before this one
+            self.unconfirmed.pop(client, None)
+        for client in r.dropped_clients:
+            self.unconfirmed.setdefault(client, []).append(r.round)
 
     def reply_check(self, rnd: int) -> ReplyCheck:
         """The reply schema of this round, from the privacy plan; senders are Flower node ids."""
@@ -449,6 +470,7 @@ class DistillationRun:
             clients=len(r.messages),
             replies=collected.num_replies,
             dropped=collected.dropped,
+            dropped_clients=r.dropped_clients,
             over_budget_skipped=r.over_budget,
             answered_queries=r.answered_queries,
             fleet_labelled_rows=int(self.accepted.sum()),  # reference rows whose training label is the fleet's
@@ -490,7 +512,11 @@ class DistillationRun:
                 devices=self.devices,
                 rounds=self.rounds,
                 public_only=self.public_only.__dict__,
-                extra={**self.releaser.checkpoint_state(), "fleet_labels": self.fleet_labels.state()},
+                extra={
+                    **self.releaser.checkpoint_state(),
+                    "fleet_labels": self.fleet_labels.state(),
+                    "unconfirmed": self.unconfirmed,
+                },
             ),
         )
 
@@ -551,7 +577,7 @@ class DistillationRun:
                 "kl_threshold": cfg.drift.kl_threshold,
                 "alerts": [{"round": r["round"], "alert": r["drift_alert"]} for r in rounds if r["drift_alert"]],
             },
-            "privacy": privacy_report(cfg, self.privacy, self.ledger, self.devices),
+            "privacy": privacy_report(cfg, self.privacy, self.ledger, self.devices, self.unconfirmed),
             # simulation only: real devices' private labels are theirs alone (nobody knows the split)
             "label_histograms": None if self.devices_seen else self.fleet.label_histograms().tolist(),
         }
@@ -659,6 +685,19 @@ def charge_local(messages, participations, node_partition, ledger, plan, rnd):
             "round %d: %d sampled clients skipped: their next answer would exceed the client-level target", rnd, skipped
         )
     return kept, skipped
+
+
+def count_silent(collected: RoundReplies, messages: list[Message], replies: list[Message], rnd: int) -> None:
+    """Count, under "no reply", the clients sent the download that sent nothing back before the
+    round timed out (a device killed mid-round: Flower reports no error while its node is still
+    counted online), so that replies plus dropped always add up to the clients sent the round."""
+    # by message id: Flower's own error replies ("node unavailable") come from the SuperLink's node id
+    answered_ids = {reply.metadata.reply_to_message_id for reply in replies}
+    answered_nodes = {reply.metadata.src_node_id for reply in replies}
+    for msg in messages:
+        sent_id = msg.metadata.message_id
+        if not (sent_id in answered_ids if sent_id else msg.metadata.dst_node_id in answered_nodes):
+            collected.drop("no reply: nothing came back before the round timeout", msg.metadata.dst_node_id, rnd)
 
 
 def record_device_epsilons(devices: dict[int, dict[str, float]], collected: RoundReplies) -> None:

@@ -66,9 +66,16 @@ def save_uploads(path: Path, queries: np.ndarray, collected) -> None:
 
 
 def privacy_report(
-    cfg: RunConfig, privacy: RunPrivacy, ledger: PrivacyLedger | None, devices: dict[int, dict[str, float]]
+    cfg: RunConfig,
+    privacy: RunPrivacy,
+    ledger: PrivacyLedger | None,
+    devices: dict[int, dict[str, float]],
+    unconfirmed: dict[int, list[int]] | None = None,
 ) -> dict[str, Any]:
-    """results.json's "privacy": every epsilon with its unit, mechanism, accountant and delta."""
+    """results.json's "privacy": every epsilon with its unit, mechanism, accountant and delta.
+
+    ``unconfirmed``: client id -> rounds it was sent after its last kept answer (the round loop's
+    ``unconfirmed``); its device may have spent privacy in them that its reported epsilon lacks."""
     plan, record = privacy.upload, privacy.record
     client_level = None
     if ledger is not None:
@@ -114,6 +121,11 @@ def privacy_report(
             # the client id each reply's Flower node id maps to (identify_nodes), never an id a reply declares
             "devices_keyed_by": "client id of the sending Flower node (partition-id / device-id given at start-up)",
             "devices": {str(pid): m for pid, m in sorted(devices.items())},
+            # a device killed after training loses its reply, not its spend: say where the reported
+            # epsilons may be short, instead of under-reporting silently
+            "unconfirmed_rounds": {str(pid): rounds for pid, rounds in sorted((unconfirmed or {}).items())},
+            "unconfirmed_rounds_are": "rounds a device was sent after its last answer the server kept: it may "
+            "have trained and charged its own ledger in them (its epsilon may exceed the one reported here)",
         }
     report = PrivacyReport(client_level=client_level, record_level=record_level)
     if cfg.distill.secure_aggregation != "off":
