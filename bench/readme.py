@@ -175,6 +175,49 @@ def audit(d: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _eps_or_inf(x: float | None) -> str:
+    return "> 100" if x is None else f"{x:.2f}"
+
+
+def canary(d: dict[str, Any]) -> str:
+    runs = d["runs"]
+    lines = [
+        f"{d['fleet']}, {d['rounds']} rounds, {d['seeds']} seed(s) (one row each), δ = {d['delta']:g}; "
+        "lower bound: the larger of the one-run and threshold bounds (jointly 95 %).",
+        "",
+        "| run | claimed ε | estimated ε [95 % interval] | ε lower bound | DP violation flagged | accuracy |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in ("eps1", "eps4", "eps16", "no-dp", "broken-eps1"):
+        for r in runs[name]:
+            low, high = r["estimate_interval"]
+            claimed = "none" if r["claimed_epsilon"] is None else f"{r['claimed_epsilon']:.2f}"
+            lines.append(
+                f"| {name} | {claimed} | {_eps_or_inf(r['estimated_epsilon'])} "
+                f"[{_eps_or_inf(low)}, {_eps_or_inf(high)}] | {r['lower_bound']:.2f} | "
+                f"{'**yes**' if r['violation'] else 'no'} | {_pct(r['accuracy'])} |"
+            )
+    c = d["checks"]
+    lines += [
+        "",
+        f"Lower bound never above the claim: {'yes' if c['lower_bound_never_above_claim'] else '**no**'}; "
+        f"the claim inside the estimate's interval in {c['claim_inside_estimate_interval']} of "
+        f"{c['honest_runs']} DP runs; the broken run flagged: {'yes' if c['broken_flagged'] else '**no**'}.",
+        "",
+        "| audit slots | accuracy, no DP | accuracy, ε = 16 |",
+        "| --- | --- | --- |",
+    ]
+
+    def mean_acc(name: str) -> str:
+        return _pct(sum(r["accuracy"] for r in runs[name]) / len(runs[name]))
+
+    lines.append(
+        f"| none (the 4 slots answer honestly) | {mean_acc('no-dp-no-audit')} | {mean_acc('eps16-no-audit')} |"
+    )
+    lines.append(f"| 4 audit nodes answering canaries | {mean_acc('no-dp')} | {mean_acc('eps16')} |")
+    return "\n".join(lines) + "\n"
+
+
 def scale(d: dict[str, Any]) -> str:
     lines = [
         "| clients | sampled per round | engine | wall time | outside the rounds | seconds / round "
@@ -678,6 +721,7 @@ RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
     "headline": headline,
     "ablation": ablation,
     "soak": soak,
+    "canary": canary,
 }
 
 

@@ -173,6 +173,62 @@ def audit(
     )
 
 
+@cli.command(name="audit-deployment")
+def audit_deployment(
+    run_dir: Path = typer.Argument(..., help="The server's run folder of a deployed run (flwr run / deploy-local)."),
+    secret: Path = typer.Option(
+        ..., "--secret", "-s", help="The officer's canary secret (hex), as the audit nodes hold it."
+    ),
+    audit_node: list[int] = typer.Option(
+        [], "--audit-node", help="Node id (device-id / partition-id) of an audit SuperNode (repeatable)."
+    ),
+    canaries: int = typer.Option(16, "--canaries", help="Canaries per audit node (their node config audit-canaries)."),
+    generated: int = typer.Option(16, "--generated", help="Never-sent canary sets generated as held-out controls."),
+    device_canaries: list[Path] = typer.Option(
+        [], "--device-canaries", help="A device's exported canary records (`feddistill device-canaries`; repeatable)."
+    ),
+    policy: Path | None = typer.Option(None, "--policy", "-p", help="TOML policy (as for `feddistill audit`)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Report folder (default RUN_DIR/audit-deployment)."),
+) -> None:
+    """The privacy officer's audit of a deployed run: claimed vs estimated client-level epsilon from canary
+    clients, from the released signals only; audit.json, report.md, canaries.png.
+
+    Exit code 0: policy passed; 1: policy failed (a DP violation always fails); 2: unreadable input."""
+    _setup_logging(False)
+    if canaries < 1 or generated < 1:
+        _fail(f"--canaries {canaries} and --generated {generated} must be >= 1")
+    from feddistill.privacy.audit.deployment import main as deployment_main
+
+    raise typer.Exit(
+        deployment_main(
+            str(run_dir),
+            str(secret),
+            audit_node,
+            canaries,
+            None if policy is None else str(policy),
+            None if out is None else str(out),
+            generated,
+            [str(p) for p in device_canaries],
+        )
+    )
+
+
+@cli.command(name="device-canaries")
+def device_canaries_export(
+    data_dir: Path = typer.Argument(..., help="The device's data dir (node config data-dir)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the export for the privacy officer."),
+) -> None:
+    """On a device started with node config canary-records=M: export its canary records and their coins
+    (noise images, nothing private) for `feddistill audit-deployment --device-canaries`."""
+    from feddistill.client.record_canaries import export_record_canaries
+
+    try:
+        path = export_record_canaries(data_dir, out)
+    except ValueError as exc:
+        _fail(str(exc))
+    console.print(f"canary records: {path}")
+
+
 @cli.command()
 def certs(
     out: Path = typer.Option(

@@ -662,9 +662,30 @@ def _export_section(res: RunResults, run: RunFolder) -> str:
     return _table(["release", "form", "size", "test acc", "delta vs fp32", "p50 ms", "p95 ms"], rows)
 
 
+def _deployment_audit(run: RunFolder) -> str:
+    """The privacy officer's deployment audit, when one ran: claimed vs estimated epsilon, verdict, links."""
+    try:
+        audit = json.loads((run.audit_deployment / AUDIT_JSON).read_text())
+        claimed, estimated = audit["claimed_epsilon"], audit["estimated_epsilon"]
+        passed = audit["verdict"]["passed"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return ""
+    report, data = run.audit_deployment_link(AUDIT_MARKDOWN), run.audit_deployment_link(AUDIT_JSON)
+    claim = "none" if claimed is None else f"{claimed:.3g}"
+    estimate = "unbounded (> 100)" if estimated is None else f"{estimated:.3g}"
+    return (
+        f"<p>Deployment audit (canary clients): claimed client-level ε {claim}, estimated ε {estimate}; "
+        f'policy: <b>{"passed" if passed else "FAILED"}</b>. <a href="{report}">{report}</a>'
+        f' (<a href="{data}">{AUDIT_JSON}</a>).</p>'
+    )
+
+
 def _audit_section(res: RunResults, run: RunFolder) -> str:
     audit_dir = run.audit_report
+    deployment = _deployment_audit(run)
     if not (audit_dir / AUDIT_MARKDOWN).is_file():
+        if deployment:
+            return deployment
         return "<p>No audit has run on this folder: <code>feddistill audit RUN_DIR</code>.</p>"
     verdict = ""
     try:
@@ -676,7 +697,7 @@ def _audit_section(res: RunResults, run: RunFolder) -> str:
     report, data = run.audit_report_link(AUDIT_MARKDOWN), run.audit_report_link(AUDIT_JSON)
     return (
         f'<p>Membership-inference audit: <a href="{report}">{report}</a>'
-        f' (<a href="{data}">{AUDIT_JSON}</a>).{verdict}</p>'
+        f' (<a href="{data}">{AUDIT_JSON}</a>).{verdict}</p>' + deployment
     )
 
 

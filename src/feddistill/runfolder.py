@@ -32,8 +32,12 @@ export, releases, bench). Every path of it comes from :class:`RunFolder`; no oth
     RUN_DIR/audit/uploads/roundNNNN.npz    with audit.keep-artifacts: the uploads as received,
     RUN_DIR/audit/clients/client<N>.pt     each client's local student (a model file),
     RUN_DIR/audit/canaries.npz             and the one-run canaries
+    RUN_DIR/released/roundNNNN.npz         every round's released teacher signal on its queries
+                                           (queries, signal): what the client-level DP protects,
+                                           read by `feddistill audit-deployment`
     RUN_DIR/fedavg/, RUN_DIR/dp-fedavg/    the peer baselines' own run folders
     RUN_DIR/audit-report/                  `feddistill audit`: audit.json, report.md, ROC plots
+    RUN_DIR/audit-deployment/              `feddistill audit-deployment`: audit.json, report.md, canaries.png
     RUN_DIR/exports/<id>/                  `feddistill export`: export.json and two TorchScript files
     RUN_DIR/report.html                    `feddistill report`
 
@@ -105,8 +109,11 @@ WORKERS = "workers.jsonl"
 AUDIT = "audit"
 UPLOADS = "uploads"
 CANARIES = "canaries.npz"
+RELEASED = "released"  # every round's released teacher signal (server/outputs.save_released_signal)
 BASELINE_DIRS = ("fedavg", "dp-fedavg")  # a peer baseline's run folder, named after its method
 AUDIT_REPORT = "audit-report"
+AUDIT_DEPLOYMENT = "audit-deployment"  # `feddistill audit-deployment`'s default report folder
+CANARY_PLOT = "canaries.png"
 AUDIT_JSON = "audit.json"
 AUDIT_MARKDOWN = "report.md"
 EXPORTS = "exports"
@@ -115,7 +122,7 @@ EXPORT_INT8 = "student_int8.torchscript.pt"
 EXPORT_META = "export.json"
 REPORT_HTML = "report.html"
 
-UPLOAD_FILE = re.compile(r"^round(\d+)\.npz$")  # audit/uploads/roundNNNN.npz
+UPLOAD_FILE = re.compile(r"^round(\d+)\.npz$")  # audit/uploads/roundNNNN.npz, released/roundNNNN.npz
 UPLOAD_KEY = re.compile(r"^client(-?\d+)$")  # an array of one sender's answers in an uploads file
 CLIENT_FILE = re.compile(r"^client(\d+)\.pt$")  # audit/clients/client<N>.pt, clients/client<N>.pt
 
@@ -137,9 +144,11 @@ RUN_ENTRIES = frozenset(
         RELIABILITY_PLOT,
         RELEASES,
         CLIENTS,
-        AUDIT,  # the run itself
+        AUDIT,
+        RELEASED,  # the run itself
         *BASELINE_DIRS,  # its baselines (Flower's FedAvg / DP-FedAvg on the same fleet)
         AUDIT_REPORT,
+        AUDIT_DEPLOYMENT,
         EXPORTS,
         REPORT_HTML,  # feddistill audit / export / report
     }
@@ -171,13 +180,31 @@ class RunFolder:
     uploads = property(lambda self: self.root / AUDIT / UPLOADS)
     local_students = property(lambda self: self.root / AUDIT / CLIENTS)
     canaries = property(lambda self: self.root / AUDIT / CANARIES)
+    released = property(lambda self: self.root / RELEASED)
     audit_report = property(lambda self: self.root / AUDIT_REPORT)
+    audit_deployment = property(lambda self: self.root / AUDIT_DEPLOYMENT)
     exports = property(lambda self: self.root / EXPORTS)
     report_html = property(lambda self: self.root / REPORT_HTML)
 
     def upload(self, rnd: int) -> Path:
         """The uploads of round ``rnd`` as the server received them."""
         return self.uploads / f"round{rnd:04d}.npz"
+
+    def released_signal(self, rnd: int) -> Path:
+        """Round ``rnd``'s released teacher signal: ``queries`` (|Q|,) and ``signal`` (|Q|, C)."""
+        return self.released / f"round{rnd:04d}.npz"
+
+    def released_rounds(self) -> dict[int, Path]:
+        """Every released teacher signal in the folder, by round."""
+        if not self.released.is_dir():
+            return {}
+        found = {p.name: UPLOAD_FILE.match(p.name) for p in self.released.iterdir()}
+        return {int(m.group(1)): self.released / name for name, m in sorted(found.items()) if m}
+
+    @staticmethod
+    def audit_file(name: str) -> str:
+        """A file name of an audit report folder: ``json`` (audit.json), ``markdown`` (report.md), ``canaries``."""
+        return {"json": AUDIT_JSON, "markdown": AUDIT_MARKDOWN, "canaries": CANARY_PLOT}[name]
 
     @staticmethod
     def upload_key(client: int) -> str:
@@ -214,6 +241,11 @@ class RunFolder:
     def audit_roc(target: str) -> str:
         """The name of an audit target's log-log ROC plot in the audit report's folder."""
         return f"roc_{target}.png"
+
+    @staticmethod
+    def audit_deployment_link(name: str = AUDIT_MARKDOWN) -> str:
+        """A file of the default deployment-audit report, relative to the run folder."""
+        return f"{AUDIT_DEPLOYMENT}/{name}"
 
     @staticmethod
     def audit_report_link(name: str = AUDIT_MARKDOWN) -> str:

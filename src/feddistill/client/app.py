@@ -56,6 +56,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from feddistill import protocol
 from feddistill.client.answers import abstentions, answer_logits, label_counts
+from feddistill.client.canary import canary_logits, is_canary_node, node_canaries
 from feddistill.client.device import ClientData, client_data, device_id, is_device
 from feddistill.client.placement import log_placement
 from feddistill.client.state import load_state, save_state, state_dir
@@ -129,6 +130,9 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
     seed = cfg.seed * 1_000_003 + rnd * 10_007 + partition_id
     private = noise_seed(cfg, seed, device)
 
+    if is_canary_node(context):  # an audit SuperNode (feddistill.client.canary): canary answers, no training
+        return canary_reply(msg, context, privacy.upload, queries, num_classes, rnd, data.reference_digest, private)
+
     store = state_dir(cfg, context)
     kept = load_state(store, partition_id, rnd)
     student = _start_student(cfg, config, teacher, kept.student, partition_id, image_size, num_classes)
@@ -162,6 +166,26 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
     if cfg.audit.keep_artifacts:  # simulation only: the auditor's target (b), the local student
         save_local_student(student, cfg, partition_id)
     return distill_reply(msg, answers, rnd, data.reference_digest, None if ledger is None else ledger.epsilon())
+
+
+def canary_reply(
+    msg: Message,
+    context: Context,
+    plan: UploadPrivacy,
+    queries: np.ndarray,
+    num_classes: int,
+    rnd: int,
+    digest: str,
+    private: int | None,
+) -> Message:
+    """An audit node's reply: its canaries' answers through the same bounding, local noise and
+    wire encoding as a device's answers, in the same reply schema (no record-level epsilon: it
+    trains on nothing)."""
+    secret, canaries = node_canaries(context)
+    logits = canary_logits(secret, device_id(context), rnd, queries, num_classes, canaries, plan.bound)
+    answers = answer_matrix(logits, plan, None if private is None else private + 2)
+    dtype = str(msg.content.config_records[protocol.CONFIG_RECORD]["answer-dtype"])
+    return distill_reply(msg, encode_answers(answers, dtype), rnd, digest, None)
 
 
 def _device_refusal(cfg: RunConfig, context: Context, device: bool) -> tuple[str | None, float | None]:

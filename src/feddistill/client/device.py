@@ -13,7 +13,9 @@ nothing else:
     server sends each round, otherwise the device refuses to answer.
 
 The device's persisted student and record-level privacy ledger live in ``data-dir/state``
-(:func:`feddistill.client.state.state_dir`).
+(:func:`feddistill.client.state.state_dir`); with the node config ``canary-records=M`` its
+canary records for the officer's audit live in ``data-dir/canary-records.npz``
+(:mod:`feddistill.client.record_canaries`).
 
 Without ``data-dir`` (simulation) the data come from the simulated fleet
 (:func:`feddistill.data.fleet.load_fleet`), as before.
@@ -32,6 +34,7 @@ import torch
 from flwr.app import Context
 
 from feddistill.atomic import atomic_path
+from feddistill.client.record_canaries import RECORDS_KEY, record_canaries
 from feddistill.config import RunConfig
 from feddistill.data import ArrayDataset, DataError, reference_digest
 
@@ -173,13 +176,37 @@ def client_data(cfg: RunConfig, context: Context) -> ClientData:
     """
     partition_id = device_id(context)
     if is_device(context):
-        return read_device_data(str(context.node_config["data-dir"]), partition_id)
+        data = read_device_data(str(context.node_config["data-dir"]), partition_id)
+        return with_record_canaries(data, context)
     from feddistill.data.fleet import as_tensors, fleet_canaries, load_fleet, training_data
 
     fleet = load_fleet(cfg.data, cfg.fleet, cfg.seed)
     ref_x, _ = as_tensors(fleet.splits.reference)
     private_x, private_y = training_data(fleet, partition_id, fleet_canaries(cfg))
     return ClientData(ref_x, fleet.splits.reference_digest, private_x, private_y, partition_id)
+
+
+def with_record_canaries(data: ClientData, context: Context) -> ClientData:
+    """The device's data with its included canary records (node config ``canary-records``,
+    :mod:`feddistill.client.record_canaries`) in the private training set."""
+    raw = context.node_config.get(RECORDS_KEY)
+    if raw is None or raw == "":
+        return data
+    try:
+        count = int(str(raw))
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ValueError(f"node config {RECORDS_KEY} = {raw!r} must be an integer >= 1")
+    base = Path(str(context.node_config["data-dir"])).expanduser().resolve()
+    # labels in the range the device's own labels span: it holds no list of the task's classes
+    num_classes = max(2, int(data.private_y.max()) + 1)
+    can = record_canaries(base, count, tuple(data.private_x.shape[1:]), num_classes, data.partition_id)
+    keep = can["included"]
+    return data._replace(
+        private_x=torch.cat([data.private_x, torch.from_numpy(can["x"][keep])]),
+        private_y=torch.cat([data.private_y, torch.from_numpy(can["y"][keep])]),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,10 @@ Faults, for the restart soak (``bench/soak.py``): :meth:`LocalDeployment.kill_su
 :meth:`~LocalDeployment.restart_superlink` (same port, same ``--database``),
 :meth:`~LocalDeployment.stop_run` (``flwr stop``) and ``launch(..., resume=True)`` (a new
 ``flwr run`` that continues the run in its output dir from its checkpoint).
+The privacy officer's audit (``feddistill audit-deployment``) can be tried too: ``--audit-nodes N``
+makes the last N SuperNodes audit nodes (node config ``audit-canary-secret``, the secret made in
+``<out>/officer/canary.secret`` unless ``--audit-secret``), and ``--canary-records M`` has every
+device hold M canary records (node config ``canary-records``).
 
 CLI: ``python -m feddistill.deploy.local OUT [--supernodes N] [--rounds R]
 [--config FILE.toml] [--set KEY=VALUE ...] [--timeout S] [--app-dir DIR] [--no-sign]``.
@@ -37,6 +41,7 @@ import argparse
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import ssl
@@ -45,12 +50,16 @@ import sys
 import time
 import tomllib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from feddistill.atomic import atomic_path
+from feddistill.client.canary import CANARIES_KEY, DEFAULT_CANARIES, SECRET_KEY
+from feddistill.client.record_canaries import RECORDS_KEY
 from feddistill.deploy.certs import RELEASE_SIGNING_KEY, CredentialPaths, generate_credentials
 
-__all__ = ["CONNECTION", "LocalDeployment", "DeploymentError", "deploy_local", "find_app_dir", "main"]
+__all__ = ["AuditNodes", "CONNECTION", "LocalDeployment", "DeploymentError", "deploy_local", "find_app_dir", "main"]
 
 CONNECTION = "feddistill-local"  # name of the SuperLink connection in $FLWR_HOME/config.toml
 _VENV_BIN = Path(sys.executable).parent
@@ -215,6 +224,20 @@ def kill_process_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> int | No
     return code
 
 
+@dataclass(frozen=True)
+class AuditNodes:
+    """The privacy officer's audit SuperNodes in a local deployment: how many (the last ones),
+    the officer's secret file (None: one is made under OUT/officer) and canaries per node."""
+
+    count: int = 0
+    secret: Path | None = None
+    canaries: int = DEFAULT_CANARIES
+    record_canaries: int = 0  # canary records each device holds (node config canary-records), 0: none
+
+    def node_config(self, secret: Path) -> str:
+        return f" {SECRET_KEY}={_toml_string_path(secret.resolve())} {CANARIES_KEY}={self.canaries}"
+
+
 class LocalDeployment:
     """SuperLink + SuperNodes on 127.0.0.1 with TLS and SuperNode authentication.
 
@@ -231,6 +254,7 @@ class LocalDeployment:
         startup_timeout_s: float = 60.0,
         sign: bool = True,
         supernode_bin: str | Path | None = None,
+        audit: AuditNodes | None = None,
     ) -> None:
         """``supernode_bin``: the ``bin`` folder of the environment the SuperNodes (and the ClientApp
         processes they start) run in, e.g. a device install's venv; default: this one's."""
@@ -238,6 +262,9 @@ class LocalDeployment:
 
         if num_supernodes < 1:
             raise ValueError("num_supernodes must be >= 1")
+        self.audit = audit or AuditNodes()
+        if self.audit.count >= num_supernodes:
+            raise ValueError(f"{self.audit.count} audit SuperNodes leave no device among {num_supernodes} SuperNodes")
         self.out = Path(out_dir).expanduser().resolve()
         self.num_supernodes = num_supernodes
         self.app_dir = Path(app_dir).resolve() if app_dir is not None else find_app_dir()
@@ -271,6 +298,16 @@ class LocalDeployment:
         self._others: list[_Proc] = []
 
     # ---- paths
+    @property
+    def audit_node_ids(self) -> list[int]:
+        """The audit SuperNodes: the last ``audit.count`` of them (their partition-id is their index)."""
+        return list(range(self.num_supernodes - self.audit.count, self.num_supernodes))
+
+    @property
+    def officer_secret(self) -> Path:
+        """The officer's canary secret: the one given, or ``OUT/officer/canary.secret`` made by :meth:`prepare`."""
+        return self.audit.secret or self.out / "officer" / "canary.secret"
+
     def device_dir(self, i: int) -> Path:
         return self.out / "devices" / f"device-{i}"
 
@@ -347,6 +384,11 @@ class LocalDeployment:
                 raise DeploymentError(f"{missing[0]}: missing; remove {certs_dir} to regenerate all credentials")
         else:
             self.creds = generate_credentials(certs_dir, num_supernodes=self.num_supernodes)
+        if self.audit.count and not self.officer_secret.is_file():  # on real hardware the officer makes it
+            self.officer_secret.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.officer_secret) as tmp:
+                tmp.write_text(secrets.token_hex(32) + "\n")
+                tmp.chmod(0o600)
         fleet = load_fleet(self.cfg.data, self.cfg.fleet, self.cfg.seed)
         for i in range(self.num_supernodes):
             write_device_data(self.device_dir(i), fleet.private_data(i), fleet.splits.reference)
@@ -447,6 +489,10 @@ class LocalDeployment:
         )
         if self.sign:  # the device accepts only downloads signed by the deployment's key
             node_config += f" release-public-key={_toml_string_path(self.creds.release_signing_pub.resolve())}"
+        if i in self.audit_node_ids:  # the officer's audit SuperNode: canary answers (feddistill.client.canary)
+            node_config += self.audit.node_config(self.officer_secret)
+        elif self.audit.record_canaries:  # a device holding canary records (feddistill.client.record_canaries)
+            node_config += f" {RECORDS_KEY}={self.audit.record_canaries}"
         cmd = [
             str(self.supernode_bin / "flower-supernode"),
             "--superlink", self.address,
@@ -674,6 +720,7 @@ def deploy_local(
     timeout_s: float = 600.0,
     app_dir: str | Path | None = None,
     sign: bool = True,
+    audit: AuditNodes | None = None,
 ) -> dict[str, Any]:
     """Deploy on 127.0.0.1 with TLS + SuperNode auth (+ signed downloads and pinned key unless
     ``sign=False``), run `rounds` rounds, stop everything.
@@ -687,7 +734,7 @@ def deploy_local(
     t0 = time.monotonic()
     deadline = t0 + timeout_s
     deployment = LocalDeployment(
-        out_dir, num_supernodes=num_supernodes, app_dir=app_dir, config=config_overrides, sign=sign
+        out_dir, num_supernodes=num_supernodes, app_dir=app_dir, config=config_overrides, sign=sign, audit=audit
     )
     with deployment:
         deployment.start()
@@ -705,6 +752,8 @@ def deploy_local(
         "certs": str(deployment.creds.out_dir),
         "device_dirs": [str(deployment.device_dir(i)) for i in range(num_supernodes)],
         "signed": sign,
+        "audit_nodes": deployment.audit_node_ids,
+        "officer_secret": str(deployment.officer_secret) if deployment.audit.count else None,
         "seconds": time.monotonic() - t0,
     }
 
@@ -724,6 +773,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="Override a run-config key, e.g. --set teacher.epochs=20",
     )
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument(
+        "--audit-nodes", type=int, default=0, help="The last N SuperNodes are the officer's audit nodes (canaries)"
+    )
+    parser.add_argument("--audit-secret", type=Path, default=None, help="The officer's canary secret (default: made)")
+    parser.add_argument("--audit-canaries", type=int, default=DEFAULT_CANARIES, help="Canaries per audit node")
+    parser.add_argument("--canary-records", type=int, default=0, help="Canary records per device (record-level audit)")
     parser.add_argument("--app-dir", type=Path, default=None)
     parser.add_argument(
         "--no-sign",
@@ -752,6 +807,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             timeout_s=args.timeout,
             app_dir=args.app_dir,
             sign=args.sign,
+            audit=AuditNodes(args.audit_nodes, args.audit_secret, args.audit_canaries, args.canary_records),
         )
     except (DeploymentError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -763,6 +819,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if info["signed"]:
         print(
             f"downloads signed with {Path(info['certs']) / RELEASE_SIGNING_KEY}; every SuperNode pinned its public key"
+        )
+    if args.canary_records:
+        for i, device in enumerate(info["device_dirs"]):
+            if i not in info["audit_nodes"]:
+                print(f"device {i}: feddistill device-canaries {device} --out {device}-canaries.npz")
+    if info["officer_secret"]:
+        nodes = " ".join(f"--audit-node {i}" for i in info["audit_nodes"])
+        print(
+            f"audit nodes {info['audit_nodes']}: feddistill audit-deployment {Path(info['results_path']).parent} "
+            f"--secret {info['officer_secret']} {nodes} --canaries {args.audit_canaries}"
         )
     print(f"results: {info['results_path']}  logs: {Path(info['out_dir']) / 'logs'}  ({info['seconds']:.0f} s)")
     return 0

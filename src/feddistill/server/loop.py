@@ -52,6 +52,7 @@ from feddistill.server.outputs import (
     privacy_report,
     save_audit_setup,
     save_privacy_plan,
+    save_released_signal,
     save_reliability,
     save_student,
     save_uploads,
@@ -363,6 +364,8 @@ class DistillationRun:
             count_silent(r.collected, r.messages, replies, r.round)
         if cfg.audit.keep_artifacts:
             save_uploads(self.folder.upload(r.round), r.queries, r.collected)
+        if r.new_signal is not None:  # what this round releases: the deployment audit's input
+            save_released_signal(self.folder.released_signal(r.round), r.queries, r.new_signal)
         record_device_epsilons(self.devices, r.collected)
         self.note_dropouts(r)
 

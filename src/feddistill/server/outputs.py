@@ -65,6 +65,14 @@ def save_uploads(path: Path, queries: np.ndarray, collected) -> None:
         np.savez_compressed(tmp, **arrays)
 
 
+def save_released_signal(path: Path, queries: np.ndarray, signal: np.ndarray) -> None:
+    """A round's released teacher signal (the DP output of the round) on its queries, for the
+    privacy officer's deployment audit (``feddistill audit-deployment``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        np.savez_compressed(tmp, queries=np.asarray(queries, dtype=np.int64), signal=np.asarray(signal, np.float32))
+
+
 def privacy_report(
     cfg: RunConfig,
     privacy: RunPrivacy,

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 
 from feddistill.atomic import atomic_path  # noqa: E402
 
-__all__ = ["dp_tradeoff_curve", "plot_roc_loglog"]
+__all__ = ["dp_tradeoff_curve", "plot_canary_statistics", "plot_roc_loglog"]
 
 
 def dp_tradeoff_curve(fpr: Any, epsilon: float, delta: float) -> np.ndarray:
@@ -98,6 +98,32 @@ def plot_roc_loglog(
         fig.tight_layout()
         p = os.fspath(path)
         with atomic_path(p) as tmp:  # same suffix: the format is still the file's
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)
+    return p
+
+
+def plot_canary_statistics(scores: Any, groups: Any, path: str | os.PathLike[str], *, title: str = "") -> str:
+    """Histograms of the canary statistics per group (inserted, held-out, generated): the gap
+    between inserted and the rest is what the deployment audit's epsilon estimate measures."""
+    s, g = np.asarray(scores, float), np.asarray(groups).astype(str)
+    fig, ax = plt.subplots(figsize=(6.0, 3.8), dpi=120)
+    try:
+        finite = s[np.isfinite(s)]
+        edges = np.linspace(float(finite.min()), float(finite.max()) + 1e-9, 40) if finite.size else np.arange(11.0)
+        for name in ("generated", "held-out", "inserted"):
+            values = s[(g == name) & np.isfinite(s)]
+            if values.size:
+                ax.hist(values, bins=list(edges), density=True, alpha=0.5, label=f"{name} ({values.size})")
+        ax.set_xlabel("canary statistic: cosine with the released signals")
+        ax.set_ylabel("density")
+        if title:
+            ax.set_title(title)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = os.fspath(path)
+        with atomic_path(p) as tmp:
             fig.savefig(tmp)
     finally:
         plt.close(fig)

@@ -14,7 +14,7 @@ from feddistill.runfolder import RunFolder
 
 from .plots import plot_roc_loglog
 
-__all__ = ["sanitize", "write_json", "write_roc_plots", "write_report"]
+__all__ = ["sanitize", "write_deployment_report", "write_json", "write_roc_plots", "write_report"]
 
 _FPRS = (("0.1", "10 %"), ("0.01", "1 %"), ("0.001", "0.1 %"))
 
@@ -347,3 +347,45 @@ def _method_lines(audit: dict[str, Any]) -> list[str]:
     if t:
         lines += [f"Audit time: {t.get('total', 0):.1f} s.", ""]
     return lines
+
+
+def _eps_text(x: Any) -> str:
+    return "unbounded (> 100: no measurable noise)" if x is None else _f(x)
+
+
+def write_deployment_report(path: Path, audit: dict[str, Any]) -> None:
+    """report.md of `feddistill audit-deployment`: verdict, claimed vs estimated epsilon, the
+    lower bounds, the threat model, and what a deployment audit cannot measure and why."""
+    est, claim = audit["estimate"], audit["claimed"]
+    low, high = est["epsilon_estimate_interval"]
+    lines = _verdict_lines(audit) + [
+        "## Claimed vs estimated client-level ε",
+        "",
+        f"- **Claimed ε**: {_eps_text(claim['epsilon']) if claim else 'none (the run claims no client-level DP)'}"
+        + (
+            f" at δ = {claim['delta']:.3g} ({claim.get('mechanism', '–')}, {claim.get('accountant', '–')})"
+            if claim
+            else ""
+        ),
+        f"- **Estimated ε** (one-shot, Andrew et al. 2024): {_eps_text(est['epsilon_estimate'])} at δ = "
+        f"{est['delta']:.3g}; {1 - audit['confidence']['alpha']:.0%} interval {_eps_text(low)} .. {_eps_text(high)} "
+        f"(mu = {_f(est['mu_client'])}, extrapolated from the canaries' mu {_f(est['mu_canary'])})",
+        f"- ε one canary leaks: {_eps_text(est['epsilon_estimate_per_canary'])}",
+        f"- Canaries: {est['inserted']['n']} inserted, {est['held_out']} held out, {est['generated']} generated; "
+        f"audit nodes {audit['audit_nodes']} with {audit['canaries_per_node']} canaries each; "
+        f"rounds {audit['rounds']}",
+        "",
+        "| lower bound | ε lower bound | max certifiable | claimed ε | result |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for b in audit["epsilon_lower_bounds"]:
+        res = "no claim" if b["claimed_epsilon"] is None else ("**DP VIOLATION**" if b["violation"] else "ok")
+        lines.append(
+            f"| {b['source']} | {_f(b['epsilon_lower_bound'])} | {_f(b['max_certifiable_epsilon'])} | "
+            f"{_f(b['claimed_epsilon'])} | {res} |"
+        )
+    lines += ["", f"**Threat model**: {audit['threat_model']}.", "", "## Not measured in a deployment", ""]
+    lines += [f"- {what}: {why}." for what, why in audit["not_measured"].items()]
+    lines += ["", f"![canary statistics]({audit['plots']['canaries']})", ""]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines))
