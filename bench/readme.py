@@ -314,6 +314,7 @@ def install(d: dict[str, Any]) -> str:
             f"ClientApp processes ran in the device environment): {node['replies']} replies from {node['clients']} "
             f"sampled devices, {node['wall_seconds']:.0f} s including start-up and the public teacher's training."
         )
+    return "\n".join(lines) + "\n"
 
 
 def soak(d: dict[str, Any]) -> str:
