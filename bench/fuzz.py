@@ -904,12 +904,13 @@ def _bookkeeping(cfg: Any, plan: Any, collected: Any, fuzzed: Any) -> dict[int, 
     from flwr.server.compat.grid_client_proxy import GridClientProxy
 
     from feddistill import protocol
+    from feddistill.privacy.plan import run_privacy
     from feddistill.server.app import privacy_report, record_device_epsilons
     from feddistill.server.secagg import SecAggReplies, survivor_metrics
 
     devices = {client: {"record-epsilon": PRIOR_EPSILON} for client in range(len(NODES))}
     record_device_epsilons(devices, collected)
-    report = privacy_report(cfg, plan, None, devices)
+    report = privacy_report(cfg, run_privacy(cfg), None, devices)
     json.dumps(
         {
             "privacy": report,

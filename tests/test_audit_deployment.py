@@ -62,12 +62,13 @@ def _secret_file(tmp_path: Path) -> Path:
 
 
 def _request(cfg, digest: str, rnd: int = 1) -> Message:
+    from feddistill.privacy.plan import run_privacy
     from feddistill.server.app import round_config
     from feddistill.strategies import teacher_arrays
 
     queries = np.arange(100, 100 + cfg.distill.query_size)
     signal = np.full((len(queries), 10), 0.1, np.float32)
-    config = round_config(cfg, digest)
+    config = round_config(cfg, digest, run_privacy(cfg))
     config[protocol.ROUND] = rnd
     content = RecordDict({protocol.TEACHER_RECORD: teacher_arrays(signal, queries), protocol.CONFIG_RECORD: config})
     return Message(content, dst_node_id=1, message_type=protocol.DISTILL)

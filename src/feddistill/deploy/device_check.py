@@ -76,9 +76,10 @@ def _device_data(workdir: Path) -> tuple[Path, str]:
 
 def _request(cfg: RunConfig, digest: str, rnd: int) -> Message:
     """A ``train.distill`` request as the server sends it: round config, queries, teacher signal."""
+    from feddistill.privacy.plan import run_privacy
     from feddistill.server.loop import round_config
 
-    config = round_config(cfg, digest)
+    config = round_config(cfg, digest, run_privacy(cfg))
     config[protocol.ROUND] = rnd
     signal = np.full((QUERIES, CLASSES), 1.0 / CLASSES, np.float32)
     teacher = ArrayRecord({protocol.SIGNAL: Array(signal), protocol.QUERIES: Array(np.arange(QUERIES, dtype=np.int64))})

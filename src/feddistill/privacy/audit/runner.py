@@ -914,5 +914,5 @@ def main(
         )
     for r in audit["verdict"]["rules"]:
         print(f"VERDICT {'PASS' if r['passed'] else 'FAIL'} {r['rule']}: {r['detail']}")
-    print(f"{'PASSED' if code == 0 else 'FAILED'}; report: {out_dir / 'report.md'}")
+    print(f"{'PASSED' if code == 0 else 'FAILED'}; report: {out_dir / AUDIT_MARKDOWN}")
     return code
