@@ -44,8 +44,8 @@ def test_secagg_round_gives_the_server_the_mean_of_the_plain_answers(tmp_path, m
     seen = []
     real_round = secagg.secagg_round
 
-    def recording_round(grid, messages, cfg, rnd, node_partition):
-        signal, collected = real_round(grid, messages, cfg, rnd, node_partition)
+    def recording_round(grid, messages, cfg, rnd, node_partition, **kwargs):
+        signal, collected = real_round(grid, messages, cfg, rnd, node_partition, **kwargs)
         seen.append((rnd, messages[0].content, collected, signal))
         return signal, collected
 
@@ -210,3 +210,20 @@ def test_secagg_keys_are_in_the_flower_run_config():
     assert len(keys) == 5
     for key in keys:
         assert flwr[key] == default[key], key
+
+
+@pytest.mark.parametrize("client_level,bound", [("off", "probs"), ("central", "probs"), ("gnmax", "votes")])
+def test_the_secagg_signal_is_the_round_strategys_rule_without_server_noise(client_level, bound):
+    from feddistill.privacy.plan import upload_privacy
+    from feddistill.server.loop import build_strategy
+
+    overrides = {} if client_level == "off" else {"privacy.noise_multiplier": 0.8}
+    cfg = load_config(None, {**SECAGG, "privacy.client_level": client_level, "privacy.bound": bound, **overrides})
+    strategy = build_strategy(cfg, upload_privacy(cfg), np.random.default_rng(0))
+    mean = np.random.default_rng(1).dirichlet(np.ones(10), size=cfg.distill.query_size)
+    signal = strategy.signal_from_mean(mean)
+    np.testing.assert_array_equal(signal, strategy.signal_from_mean(mean))  # the server adds no noise of its own
+    if client_level == "gnmax":
+        np.testing.assert_array_equal(signal, np.eye(10, dtype=np.float32)[mean.argmax(axis=1)])
+    else:  # MeanAnswers' rule for one (already averaged) matrix
+        np.testing.assert_allclose(signal, normalize_rows(mean), rtol=0, atol=1e-12)

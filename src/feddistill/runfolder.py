@@ -35,6 +35,8 @@ export, releases, bench). Every path of it comes from :class:`RunFolder`; no oth
     RUN_DIR/released/roundNNNN.npz         every round's released teacher signal on its queries
                                            (queries, signal): what the client-level DP protects,
                                            read by `feddistill audit-deployment`
+    RUN_DIR/secagg/roundNNNN.npz           under SecAgg+: what the server unmasked each round (the
+                                           round's queries, the survivors' mean, their client ids)
     RUN_DIR/fedavg/, RUN_DIR/dp-fedavg/    the peer baselines' own run folders
     RUN_DIR/audit-report/                  `feddistill audit`: audit.json, report.md, ROC plots
     RUN_DIR/audit-deployment/              `feddistill audit-deployment`: audit.json, report.md, canaries.png
@@ -106,6 +108,7 @@ RELEASES = "releases"
 RELEASE_INDEX = "index.json"
 CLIENTS = "clients"
 WORKERS = "workers.jsonl"
+SECAGG = "secagg"
 AUDIT = "audit"
 UPLOADS = "uploads"
 CANARIES = "canaries.npz"
@@ -146,6 +149,7 @@ RUN_ENTRIES = frozenset(
         CLIENTS,
         AUDIT,
         RELEASED,  # the run itself
+        SECAGG,  # the run itself
         *BASELINE_DIRS,  # its baselines (Flower's FedAvg / DP-FedAvg on the same fleet)
         AUDIT_REPORT,
         AUDIT_DEPLOYMENT,
@@ -181,6 +185,7 @@ class RunFolder:
     local_students = property(lambda self: self.root / AUDIT / CLIENTS)
     canaries = property(lambda self: self.root / AUDIT / CANARIES)
     released = property(lambda self: self.root / RELEASED)
+    secagg = property(lambda self: self.root / SECAGG)
     audit_report = property(lambda self: self.root / AUDIT_REPORT)
     audit_deployment = property(lambda self: self.root / AUDIT_DEPLOYMENT)
     exports = property(lambda self: self.root / EXPORTS)
@@ -210,6 +215,10 @@ class RunFolder:
     def upload_key(client: int) -> str:
         """The array of ``client``'s answers in an uploads file (:data:`UPLOAD_KEY`)."""
         return f"client{client}"
+
+    def secagg_sum(self, rnd: int) -> Path:
+        """What the server unmasked in round ``rnd`` under SecAgg+ (no single answer: their mean)."""
+        return self.secagg / f"round{rnd:04d}.npz"
 
     def local_student(self, client: int) -> Path:
         """Client ``client``'s final local student, kept for the audit."""

@@ -154,18 +154,36 @@ def handle_distill(msg: Message, context: Context, cfg: RunConfig) -> Message:
         student, query_x, signal, temperature=temperature, epochs=int(config["digest-epochs"]), seed=seed, **common
     )
     _revisit(student, data, query_x, signal, cfg, config, common, ledger, event, seed=seed, private=private, rnd=rnd)
-    counts = label_counts(data.private_y.numpy(), num_classes)  # stays on the device
-    logits = answer_logits(predict_logits(student, query_x).numpy(), counts, cfg)
-    answers = answer_matrix(
-        logits, privacy.upload, None if private is None else private + 2, abstain=abstentions(logits, counts, cfg)
+    answers = student_answers(
+        student, data, query_x, num_classes, cfg, privacy.upload, str(config["answer-dtype"]), private
     )
-    answers = encode_answers(answers, str(config["answer-dtype"]))
     save_state(store, partition_id, rnd, student.state_dict(), None if ledger is None else ledger.to_json())
     if not device:  # a simulated client: which host / Ray node ran its round (feddistill.client.placement)
         log_placement(cfg.output_dir, rnd, partition_id)
     if cfg.audit.keep_artifacts:  # simulation only: the auditor's target (b), the local student
         save_local_student(student, cfg, partition_id)
     return distill_reply(msg, answers, rnd, data.reference_digest, None if ledger is None else ledger.epsilon())
+
+
+def student_answers(
+    student: torch.nn.Module,
+    data: ClientData,
+    query_x: torch.Tensor,
+    num_classes: int,
+    cfg: RunConfig,
+    plan: UploadPrivacy,
+    answer_dtype: str,
+    private: int | None,
+) -> np.ndarray:
+    """What the client answers on the round's queries with its trained ``student``, in its wire
+    dtype: bounded, abstentions zeroed, noised under ``local`` DP (``private``: the privacy seed
+    of the round, None for OS entropy). Without local noise it depends on the student alone."""
+    counts = label_counts(data.private_y.numpy(), num_classes)  # stays on the device
+    logits = answer_logits(predict_logits(student, query_x).numpy(), counts, cfg)
+    answers = answer_matrix(
+        logits, plan, None if private is None else private + 2, abstain=abstentions(logits, counts, cfg)
+    )
+    return encode_answers(answers, answer_dtype)
 
 
 def canary_reply(

@@ -30,9 +30,14 @@ The privacy officer's audit (``feddistill audit-deployment``) can be tried too: 
 makes the last N SuperNodes audit nodes (node config ``audit-canary-secret``, the secret made in
 ``<out>/officer/canary.secret`` unless ``--audit-secret``), and ``--canary-records M`` has every
 device hold M canary records (node config ``canary-records``).
+``--secure-aggregation secagg+`` (``distill.secure-aggregation``) collects the answers through
+Flower's SecAgg+ over the same TLS connections: the FitIns of SecAgg+'s masking stage carries
+the signed download, which every device verifies before it answers; under ``central`` or
+``gnmax`` DP each device adds its noise share from OS entropy (``feddistill.client.secagg``).
 
 CLI: ``python -m feddistill.deploy.local OUT [--supernodes N] [--rounds R]
-[--config FILE.toml] [--set KEY=VALUE ...] [--timeout S] [--app-dir DIR] [--no-sign]``.
+[--config FILE.toml] [--set KEY=VALUE ...] [--secure-aggregation off|secagg+] [--timeout S]
+[--app-dir DIR] [--no-sign]``.
 """
 
 from __future__ import annotations
@@ -721,9 +726,11 @@ def deploy_local(
     app_dir: str | Path | None = None,
     sign: bool = True,
     audit: AuditNodes | None = None,
+    secure_aggregation: str | None = None,
 ) -> dict[str, Any]:
     """Deploy on 127.0.0.1 with TLS + SuperNode auth (+ signed downloads and pinned key unless
-    ``sign=False``), run `rounds` rounds, stop everything.
+    ``sign=False``), run `rounds` rounds, stop everything. ``secure_aggregation`` ("off" or
+    "secagg+") sets ``distill.secure-aggregation`` for the run (None: the config's).
 
     Returns ``{"results": results.json, "out_dir", "results_path", "node_ids", "run_id",
     "logs": {name: path}, "certs", "device_dirs", "signed", "seconds"}``. Raises
@@ -733,8 +740,11 @@ def deploy_local(
 
     t0 = time.monotonic()
     deadline = t0 + timeout_s
+    config = dict(config_overrides or {})
+    if secure_aggregation is not None:
+        config["distill.secure-aggregation"] = secure_aggregation
     deployment = LocalDeployment(
-        out_dir, num_supernodes=num_supernodes, app_dir=app_dir, config=config_overrides, sign=sign, audit=audit
+        out_dir, num_supernodes=num_supernodes, app_dir=app_dir, config=config, sign=sign, audit=audit
     )
     with deployment:
         deployment.start()
@@ -772,6 +782,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[],
         help="Override a run-config key, e.g. --set teacher.epochs=20",
     )
+    parser.add_argument(
+        "--secure-aggregation",
+        choices=("off", "secagg+"),
+        default=None,
+        help="Collect the answers through Flower's SecAgg+ (distill.secure-aggregation; default: the config's)",
+    )
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument(
         "--audit-nodes", type=int, default=0, help="The last N SuperNodes are the officer's audit nodes (canaries)"
@@ -808,6 +824,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             app_dir=args.app_dir,
             sign=args.sign,
             audit=AuditNodes(args.audit_nodes, args.audit_secret, args.audit_canaries, args.canary_records),
+            secure_aggregation=args.secure_aggregation,
         )
     except (DeploymentError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

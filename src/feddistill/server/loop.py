@@ -54,6 +54,7 @@ from feddistill.server.outputs import (
     save_privacy_plan,
     save_released_signal,
     save_reliability,
+    save_secagg_sum,
     save_student,
     save_uploads,
     write_json,
@@ -355,7 +356,11 @@ class DistillationRun:
         if cfg.distill.secure_aggregation != "off":  # Flower's SecAgg+: the server receives only the survivors' sum
             from feddistill.server.secagg import secagg_round
 
-            r.new_signal, r.collected = secagg_round(self.grid, r.messages, cfg, r.round, self.node_partition)
+            r.new_signal, r.collected = secagg_round(
+                self.grid, r.messages, cfg, r.round, self.node_partition, strategy=self.strategy
+            )
+            if r.collected.aggregate is not None:  # the server's own view, kept like its checkpoint
+                save_secagg_sum(self.folder.secagg_sum(r.round), r.queries, r.collected)
         else:
             replies = (
                 list(self.grid.send_and_receive(r.messages, timeout=cfg.simulation.round_timeout)) if r.messages else []

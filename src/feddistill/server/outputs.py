@@ -73,6 +73,16 @@ def save_released_signal(path: Path, queries: np.ndarray, signal: np.ndarray) ->
         np.savez_compressed(tmp, queries=np.asarray(queries, dtype=np.int64), signal=np.asarray(signal, np.float32))
 
 
+def save_secagg_sum(path: Path, queries: np.ndarray, collected) -> None:
+    """What the server unmasked in a SecAgg+ round: the survivors' (quantized, under distributed DP
+    noised) mean on the round's queries and who survived. It holds no single answer; the teacher
+    signal the server releases is made from it."""
+    with atomic_path(path) as tmp:
+        np.savez_compressed(
+            tmp, queries=queries, mean=collected.aggregate, survivors=np.asarray(collected.senders, dtype=np.int64)
+        )
+
+
 def privacy_report(
     cfg: RunConfig,
     privacy: RunPrivacy,

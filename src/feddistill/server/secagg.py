@@ -26,9 +26,10 @@ Plain-text metrics pass the same schema check as a plain reply's (at most a fini
 ``record-epsilon``, the device's record-level ledger value), and the sender is the client id
 its Flower node id maps to, never a value the device declares.
 
-The teacher signal is made from the mean exactly as :class:`~feddistill.strategies.MeanAnswers`
-makes it (``normalize_rows``); under ``gnmax`` it is the one-hot argmax of the noisy vote
-counts. The noise accounting is in :mod:`feddistill.privacy.distributed`.
+The teacher signal is made from the mean by the round's strategy
+(:meth:`~feddistill.strategies.AnswerStrategy.signal_from_mean`): :class:`~feddistill.strategies.MeanAnswers`'
+rule for its one (already averaged) matrix; under ``gnmax`` the one-hot argmax of the noisy vote
+counts, whose noise the clients added. The noise accounting is in :mod:`feddistill.privacy.distributed`.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from flwr.serverapp import Grid
 from feddistill import protocol
 from feddistill.config import RunConfig
 from feddistill.privacy.distributed import SecAggNoise, run_secagg_noise
-from feddistill.strategies.base import RoundReplies, normalize_rows, tally
+from feddistill.strategies.base import AnswerStrategy, RoundReplies, tally
 from feddistill.strategies.validation import Rejected, ReplyCheck, check_metrics
 
 log = logging.getLogger("feddistill")
@@ -128,17 +129,17 @@ def make_workflow(cfg: RunConfig, noise: SecAggNoise) -> SecAggPlusWorkflow:
     )
 
 
-def teacher_signal(mean: np.ndarray, client_level: str) -> np.ndarray:
-    """The next teacher signal from the survivors' (noisy) mean answers."""
-    if client_level == "gnmax":  # noisy vote counts / m: same argmax as the counts
-        return np.eye(mean.shape[1], dtype=np.float32)[mean.argmax(axis=1)]
-    return normalize_rows(mean)  # MeanAnswers.aggregate_answers of one (already averaged) matrix
-
-
 def secagg_round(
-    grid: Grid, messages: list[Message], cfg: RunConfig, rnd: int, node_partition: dict[int, int]
+    grid: Grid,
+    messages: list[Message],
+    cfg: RunConfig,
+    rnd: int,
+    node_partition: dict[int, int],
+    *,
+    strategy: AnswerStrategy,
 ) -> tuple[np.ndarray | None, SecAggReplies]:
-    """Collect one round's answers through SecAgg+; returns (teacher signal or None, what arrived)."""
+    """Collect one round's answers through SecAgg+; returns (teacher signal or None, what arrived).
+    The signal is ``strategy``'s, made from the survivors' (noisy) mean alone."""
     out = SecAggReplies()
     if not messages:
         return None, out
@@ -179,7 +180,7 @@ def secagg_round(
         log.warning("round %d: %s", rnd, out.halted)
         return None, out
     out.aggregate = mean
-    return teacher_signal(mean, cfg.privacy.client_level), out
+    return strategy.signal_from_mean(mean), out
 
 
 def survivor_metrics(

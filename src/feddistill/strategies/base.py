@@ -167,6 +167,12 @@ class AnswerStrategy(Strategy):
         """answers: (K clients, |Q|, C) -> teacher signal (|Q|, C), rows summing to 1."""
         raise NotImplementedError
 
+    def signal_from_mean(self, mean: np.ndarray) -> np.ndarray:
+        """The teacher signal from the mean of the answers alone, where no single answer reaches
+        the server (SecAgg+, ``feddistill.server.secagg``) and any DP noise is in the mean already:
+        the strategy's own rule applied to that one (already averaged) matrix."""
+        return self.aggregate_answers(mean[None], np.ones(1))
+
 
 def teacher_arrays(signal: np.ndarray, queries: np.ndarray, student: dict | None = None) -> ArrayRecord:
     """The round's download: the teacher signal on the queries, and optionally the server's

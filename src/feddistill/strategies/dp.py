@@ -30,3 +30,8 @@ class CentralGaussianAnswers(AnswerStrategy):
         total = answers.sum(axis=0)
         noisy_mean = (total + self.noise.normal(0.0, self.noise_std, size=total.shape)) / self.expected_clients
         return self.inner.aggregate_answers(noisy_mean[None], np.ones(1))
+
+    def signal_from_mean(self, mean: np.ndarray) -> np.ndarray:
+        """Under SecAgg+ the noise is the clients' (distributed DP, ``feddistill.privacy.distributed``):
+        the server adds none and the inner strategy's rule makes the signal."""
+        return self.inner.signal_from_mean(mean)

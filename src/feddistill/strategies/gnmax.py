@@ -45,7 +45,7 @@ class GNMaxVotes(AnswerStrategy):
         counts = answers.sum(axis=0)
         num_classes = counts.shape[1]
         if self.threshold is None:
-            return np.eye(num_classes, dtype=np.float32)[gnmax(counts, sigma=self.sigma, rng=self.noise)]
+            return one_hot(gnmax(counts, sigma=self.sigma, rng=self.noise), num_classes)
         assert self.sigma_threshold is not None, "confident-gnmax needs sigma_threshold with its threshold"
         answered, labels = confident_gnmax(
             counts,
@@ -55,5 +55,18 @@ class GNMaxVotes(AnswerStrategy):
             rng=self.noise,
         )
         signal = np.full(counts.shape, np.nan, dtype=np.float32)
-        signal[answered] = np.eye(num_classes, dtype=np.float32)[labels[answered]]
+        signal[answered] = one_hot(labels[answered], num_classes)
         return signal
+
+    def signal_from_mean(self, mean: np.ndarray) -> np.ndarray:
+        """Under SecAgg+ the clients add the Gaussian noise to their votes (distributed DP): the
+        mean is the noisy counts / m, whose argmax is the noisy argmax. Confident-GNMax would
+        need a second noisy sum, so the config refuses it with SecAgg+."""
+        if self.threshold is not None:
+            raise ValueError("confident-gnmax needs two noisy sums; SecAgg+ delivers one")
+        return one_hot(mean.argmax(axis=1), mean.shape[1])
+
+
+def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """One float32 row per label, 1 at the label."""
+    return np.eye(num_classes, dtype=np.float32)[labels]

@@ -1,0 +1,273 @@
+"""SecAgg+ in the secure deployment: TLS, SuperNode authentication, signed downloads.
+
+The loopback tests start a real ``flower-superlink`` (TLS, ``--enable-supernode-auth``), three
+``flower-supernode`` processes and ``flwr run`` on 127.0.0.1 (``feddistill.deploy.local``), and
+collect the answers through Flower's SecAgg+. What the server unmasked each round is in its run
+folder (``RunFolder.secagg_sum``); what each device would have answered is recomputed here from
+the student the device kept in its own data dir (without local DP the answers depend on it
+alone), so the test compares the server's mean with the plain mean of the devices' answers.
+Set FEDDISTILL_SKIP_DEPLOY=1 to skip the loopback tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, Message, RecordDict
+
+from feddistill import protocol
+from feddistill.client.app import handle_distill, student_answers
+from feddistill.client.device import read_device_data
+from feddistill.client.state import load_state
+from feddistill.config import load_config, parse_config
+from feddistill.encoding import decode_answers
+from feddistill.models import build_model
+from feddistill.privacy.distributed import run_secagg_noise
+from feddistill.privacy.plan import run_privacy, upload_privacy
+from feddistill.runfolder import RunFolder
+from feddistill.server.loop import client_ledger
+
+VENV_BIN = Path(sys.executable).parent
+NUM_SUPERNODES = 3
+
+deploy = pytest.mark.skipif(
+    not (VENV_BIN / "flower-superlink").exists() or os.environ.get("FEDDISTILL_SKIP_DEPLOY") == "1",
+    reason="flower-superlink not available (or FEDDISTILL_SKIP_DEPLOY=1)",
+)
+
+TINY_SECAGG = {
+    "distill.secure-aggregation": "secagg+",
+    "distill.secagg-num-shares": 3,  # every device holds shares of the other two
+    "distill.secagg-reconstruction-threshold": 2,  # any two survivors unmask
+    "teacher.epochs": 5,  # what these tests are about is the aggregation, not the teacher
+    "distill.digest-epochs": 1,
+    "distill.revisit-epochs": 1,
+    "distill.server-epochs": 2,
+    "distill.query-size": 60,
+    "fleet.fraction": 1.0,
+}
+DISTRIBUTED_DP = {"privacy.client-level": "central", "privacy.noise-multiplier": 0.5}
+
+
+@pytest.fixture()
+def task_identity():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            if text in cmdline and "State:\tZ" not in status:
+                pids.append(int(entry.name))
+    return pids
+
+
+def _snapshot_states(deployment, dest: Path) -> list[Path]:
+    """Copy each device's state dir now: the next run on the same devices writes over it."""
+    copies = []
+    for i in range(NUM_SUPERNODES):
+        copy = dest / f"device-{i}"
+        shutil.copytree(deployment.device_dir(i) / "state", copy)
+        copies.append(copy)
+    return copies
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    """One secure deployment (3 SuperNodes) serving two one-round SecAgg+ runs: without DP (while
+    a SuperNode with an unregistered key tries to join) and with distributed DP."""
+    from feddistill.deploy.certs import generate_credentials
+    from feddistill.deploy.local import LocalDeployment
+
+    out = tmp_path_factory.mktemp("deploy-secagg")
+    dep = LocalDeployment(out / "deployment", num_supernodes=NUM_SUPERNODES, config=TINY_SECAGG)
+    info: dict = {"dep": dep}
+    try:
+        dep.start()
+        stranger = generate_credentials(out / "stranger", num_supernodes=1)
+        intruder = dep.start_supernode(0, private_key=stranger.supernode_private_keys[0], name="stranger")
+        info["plain"] = dep.run(rounds=1, output_dir=out / "plain", timeout_s=420)
+        info["plain_run_id"] = dep.last_run["run_id"]
+        info["plain_last_release"] = [
+            json.loads((dep.device_dir(i) / "state" / "last-release.json").read_text()) for i in range(NUM_SUPERNODES)
+        ]
+        info["plain_states"] = _snapshot_states(dep, out / "states-plain")
+        try:
+            info["intruder_rc"] = intruder.popen.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            info["intruder_rc"] = None
+        info["intruder_log"] = intruder.tail()
+        info["dp"] = dep.run(rounds=1, output_dir=out / "dp", overrides=DISTRIBUTED_DP, timeout_s=300)
+        info["dp_states"] = _snapshot_states(dep, out / "states-dp")
+        info["logs"] = {name: Path(path).read_text(errors="replace") for name, path in dep.log_paths().items()}
+    finally:
+        dep.stop()
+    info["leftover"] = _processes_mentioning(str(out))
+    info["out"] = out
+    return info
+
+
+def _plain_answers(run_dir: Path, states: list[Path], device_dirs: list[Path], rnd: int):
+    """The server's unmasked mean of round ``rnd``, and the answers each device gave, recomputed
+    from the student it kept after that round (no local noise: the answers depend on it alone)."""
+    cfg = parse_config(json.loads(RunFolder(run_dir).config.read_text()), "the run's config.json")
+    with np.load(RunFolder(run_dir).secagg_sum(rnd)) as saved:
+        server = {k: saved[k] for k in saved.files}
+    answers = []
+    for pid, (state, data_dir) in enumerate(zip(states, device_dirs)):
+        data = read_device_data(data_dir, pid)
+        kept = load_state(state, pid, rnd + 1)  # the newest student written up to round rnd
+        assert kept.student is not None
+        num_classes = server["mean"].shape[1]
+        student = build_model(cfg.student_for(pid), int(data.reference_x.shape[-1]), num_classes)
+        student.load_state_dict(kept.student)
+        query_x = data.reference_x[torch.from_numpy(server["queries"])]
+        wire = student_answers(
+            student, data, query_x, num_classes, cfg, run_privacy(cfg).upload, cfg.distill.answer_dtype, None
+        )
+        answers.append(decode_answers(wire).astype(np.float64))
+    return cfg, server, np.array(answers)
+
+
+@deploy
+def test_secagg_deployment_unmasks_the_plain_mean_of_the_devices_answers(deployment):
+    results = deployment["plain"]
+    dep = deployment["dep"]
+    assert [(r["round"], r["clients"], r["replies"], r["dropped"]) for r in results["rounds"]] == [(1, 3, 3, {})]
+    assert results["privacy"]["secure_aggregation"]["reconstruction_threshold"] == 2
+    devices = [dep.device_dir(i) for i in range(NUM_SUPERNODES)]
+    cfg, server, answers = _plain_answers(Path(dep.out).parent / "plain", deployment["plain_states"], devices, 1)
+    step = run_secagg_noise(cfg).step
+    assert sorted(server["survivors"].tolist()) == [0, 1, 2]
+    assert server["mean"].shape == answers.shape[1:] == (cfg.distill.query_size, 10)
+    plain_mean = answers.mean(axis=0)
+    # stochastic rounding puts each device's entry within one step, so their mean too
+    np.testing.assert_allclose(server["mean"], plain_mean, rtol=0, atol=step + 1e-9)
+    assert np.abs(server["mean"] - plain_mean).max() > 0  # it did go through SecAgg+'s quantization
+    assert not any(np.allclose(server["mean"], a, rtol=0, atol=step) for a in answers)  # no single answer
+    # 8 bytes per masked entry (and the weight) per survivor
+    assert results["rounds"][0]["bytes_uploaded"] == 3 * (server["mean"].size + 1) * 8
+
+
+@deploy
+def test_secagg_deployment_is_tls_authenticated_and_signed(deployment):
+    logs = deployment["logs"]
+    assert all("--insecure" not in text for text in logs.values())
+    assert "Uvicorn running on https://127.0.0.1:" in logs["superlink"]
+    assert logs["flwr-run-plain"].count("Secure aggregation completed") == 1
+    for i in range(NUM_SUPERNODES):
+        assert "release-public-key=" in logs[f"supernode-{i}"].splitlines()[0]  # the pinned release key
+        assert "release rejected" not in logs[f"supernode-{i}"]
+        # every device verified the signed download inside SecAgg+'s masking stage
+        assert deployment["plain_last_release"][i] == {"run_id": deployment["plain_run_id"], "round": 1}
+    run_config = Path(deployment["dep"].out, "run-config-plain.toml").read_text()
+    assert '"security.signing-key"' in run_config and '"privacy.noise-source" = "os-entropy"' in run_config
+    assert deployment["leftover"] == []  # every process stopped
+
+
+@deploy
+def test_unregistered_supernode_is_refused_by_the_secagg_deployment(deployment):
+    assert deployment["intruder_rc"] not in (None, 0), deployment["intruder_log"]
+    assert "Failed to activate SuperNode" in deployment["intruder_log"]
+    assert deployment["plain"]["num_nodes"] == NUM_SUPERNODES  # the intruder never took part
+
+
+@deploy
+def test_distributed_dp_noise_comes_from_the_devices_and_is_accounted_as_in_simulation(deployment):
+    results = deployment["dp"]
+    dep = deployment["dep"]
+    devices = [dep.device_dir(i) for i in range(NUM_SUPERNODES)]
+    cfg, server, answers = _plain_answers(Path(dep.out).parent / "dp", deployment["dp_states"], devices, 1)
+    noise = run_secagg_noise(cfg)
+    assert noise.distributed and results["privacy"]["secure_aggregation"]["distributed_noise"] is True
+    # the server adds nothing: the noise in its mean is the three devices' shares, N(0, 3 s^2) / 3
+    error = (server["mean"] - answers.mean(axis=0)).ravel()
+    expected = noise.share_std / math.sqrt(3)
+    assert 0.85 * expected < error.std() < 1.15 * expected
+    assert abs(error.mean()) < 5 * expected / math.sqrt(error.size)
+    # epsilon as in simulation: the same plan (replace-one, q = 1) charged once
+    plan = upload_privacy(cfg)
+    ledger = client_ledger(plan)
+    assert ledger is not None and plan.sampling_rate == 1.0 and plan.neighbouring == "replace-one"
+    ledger.record(plan.event(), 1, sensitivity=plan.sensitivity)
+    reported = results["privacy"]["client_level"]
+    assert reported["epsilon"] == pytest.approx(ledger.epsilon(), rel=1e-9)
+    assert results["rounds"][0]["client_epsilon"] == pytest.approx(ledger.epsilon(), rel=1e-9)
+
+
+# --------------------------------------------------------------------------- #
+# in-process: the signature covers what a device receives in SecAgg+'s FitIns
+# --------------------------------------------------------------------------- #
+def test_a_device_refuses_a_tampered_signed_download_inside_secagg(task_identity, tmp_path, one_torch_thread):
+    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+
+    from feddistill.client.secagg import SecAggRefused, answers_as_fitres
+    from feddistill.data.fleet import load_fleet
+    from feddistill.deploy.certs import generate_credentials
+    from feddistill.deploy.download_signing import sign_download
+    from feddistill.server.loop import round_config
+    from feddistill.server.secagg import download_fitins
+    from feddistill.strategies import teacher_arrays
+
+    creds = generate_credentials(tmp_path / "certs", num_supernodes=1)
+    cfg = load_config(
+        None,
+        {
+            "fleet.num_clients": 3,
+            "distill.query_size": 30,
+            "distill.digest_epochs": 1,
+            "distill.revisit_epochs": 1,
+            "distill.secure_aggregation": "secagg+",
+            "distill.secagg_num_shares": 3,
+            "distill.secagg_reconstruction_threshold": 2,
+            "security.release_public_key": str(creds.release_signing_pub),
+            "output_dir": str(tmp_path / "run"),
+        },
+    )
+    fleet = load_fleet(cfg.data, cfg.fleet, cfg.seed)
+    queries = np.arange(cfg.distill.query_size)
+    download = teacher_arrays(np.full((len(queries), 10), 0.1, np.float32), queries)
+    config = round_config(cfg, fleet.splits.reference_digest, run_privacy(cfg))
+    config[protocol.ROUND] = 1
+    sign_download(config, download, key_path=str(creds.release_signing_key), rnd=1, run_id=1)
+    request = Message(
+        RecordDict({protocol.TEACHER_RECORD: download, protocol.CONFIG_RECORD: config}),
+        dst_node_id=1,
+        message_type=protocol.DISTILL,
+    )
+    fitins = download_fitins(request)
+    context = Context(
+        run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(), run_config={}
+    )
+
+    def masking_stage(parameters) -> Message:  # what secaggplus_mod hands its inner app
+        fitins.parameters = parameters
+        return Message(compat.fitins_to_recorddict(fitins, keep_input=True), dst_node_id=1, message_type="train")
+
+    genuine = fitins.parameters
+    reply = answers_as_fitres(masking_stage(genuine), context, cfg, handle_distill)
+    fitres = compat.recorddict_to_fitres(reply.content, keep_input=False)
+    assert parameters_to_ndarrays(fitres.parameters)[0].shape == (cfg.distill.query_size, 10)
+    arrays = parameters_to_ndarrays(genuine)
+    arrays[0] = arrays[0].copy()
+    arrays[0][0, 0] += 0.5  # the teacher signal (first array) changed on its way
+    with pytest.raises(SecAggRefused, match="release rejected: tampered"):
+        answers_as_fitres(masking_stage(ndarrays_to_parameters(arrays)), context, cfg, handle_distill)
