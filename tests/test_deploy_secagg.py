@@ -35,6 +35,7 @@ from feddistill.privacy.distributed import run_secagg_noise
 from feddistill.privacy.plan import run_privacy, upload_privacy
 from feddistill.runfolder import RunFolder
 from feddistill.server.loop import client_ledger
+from test_deploy import _processes_mentioning
 
 VENV_BIN = Path(sys.executable).parent
 NUM_SUPERNODES = 3
@@ -63,20 +64,6 @@ def task_identity():
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                status = (entry / "status").read_text()
-            except OSError:
-                continue
-            if text in cmdline and "State:\tZ" not in status:
-                pids.append(int(entry.name))
-    return pids
 
 
 def _snapshot_states(deployment, dest: Path) -> list[Path]:

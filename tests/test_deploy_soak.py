@@ -17,6 +17,7 @@ import pytest
 from bench.soak import FULL, SMALL, check_ledgers, implied_epsilon, run_soak
 
 from feddistill.config import parse_config
+from test_deploy import _processes_mentioning
 
 VENV_BIN = Path(sys.executable).parent
 deploy = pytest.mark.skipif(
@@ -24,20 +25,6 @@ deploy = pytest.mark.skipif(
     reason="flower-superlink not available (or FEDDISTILL_SKIP_DEPLOY=1)",
 )
 FAST = {"teacher.epochs": 5, "simulation.round-timeout": 120.0}  # bounds the round the kill is in
-
-
-def _leftover(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                zombie = "State:\tZ" in (entry / "status").read_text()
-            except OSError:
-                continue
-            if text in cmdline and not zombie:
-                pids.append(int(entry.name))
-    return pids
 
 
 def _assert_soak(summary: dict, work: Path) -> None:
@@ -49,7 +36,7 @@ def _assert_soak(summary: dict, work: Path) -> None:
         device = summary["devices"][str(kill["device"])]
         if kill["charged_before_kill"]:  # its reply was lost, its spend was not
             assert kill["round"] in device["charged_rounds"] and kill["round"] not in device["answered_rounds"]
-    assert _leftover(str(work)) == []
+    assert _processes_mentioning(str(work)) == []
 
 
 @deploy
