@@ -20,6 +20,6 @@ echo "== setting up .venv (first run takes a few minutes) =="
 # `pip install .` alone is the lean device profile (README "Run on real devices")
 .venv/bin/python -c "import torch, flwr, opacus, dp_accounting; assert torch.__version__.startswith('2.13.0'), torch.__version__" \
   || { echo "set-up failed: torch 2.13.0, flwr, opacus and dp-accounting must import" >&2; exit 1; }
-.venv/bin/python -c "from feddistill.profiles import missing; import sys; sys.exit(', '.join(missing('simulation') + missing('plots') + missing('test')))" \
+.venv/bin/python -c "from feddistill.profiles import missing; import sys; sys.exit(', '.join(missing('simulation') + missing('plots') + missing('test')) or None)" \
   || { echo "set-up failed: the full install's packages above are missing (pip install -e '.[test]')" >&2; exit 1; }
 echo "$want" > "$stamp"
