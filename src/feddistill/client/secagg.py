@@ -39,6 +39,7 @@ from feddistill.config import RunConfig
 from feddistill.encoding import decode_answers, decode_votes
 from feddistill.privacy.distributed import run_secagg_noise
 from feddistill.privacy.mechanisms import noise_rng
+from feddistill.privacy.plan import accept_privacy
 
 ARRAY_NAMES = protocol.SECAGG_ARRAY_NAMES
 
@@ -94,8 +95,10 @@ def answers_as_fitres(msg: Message, context: Context, cfg: RunConfig, handler: H
     num_classes = teacher[protocol.SIGNAL].numpy().shape[1]
     answers = decode_votes(wire, num_classes) if config.get("answer-dtype") == "vote" else decode_answers(wire)
     answers = answers.astype(np.float64)
-    noise = run_secagg_noise(cfg)
-    if noise.distributed:  # this device's share of the sum's noise; OS entropy, never a seed the server knows
+    # the run's plan, which the handler has just accepted (cached): no calibration per message
+    noise = accept_privacy(str(config[protocol.PRIVACY_PLAN]), cfg).secagg
+    # this device's share of the sum's noise; OS entropy, never a seed the server knows
+    if noise is not None and noise.distributed:
         answers = answers + noise_rng(None).normal(0.0, noise.share_std, size=answers.shape)
     # the same rule as a plain reply: record-epsilon (public parameters, participations) and nothing else
     sent = reply.content.metric_records[protocol.METRICS_RECORD]
