@@ -14,4 +14,7 @@ bash scripts/fashion-mnist.sh
 export FEDDISTILL_REQUIRE_FASHION=1
 # A private teacher cache per test run, so tests never depend on an earlier run's files.
 export FEDDISTILL_CACHE="${FEDDISTILL_CACHE:-$(mktemp -d)}"
-exec .venv/bin/python -m pytest -q "$@"
+# Two pytest workers (pytest-xdist): most tests wait on subprocesses and sockets, so two keep both
+# cores busy. A file's tests share a worker (--dist loadfile): module fixtures start once.
+# FEDDISTILL_TEST_WORKERS=0 runs in one process.
+exec .venv/bin/python -m pytest -q -n "${FEDDISTILL_TEST_WORKERS:-2}" --dist loadfile --durations=15 "$@"

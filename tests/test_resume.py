@@ -45,23 +45,32 @@ def _comparable(results: dict) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in results["rounds"]]
 
 
-def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
+def test_sigkill_mid_run_then_resume_from_elsewhere_matches_an_uninterrupted_run(tmp_path):
+    """Started with a relative --out, killed with SIGKILL during round 3, moved elsewhere and
+    resumed by its absolute path: the checkpoint's config hash leaves out where the run lives, so
+    it resumes, and it ends exactly as the same run left alone (every round charged once)."""
     clean = tmp_path / "clean"
     proc = subprocess.run(_cmd(*_settings_args(clean)), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected = json.loads((clean / "results.json").read_text())
 
-    killed = tmp_path / "killed"
-    _kill_after_checkpoint(_cmd(*_settings_args(killed)), killed, 2)  # kill during round 3
-    assert not (killed / "results.json").exists()
+    started = tmp_path / "started"
+    _kill_after_checkpoint(_cmd(*_settings_args(Path("started"))), started, 2, cwd=tmp_path)  # kill during round 3
+    assert not (started / "results.json").exists()
+    assert json.loads((started / "config.json").read_text())["output_dir"] == "started"
 
-    resumed = subprocess.run(_cmd("--resume", str(killed)), capture_output=True, text=True, timeout=600)
+    moved = tmp_path / "archive" / "moved-run"
+    moved.parent.mkdir()
+    started.rename(moved)
+    resumed = subprocess.run(_cmd("--resume", str(moved.resolve())), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    got = json.loads((killed / "results.json").read_text())
+    got = json.loads((moved / "results.json").read_text())
     assert _comparable(got) == _comparable(expected)
     assert got["final"]["student_accuracy"] == expected["final"]["student_accuracy"]
     assert got["privacy"]["client_level"]["epsilon"] == expected["privacy"]["client_level"]["epsilon"]
     assert got["privacy"]["client_level"]["steps"] == 4  # each round counted once
+    assert got["config"]["output_dir"] == str(moved.resolve())
+    assert not started.exists()  # nothing was written where the run used to be
 
 
 def _kill_after_checkpoint(cmd: list[str], run_dir, rounds: int, cwd=None) -> None:
@@ -87,28 +96,3 @@ def test_resume_without_checkpoint_or_config_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     proc = subprocess.run(_cmd("--resume", str(tmp_path)), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "corrupt" in proc.stderr
-
-
-def test_a_moved_run_resumes_by_its_content_not_its_path(tmp_path):
-    """Started with a relative --out, killed, moved elsewhere, resumed by its absolute path:
-    the checkpoint's config hash leaves out where the run lives, so it resumes (and finishes
-    with every round charged once)."""
-    settings = {**SETTINGS, "rounds": 3}
-    args = ["--out", "started"]
-    for key, value in settings.items():
-        args += ["--set", f"{key}={json.dumps(value) if isinstance(value, (bool, str)) else value}"]
-    started = tmp_path / "started"
-    _kill_after_checkpoint(_cmd(*args), started, 1, cwd=tmp_path)  # kill during round 2
-    assert not (started / "results.json").exists()
-    assert json.loads((started / "config.json").read_text())["output_dir"] == "started"
-
-    moved = tmp_path / "archive" / "moved-run"
-    moved.parent.mkdir()
-    started.rename(moved)
-    resumed = subprocess.run(_cmd("--resume", str(moved.resolve())), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    got = json.loads((moved / "results.json").read_text())
-    assert [r["round"] for r in got["rounds"]] == [1, 2, 3]
-    assert got["privacy"]["client_level"]["steps"] == 3  # each round counted once
-    assert got["config"]["output_dir"] == str(moved.resolve())
-    assert not started.exists()  # nothing was written where the run used to be

@@ -63,6 +63,10 @@ def simulate_flower(
     init_args: dict[str, Any] = {"logging_level": "INFO" if verbose else "ERROR", "log_to_driver": verbose}
     if ray_address:  # Flower's RayBackend passes init_args to ray.init: the cluster's CPUs then size its actor pool
         init_args["address"] = ray_address
+    elif not os.environ.get("RAY_ADDRESS"):
+        # ray.init() with no address joins whatever `ray start` cluster /tmp/ray names: a run
+        # asked for no cluster starts Ray of its own, so one machine's runs never share one by accident
+        init_args["address"] = "local"
     backend_config = {
         "client_resources": {"num_cpus": cfg.simulation.cpus_per_client, "num_gpus": 0.0},
         "init_args": init_args,
