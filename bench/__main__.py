@@ -39,9 +39,10 @@ Suites:
            prior correction, abstention, consensus gate), each as labels for a FixMatch student
            against the same student on public labels alone (bench/ablation.py).
 
-  canary   the privacy officer's deployment audit calibrated: digits, 12 clients + 4 audit slots,
+  canary   the privacy officer's deployment audit calibrated: digits, 12 clients + 128 audit slots,
            client-level epsilon 1, 4, 16 and no DP, and a broken run (no noise, claims 1): claimed vs
-           estimated epsilon and lower bounds; accuracy with and without audit slots (bench/canary.py).
+           estimated mu and epsilon, lower bounds, the interval's width vs audit nodes; accuracy with and
+           without audit slots on 12 clients + 4 slots (bench/canary.py).
 
 Suites made of several runs keep each run's folder under runs/; a run whose results.json
 exists is not repeated (rerun with --keep to continue an interrupted suite).

@@ -13,6 +13,7 @@ rewrites the blocks.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -179,37 +180,96 @@ def _eps_or_inf(x: float | None) -> str:
     return "> 100" if x is None else f"{x:.2f}"
 
 
+def _mu_ci(e: dict[str, Any]) -> str:
+    low, high = e["mu_client_interval"]
+    return f"{e['mu_client']:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def _ratio(e: dict[str, Any] | None, claim: float) -> str:
+    return "–" if e is None else f"{e['mu_client'] / claim:.2f}"
+
+
+def _opt(x: float | None) -> str:
+    return "none" if x is None else f"{x:.2f}"
+
+
 def canary(d: dict[str, Any]) -> str:
-    runs = d["runs"]
+    cal, cost, pooled, c = d["calibration"], d["cost"], d["pooled"], d["checks"]
     lines = [
-        f"{d['fleet']}, {d['rounds']} rounds, {d['seeds']} seed(s) (one row each), δ = {d['delta']:g}; "
+        f"Calibration fleet: {d['calibration_fleet']}, {d['rounds']} rounds, {d['seeds']} seed(s) (one row each), "
+        f"δ = {d['delta']:g}. mu: the claim as mu-GDP (exact at q = 1) and the estimate in the same unit; "
         "lower bound: the larger of the one-run and threshold bounds (jointly 95 %).",
         "",
-        "| run | claimed ε | estimated ε [95 % interval] | ε lower bound | DP violation flagged | accuracy |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| run | claimed ε | claimed mu | estimated mu [95 %] | estimated ε [95 %] | mu before post-processing [95 %] "
+        "| ε lower bound | DP violation flagged | accuracy |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name in ("eps1", "eps4", "eps16", "no-dp", "broken-eps1"):
-        for r in runs[name]:
+        for r in cal[name]:
             low, high = r["estimate_interval"]
-            claimed = "none" if r["claimed_epsilon"] is None else f"{r['claimed_epsilon']:.2f}"
+            gaussian = r.get("before_post_processing")
             lines.append(
-                f"| {name} | {claimed} | {_eps_or_inf(r['estimated_epsilon'])} "
-                f"[{_eps_or_inf(low)}, {_eps_or_inf(high)}] | {r['lower_bound']:.2f} | "
+                f"| {name} | {_opt(r['claimed_epsilon'])} | {_opt(r['claimed_mu'])} | {_mu_ci(r)} | "
+                f"{_eps_or_inf(r['estimated_epsilon'])} [{_eps_or_inf(low)}, {_eps_or_inf(high)}] | "
+                f"{'–' if gaussian is None else _mu_ci(gaussian)} | {r['lower_bound']:.2f} | "
                 f"{'**yes**' if r['violation'] else 'no'} | {_pct(r['accuracy'])} |"
             )
-    c = d["checks"]
     lines += [
         "",
-        f"Lower bound never above the claim: {'yes' if c['lower_bound_never_above_claim'] else '**no**'}; "
-        f"the claim inside the estimate's interval in {c['claim_inside_estimate_interval']} of "
-        f"{c['honest_runs']} DP runs; the broken run flagged: {'yes' if c['broken_flagged'] else '**no**'}.",
+        f"Seeds pooled (inverse-variance, 95 % normal interval), {d['slots']} audit slots:",
+        "",
+        "| setting | claimed mu | estimated mu, release [95 %] | estimate / claim | mu before post-processing [95 %] "
+        "| estimate / claim |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in ("eps1", "eps4", "eps16"):
+        p = pooled[name]
+        gaussian = p.get("before_post_processing")
+        lines.append(
+            f"| {name} | {p['claimed_mu']:.2f} | {_mu_ci(p['release'])} | "
+            f"{_ratio(p['release'], p['claimed_mu'])} | {'–' if gaussian is None else _mu_ci(gaussian)} | "
+            f"{_ratio(gaussian, p['claimed_mu'])} |"
+        )
+    widths = d["half_width_by_slots"]
+    lines += [
+        "",
+        "Precision: the release's 95 % half-width in mu when the officer audits the first n audit nodes "
+        "(mean over the DP runs), and what sqrt(2 / n) scaling from the last column predicts:",
+        "",
+        "| audit nodes audited | " + " | ".join(widths) + " |",
+        "| --- |" + " --- |" * len(widths),
+        "| half-width, measured | " + " | ".join(f"±{w:.2f}" for w in widths.values()) + " |",
+    ]
+    last_n, last_w = int(list(widths)[-1]), list(widths.values())[-1]
+    lines.append(
+        "| half-width, ∝ sqrt(2 / n) | "
+        + " | ".join(f"±{last_w * math.sqrt(last_n / int(n)):.2f}" for n in widths)
+        + " |"
+    )
+    gauss = ""
+    if "before_post_processing_tracks_claim" in c:
+        gauss = (
+            f" Before post-processing: increasing {'yes' if c['before_post_processing_tracks_claim'] else '**no**'}; "
+            f"the claim inside the interval in {c['claim_inside_estimate_interval_before_post_processing']} of "
+            f"{c['honest_runs']} runs and in {c['claim_inside_pooled_interval_before_post_processing']} of 3 pooled."
+        )
+    lines += [
+        "",
+        f"Checks: lower bound never above the claim: {'yes' if c['lower_bound_never_above_claim'] else '**no**'} "
+        f"({c['audited_dp_runs']} audited DP runs); estimated mu increasing with the claim (pooled): "
+        f"{'yes' if c['estimate_tracks_claim'] else '**no**'}; the claim inside the release estimate's interval in "
+        f"{c['claim_inside_estimate_interval']} of {c['honest_runs']} DP runs; pooled estimate's interval not "
+        f"above the claim: {'yes' if c['estimate_not_above_claim_pooled'] else '**no**'}; the broken run flagged: "
+        f"{'yes' if c['broken_flagged'] else '**no**'}.{gauss}",
+        "",
+        f"Cost fleet: {d['cost_fleet']}, {d['rounds']} rounds, mean over {d['cost_seeds']} seed(s):",
         "",
         "| audit slots | accuracy, no DP | accuracy, ε = 16 |",
         "| --- | --- | --- |",
     ]
 
     def mean_acc(name: str) -> str:
-        return _pct(sum(r["accuracy"] for r in runs[name]) / len(runs[name]))
+        return _pct(sum(r["accuracy"] for r in cost[name]) / len(cost[name]))
 
     lines.append(
         f"| none (the 4 slots answer honestly) | {mean_acc('no-dp-no-audit')} | {mean_acc('eps16-no-audit')} |"

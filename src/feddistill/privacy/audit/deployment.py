@@ -39,7 +39,7 @@ from feddistill.runfolder import ResultsFormatError, RunFolder, RunResults, read
 
 from .artifacts import AuditInputError, _load_model_file
 from .attacks import loss_scores
-from .canary_clients import canary_statistics, estimate_from_canaries
+from .canary_clients import canary_statistics, claimed_mu, estimate_from_canaries
 from .one_run import audit_canaries
 from .plots import plot_canary_statistics
 from .policy import evaluate_policy, load_policy
@@ -255,6 +255,7 @@ def run_deployment_audit(
         "threat_model": THREAT_MODEL,
         "claimed": claim,
         "claimed_epsilon": None if claim is None else claim["epsilon"],
+        "claimed_mu": claimed_mu(claim),  # exact mu-GDP of the claim (q = 1 only): compare with the estimate's mu
         "estimated_epsilon": estimate["epsilon_estimate"],
         "audit_nodes": list(audit_nodes),
         "canaries_per_node": canaries,

@@ -369,7 +369,9 @@ def write_deployment_report(path: Path, audit: dict[str, Any]) -> None:
         ),
         f"- **Estimated ε** (one-shot, Andrew et al. 2024): {_eps_text(est['epsilon_estimate'])} at δ = "
         f"{est['delta']:.3g}; {1 - audit['confidence']['alpha']:.0%} interval {_eps_text(low)} .. {_eps_text(high)} "
-        f"(mu = {_f(est['mu_client'])}, extrapolated from the canaries' mu {_f(est['mu_canary'])})",
+        f"(mu = {_f(est['mu_client'])}, extrapolated from the canaries' mu {_f(est['mu_canary'])}; "
+        f"mu interval {_f(est['mu_client_interval'][0])} .. {_f(est['mu_client_interval'][1])})",
+        f"- Claimed mu (the claim as mu-GDP, exact without client sampling): {_f(audit.get('claimed_mu'))}",
         f"- ε one canary leaks: {_eps_text(est['epsilon_estimate_per_canary'])}",
         f"- Canaries: {est['inserted']['n']} inserted, {est['held_out']} held out, {est['generated']} generated; "
         f"audit nodes {audit['audit_nodes']} with {audit['canaries_per_node']} canaries each; "
