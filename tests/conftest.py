@@ -18,3 +18,10 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files marked ``e2e`` (real simulations, deployments, CLI processes: minutes) run first, so
+    that the two xdist workers (one file each at a time) end together instead of one of them
+    starting a long file when the other has nothing left."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)  # stable: file order kept

@@ -43,6 +43,8 @@ from feddistill.privacy.mechanisms import bound_answers
 from feddistill.privacy.plan import upload_privacy
 from feddistill.strategies import ReplyCheck, check_reply
 
+pytestmark = pytest.mark.e2e
+
 VENV_BIN = Path(sys.executable).parent
 SECRET = bytes(range(32))
 TINY = {"rounds": 1, "fleet.num_clients": 3, "distill.query_size": 60, "privacy.noise_source": "os-entropy"}

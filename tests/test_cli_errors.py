@@ -20,6 +20,8 @@ import pytest
 from feddistill.config import RunConfig
 from feddistill.runfolder import RUN_ENTRIES, RunFolderError, clear_run_folder, prepare_run_folder
 
+pytestmark = pytest.mark.e2e
+
 FEDDISTILL = str(Path(sys.executable).parent / "feddistill")
 
 

@@ -36,6 +36,8 @@ from feddistill.data import ArrayDataset, DataError, reference_digest
 from feddistill.data.fleet import load_fleet
 from feddistill.privacy.ledger import PrivacyLedger
 
+pytestmark = pytest.mark.e2e
+
 VENV_BIN = Path(sys.executable).parent
 
 TINY = {

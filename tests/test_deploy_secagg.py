@@ -37,6 +37,8 @@ from feddistill.runfolder import RunFolder
 from feddistill.server.loop import client_ledger
 from test_deploy import _processes_mentioning
 
+pytestmark = pytest.mark.e2e
+
 VENV_BIN = Path(sys.executable).parent
 NUM_SUPERNODES = 3
 

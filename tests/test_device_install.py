@@ -17,7 +17,11 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from feddistill.profiles import DEVICE_EXCLUDED, DEVICE_EXTRAS
+
+pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]

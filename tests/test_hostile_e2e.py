@@ -22,6 +22,8 @@ from flwr.clientapp import ClientApp
 from feddistill import protocol
 from feddistill.config import RunConfig, load_config
 
+pytestmark = pytest.mark.e2e
+
 HOSTILE = 2  # partition id of the hostile node
 
 FAST = {

@@ -20,6 +20,8 @@ from feddistill.data.fleet import load_fleet
 from feddistill.privacy.plan import upload_privacy
 from test_simulation import SMALL, _request
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(autouse=True)
 def task_identity():

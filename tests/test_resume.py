@@ -10,9 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from test_simulation import SMALL
+
+pytestmark = pytest.mark.e2e
 
 SETTINGS = {
     **SMALL,

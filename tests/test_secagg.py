@@ -23,6 +23,8 @@ from feddistill.privacy.plan import upload_privacy
 from feddistill.strategies import normalize_rows
 from test_simulation import SMALL
 
+pytestmark = pytest.mark.e2e
+
 SECAGG = {**SMALL, "distill.secure_aggregation": "secagg+"}
 
 

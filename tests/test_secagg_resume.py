@@ -11,12 +11,15 @@ import json
 import subprocess
 
 import numpy as np
+import pytest
 
 from feddistill.config import load_config
 from feddistill.privacy.plan import upload_privacy
 from feddistill.runfolder import RunFolder
 from feddistill.server.loop import client_ledger
 from test_resume import _cmd, _kill_after_checkpoint
+
+pytestmark = pytest.mark.e2e
 
 
 def test_secagg_run_with_signed_downloads_resumes_after_a_sigkill(tmp_path):

@@ -19,6 +19,8 @@ from feddistill.privacy.plan import run_privacy
 from feddistill.server.app import round_config
 from feddistill.strategies import teacher_arrays
 
+pytestmark = pytest.mark.e2e
+
 SMALL = {
     "rounds": 2,
     "fleet.num_clients": 5,
