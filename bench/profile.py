@@ -12,13 +12,13 @@ from bench.common import NO_BASELINES, header, save_figure, settings
 # Where a round's time goes: (function, caller or None for every caller), cumulative CPU time.
 # Inference runs under torch.no_grad, whose wrapper hides the caller one level down.
 PROFILED = {
-    "client: whole message": ("client/app.py:handle_distill", None),
+    "client: whole message": ("client/distill.py:handle_distill", None),
     "client: digest (KD toward the signal on the queries)": (
         "training.py:train_distill",
-        "client/app.py:handle_distill",
+        "client/distill.py:handle_distill",
     ),
     "client: revisit (private data, plus KD)": ("training.py:train_revisit", None),
-    "client: inference on the queries": ("_contextlib.py:decorate_context", "client/app.py:handle_distill"),
+    "client: inference on the queries": ("_contextlib.py:decorate_context", "client/distill.py:handle_distill"),
     "client: load/save its state": ("client/state.py:save_state", None),
     "server: distil the global student": ("training.py:train_distill", "server/app.py:distil_student"),
     "server: test and reference inference": ("_contextlib.py:decorate_context", "server/app.py:evaluate_student"),

@@ -20,7 +20,6 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 
 from feddistill import protocol
-from feddistill.client.app import handle_distill
 from feddistill.client.canary import (
     CANARIES_KEY,
     SECRET_KEY,
@@ -30,6 +29,7 @@ from feddistill.client.canary import (
     canary_logits,
     read_secret,
 )
+from feddistill.client.distill import handle_distill
 from feddistill.config import load_config
 from feddistill.data.fleet import load_fleet
 from feddistill.privacy.accounting import GaussianEvent, epsilon_pld

@@ -9,7 +9,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDic
 
 from feddistill import protocol
 from feddistill.config import ConfigError, RunConfig, load_config, parse_config
-from feddistill.models import MODEL_NAMES, build_model
+from feddistill.model_names import MODEL_NAMES
+from feddistill.models import build_model
 from feddistill.strategies import EntropyReducedMean, MeanAnswers, ReplyCheck, check_reply, entropy_reduction
 from feddistill.training import expected_calibration_error, kd_loss, train_distill
 

@@ -22,7 +22,7 @@ import torch
 from flwr.app import Context, Message, RecordDict
 
 from feddistill import protocol
-from feddistill.client.app import handle_distill, make_client_app
+from feddistill.client.app import make_client_app
 from feddistill.client.device import (
     PRIVATE_FILE,
     REFERENCE_FILE,
@@ -30,6 +30,7 @@ from feddistill.client.device import (
     read_device_data,
     write_device_data,
 )
+from feddistill.client.distill import handle_distill
 from feddistill.client.state import load_state
 from feddistill.config import load_config
 from feddistill.data import ArrayDataset, DataError, reference_digest

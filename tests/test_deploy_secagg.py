@@ -25,8 +25,8 @@ import torch
 from flwr.app import Context, Message, RecordDict
 
 from feddistill import protocol
-from feddistill.client.app import handle_distill, student_answers
 from feddistill.client.device import read_device_data
+from feddistill.client.distill import handle_distill, student_answers
 from feddistill.client.state import load_state
 from feddistill.config import load_config, parse_config
 from feddistill.encoding import decode_answers

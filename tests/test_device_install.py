@@ -146,3 +146,47 @@ def test_a_device_install_names_what_feddistill_simulate_lacks():
     message = " ".join(run.stderr.split())
     assert "feddistill simulate needs the full install" in message and "ray, scikit-learn, kornia" in message
     assert "pip install 'feddistill[full]'" in message
+
+
+def test_the_messages_that_train_nothing_import_no_torch():
+    """A deployed SuperNode starts a ClientApp process per message. An identify query and the
+    SecAgg+ stages that train nothing (here: setup, with the device's check of the server's
+    parameters) are answered without importing torch, the models or the training code: those
+    processes start in about half the time of one that trains."""
+    code = (
+        LOAD_CLIENTAPP
+        + """
+import json, sys
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from feddistill import protocol
+from feddistill.config import load_config
+from feddistill.privacy.distributed import run_secagg_noise
+from flwr.supercore.task_identity import TaskIdentity
+
+TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 7
+cfg = load_config(None, {"fleet.num_clients": 3, "distill.secure_aggregation": "secagg+",
+                         "distill.secagg_num_shares": 3, "distill.secagg_reconstruction_threshold": 2,
+                         "privacy.client_level": "central", "privacy.noise_multiplier": 1.0})
+context = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 3},
+                  state=RecordDict(), run_config=cfg.to_flat())
+identify = app(Message(RecordDict(), dst_node_id=7, message_type=protocol.IDENTIFY), context)
+noise = run_secagg_noise(cfg)
+setup = ConfigRecord({Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 3, Key.SHARE_NUMBER: 3, Key.THRESHOLD: 2,
+                      Key.CLIPPING_RANGE: noise.clipping_range, Key.TARGET_RANGE: noise.quantization_range,
+                      Key.MOD_RANGE: 1 << 30, Key.MAX_WEIGHT: 1.0})
+keys = app(Message(RecordDict({RECORD_KEY_CONFIGS: setup}), dst_node_id=7, message_type="train"), context)
+print(json.dumps({
+    "partition": identify.content.config_records[protocol.REPLY_META][protocol.PARTITION],
+    "public_keys": sorted(keys.content.config_records[RECORD_KEY_CONFIGS]),
+    "error": keys.error.reason if keys.has_error() else None,
+    "heavy": sorted(m for m in ("torch", "opacus", "feddistill.client.distill", "feddistill.models") if m in sys.modules),
+}))
+"""
+    )
+    run = _python(code)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["partition"] == 1 and out["error"] is None
+    assert out["public_keys"] == ["pk1", "pk2"]  # SecAgg+'s setup answered: the node's two public keys
+    assert out["heavy"] == []

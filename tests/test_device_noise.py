@@ -19,8 +19,8 @@ from flwr.common import FitIns, ndarrays_to_parameters
 from flwr.compat.common import recorddict_compat as compat
 
 from feddistill import protocol
-from feddistill.client.app import handle_distill
 from feddistill.client.device import write_device_data
+from feddistill.client.distill import handle_distill
 from feddistill.client.secagg import ARRAY_NAMES, answers_as_fitres
 from feddistill.config import ConfigError, load_config
 from feddistill.data import ArrayDataset

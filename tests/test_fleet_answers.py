@@ -13,7 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from feddistill import protocol
 from feddistill.client.answers import abstentions, answer_logits, label_counts
-from feddistill.client.app import answer_matrix
+from feddistill.client.distill import answer_matrix
 from feddistill.config import ConfigError, load_config
 from feddistill.encoding import decode_votes, encode_answers
 from feddistill.privacy.plan import upload_privacy

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from feddistill import protocol
 from feddistill.config import ConfigError, RunConfig, parse_config
-from feddistill.models import MODEL_NAMES
+from feddistill.model_names import MODEL_NAMES
 from feddistill.strategies.validation import ReplyCheck, check_reply
 
 FAST = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -98,8 +98,8 @@ CASES = [
 def hostile_client_app(cfg: RunConfig, node_file: str) -> ClientApp:
     """feddistill's ClientApp, except that partition HOSTILE rewrites its distill reply into
     CASES[round - 1] (and writes its Flower node id to `node_file` when asked who it is)."""
-    from feddistill.client.app import handle_distill
-    from feddistill.client.device import device_id, is_device
+    from feddistill.client.distill import handle_distill
+    from feddistill.client.node import device_id, is_device
 
     app = ClientApp()
 
@@ -182,7 +182,7 @@ def test_two_nodes_claiming_one_client_id_stop_the_start_up(tmp_path):
     start-up fails with one error naming both node ids (no node takes another's place)."""
     from flwr.serverapp import Grid, ServerApp
 
-    from feddistill.client.device import device_id
+    from feddistill.client.node import device_id
     from feddistill.server.app import identify_nodes, wait_for_nodes
 
     errors: list[str] = []

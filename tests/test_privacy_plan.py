@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from feddistill import protocol
-from feddistill.client.app import handle_distill
+from feddistill.client.distill import handle_distill
 from feddistill.config import load_config
 from feddistill.privacy.accounting import GaussianEvent, epsilon_pld
 from feddistill.privacy.plan import PlanRefused, RunPrivacy, accept_privacy, planned_participations, run_privacy

@@ -13,7 +13,7 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from feddistill import protocol
-from feddistill.client.app import handle_distill
+from feddistill.client.distill import handle_distill
 from feddistill.client.state import load_state
 from feddistill.config import ConfigError, load_config
 from feddistill.data.fleet import load_fleet

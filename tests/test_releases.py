@@ -6,7 +6,7 @@ import pytest
 from flwr.app import Array, Context, RecordDict
 
 from feddistill import protocol
-from feddistill.client.app import handle_distill
+from feddistill.client.distill import handle_distill
 from feddistill.config import load_config
 from feddistill.data.fleet import load_fleet
 from feddistill.deploy.certs import generate_credentials

@@ -79,7 +79,7 @@ def test_a_valid_reply_gives_typed_values_and_the_sender_from_the_node_id():
 def test_the_real_client_reply_passes_the_schema(tmp_path):
     from flwr.app import Context
 
-    from feddistill.client.app import handle_distill
+    from feddistill.client.distill import handle_distill
     from feddistill.config import load_config
     from feddistill.data.fleet import load_fleet
     from feddistill.privacy.plan import run_privacy, upload_privacy

@@ -463,7 +463,7 @@ def test_what_the_writers_write_is_what_the_auditor_reads(tmp_path):
 
     import numpy as np
 
-    from feddistill.client.app import save_local_student
+    from feddistill.client.distill import save_local_student
     from feddistill.config import parse_config
     from feddistill.data.fleet import load_fleet
     from feddistill.models import build_model

@@ -40,7 +40,7 @@ def test_secagg_round_gives_the_server_the_mean_of_the_plain_answers(tmp_path, m
     engine. The test (only) records what the server received; each client's plain answer is then
     recomputed in this process from the same download and the same saved client state."""
     import feddistill.server.secagg as secagg
-    from feddistill.client.app import handle_distill
+    from feddistill.client.distill import handle_distill
     from feddistill.simulations.run import simulate_flower
 
     seen = []

@@ -12,7 +12,7 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 
 from feddistill import protocol
-from feddistill.client.app import handle_distill
+from feddistill.client.distill import handle_distill
 from feddistill.config import load_config
 from feddistill.data.fleet import load_fleet
 from feddistill.privacy.plan import run_privacy

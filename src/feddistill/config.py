@@ -26,7 +26,7 @@ from feddistill.data.datasets import DATASETS
 from feddistill.data.partition import SCHEMES
 from feddistill.encoding import ANSWER_DTYPES
 from feddistill.errors import ConfigError  # defined below the config; the rest of the code imports it from here
-from feddistill.models import MODEL_NAMES
+from feddistill.model_names import MODEL_NAMES
 from feddistill.secagg_shares import run_shares
 from feddistill.strategies.registry import AGGREGATORS
 

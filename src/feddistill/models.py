@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-MODEL_NAMES = ("mlp", "cnn", "cnn-large")
+from feddistill.model_names import MODEL_NAMES
 
 
 def _conv_block(c_in: int, c_out: int, groups: int) -> list[nn.Module]:

@@ -20,7 +20,7 @@ holds ``K`` canaries, and every row of a round's answer matrix belongs to one of
   held-out canary's rows answer the uniform distribution (probabilities; for one-byte votes a
   decoy class drawn from the secret; for clipped logits a zero row).
 
-The answers go through the node's ordinary bounding and noise (:func:`feddistill.client.app.answer_matrix`),
+The answers go through the node's ordinary bounding and noise (:func:`feddistill.client.distill.answer_matrix`),
 so they pass the server's reply validation unchanged. The officer, holding the same secret,
 regenerates every canary's direction from the public query indices alone
 (:mod:`feddistill.privacy.audit.canary_clients`); the server learns nothing that tells a canary

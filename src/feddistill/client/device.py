@@ -34,6 +34,7 @@ import torch
 from flwr.app import Context
 
 from feddistill.atomic import atomic_path
+from feddistill.client.node import device_id, is_device
 from feddistill.client.record_canaries import RECORDS_KEY, record_canaries
 from feddistill.config import RunConfig
 from feddistill.data import ArrayDataset, DataError, reference_digest
@@ -43,8 +44,6 @@ __all__ = [
     "REFERENCE_FILE",
     "ClientData",
     "client_data",
-    "device_id",
-    "is_device",
     "read_device_data",
     "write_device_data",
 ]
@@ -59,27 +58,6 @@ class ClientData(NamedTuple):
     private_x: torch.Tensor  # (N, 1, H, W) float32
     private_y: torch.Tensor  # (N,) int64
     partition_id: int  # partition id (simulation) or device id (device)
-
-
-def is_device(context: Context) -> bool:
-    """A device reads its data from its own ``data-dir``; a simulated client does not."""
-    return bool(context.node_config.get("data-dir"))
-
-
-def device_id(context: Context) -> int:
-    """The node's id in results and state: node config ``partition-id`` (simulation, or a
-    device that was given one), otherwise ``device-id``."""
-    config = context.node_config
-    for key in ("partition-id", "device-id"):
-        if key in config:
-            try:
-                return int(config[key])
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"node config '{key}' = {config[key]!r} is not an integer") from exc
-    raise ValueError(
-        "node config has neither 'partition-id' nor 'device-id': start the SuperNode with "
-        '--node-config "device-id=<int> data-dir=\\"/path\\""'
-    )
 
 
 def write_device_data(data_dir: str | Path, private: ArrayDataset, reference: ArrayDataset | np.ndarray) -> Path:

@@ -14,7 +14,7 @@ unchanged; this module only adapts feddistill's round to its legacy ``fit`` layo
    N(0, s²) drawn from OS entropy (``feddistill.privacy.distributed``), become the
    FitRes ``parameters`` with weight 1; the mod clips, quantizes and masks them. The
    only plain-text value beside the masked vector is the distill reply's own metric,
-   ``record-epsilon`` (record-level DP only; see ``feddistill.client.app``), and
+   ``record-epsilon`` (record-level DP only; see ``feddistill.client.distill``), and
    ``num_examples`` is always 1: nothing that depends on the private data.
 
 A refusal or a simulated dropout raises: the node sends an error and SecAgg+ treats it

@@ -4,7 +4,7 @@
 device, after ``pip install torch==2.13.0`` and ``pip install feddistill`` without extras (the
 device profile, README "Run on real devices"). It plays the SuperNode's part in-process on small
 synthetic data written as a device's ``data-dir``, and sends the real ClientApp handler
-(:func:`feddistill.client.app.handle_distill`) one request of each kind a device answers:
+(:func:`feddistill.client.distill.handle_distill`) one request of each kind a device answers:
 
 - ``plain``: digest, revisit, answer, with the device's noise from OS entropy;
 - ``signed``: the same with a pinned release-signing key and a signed download
@@ -34,8 +34,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 
 from feddistill import protocol
-from feddistill.client.app import handle_distill
 from feddistill.client.device import write_device_data
+from feddistill.client.distill import handle_distill
 from feddistill.config import RunConfig, load_config
 from feddistill.data import ArrayDataset, reference_digest
 from feddistill.profiles import DEVICE_EXCLUDED

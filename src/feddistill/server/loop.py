@@ -3,7 +3,7 @@
 0. public teacher -> round 0's teacher signal on the reference set;
 1. the strategy samples clients and sends each the teacher signal on the round's
    queries, the round config and the reference-set digest;
-2. clients digest, revisit and answer (see ``feddistill.client.app``);
+2. clients digest, revisit and answer (see ``feddistill.client.distill``);
 3. the strategy validates the replies and aggregates them into the new teacher
    signal for those queries;
 4. the server distils the global student from the teacher signal on the

@@ -23,7 +23,7 @@ from flwr.app import Array, Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from feddistill import protocol
-from feddistill.client.device import device_id, is_device
+from feddistill.client.node import device_id, is_device
 from feddistill.config import RunConfig
 from feddistill.encoding import encode_answers
 from feddistill.simulations.attacks import corrupt_answers, hostile_clients

@@ -1,7 +1,7 @@
 """Reading and validating what a finished run left for the auditor.
 
 A run made with ``audit.keep-artifacts = true`` writes (see ``feddistill.server.app``
-and ``feddistill.client.app``; the layout and file formats are ``feddistill.runfolder``'s)::
+and ``feddistill.client.distill``; the layout and file formats are ``feddistill.runfolder``'s)::
 
     RUN_DIR/results.json                      config, reference digest, rounds, privacy claims
     RUN_DIR/global_student.pt                 the released global student   -> target (c)
@@ -29,7 +29,8 @@ import torch
 from feddistill.config import ConfigError, RunConfig, parse_config
 from feddistill.data import DataError
 from feddistill.data.fleet import Canaries, Fleet, load_fleet
-from feddistill.models import MODEL_NAMES, build_model
+from feddistill.model_names import MODEL_NAMES
+from feddistill.models import build_model
 from feddistill.privacy.plan import RunPrivacy, UploadPrivacy
 from feddistill.runfolder import (
     CLIENT_FILE,
