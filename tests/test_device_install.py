@@ -180,7 +180,8 @@ print(json.dumps({
     "partition": identify.content.config_records[protocol.REPLY_META][protocol.PARTITION],
     "public_keys": sorted(keys.content.config_records[RECORD_KEY_CONFIGS]),
     "error": keys.error.reason if keys.has_error() else None,
-    "heavy": sorted(m for m in ("torch", "opacus", "feddistill.client.distill", "feddistill.models") if m in sys.modules),
+    "heavy": sorted(m for m in ("torch", "opacus", "feddistill.client.distill", "feddistill.models")
+                    if m in sys.modules),
 }))
 """
     )
