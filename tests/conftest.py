@@ -21,7 +21,13 @@ def one_torch_thread():
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Files marked ``e2e`` (real simulations, deployments, CLI processes: minutes) run first, so
-    that the two xdist workers (one file each at a time) end together instead of one of them
-    starting a long file when the other has nothing left."""
-    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)  # stable: file order kept
+    """Files marked ``e2e`` (real simulations, deployments, CLI processes: minutes) run first, the
+    longest first (``e2e(seconds=N)``), then the rest in file order. Each xdist worker takes the
+    next file when it finishes one, so longest-first lets the two workers end together: a long
+    file started last would leave the other worker idle."""
+
+    def order(item: pytest.Item) -> float:
+        marker = item.get_closest_marker("e2e")
+        return 1.0 if marker is None else -float(marker.kwargs.get("seconds", 0))
+
+    items.sort(key=order)  # stable: a file's tests, and files of equal weight, keep their order

@@ -8,8 +8,10 @@ process group. Set FEDDISTILL_SKIP_DEPLOY=1 to skip them.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -30,14 +32,20 @@ from feddistill.client.device import (
     read_device_data,
     write_device_data,
 )
-from feddistill.client.distill import handle_distill
+from feddistill.client.distill import handle_distill, student_answers
 from feddistill.client.state import load_state
-from feddistill.config import load_config
+from feddistill.config import load_config, parse_config
 from feddistill.data import ArrayDataset, DataError, reference_digest
 from feddistill.data.fleet import load_fleet
+from feddistill.encoding import decode_answers
+from feddistill.models import build_model
+from feddistill.privacy.distributed import run_secagg_noise
 from feddistill.privacy.ledger import PrivacyLedger
+from feddistill.privacy.plan import run_privacy, upload_privacy
+from feddistill.runfolder import RunFolder
+from feddistill.server.loop import client_ledger
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.e2e(seconds=200)
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -199,6 +207,56 @@ SMALL_DEPLOY = {
     "privacy.record-noise-multiplier": 1.0,
 }
 
+NUM_SUPERNODES = 3
+# test_deploy_secagg's runs, and this file's second run (SecAgg+ with distributed DP)
+TINY_SECAGG = {
+    "distill.secure-aggregation": "secagg+",
+    "distill.secagg-num-shares": 3,  # every device holds shares of the other two
+    "distill.secagg-reconstruction-threshold": 2,  # any two survivors unmask
+    "teacher.epochs": 5,  # what these tests are about is the aggregation, not the teacher
+    "distill.digest-epochs": 1,
+    "distill.revisit-epochs": 1,
+    "distill.server-epochs": 2,
+    "distill.query-size": 60,
+    "fleet.fraction": 1.0,
+}
+DISTRIBUTED_DP = {"privacy.client-level": "central", "privacy.noise-multiplier": 0.5}
+# The second run, on the restarted deployment: one round through SecAgg+ with the DP noise added
+# on the devices, record-level DP (SMALL_DEPLOY) still on
+SECAGG_DP_RUN = {**TINY_SECAGG, **DISTRIBUTED_DP}
+
+
+def _snapshot_states(deployment, dest: Path) -> list[Path]:
+    """Copy each device's state dir now: the next run on the same devices writes over it."""
+    copies = []
+    for i in range(NUM_SUPERNODES):
+        copy = dest / f"device-{i}"
+        shutil.copytree(deployment.device_dir(i) / "state", copy)
+        copies.append(copy)
+    return copies
+
+
+def _plain_answers(run_dir: Path, states: list[Path], device_dirs: list[Path], rnd: int):
+    """The server's unmasked mean of round ``rnd``, and the answers each device gave, recomputed
+    from the student it kept after that round (no local noise: the answers depend on it alone)."""
+    cfg = parse_config(json.loads(RunFolder(run_dir).config.read_text()), "the run's config.json")
+    with np.load(RunFolder(run_dir).secagg_sum(rnd)) as saved:
+        server = {k: saved[k] for k in saved.files}
+    answers = []
+    for pid, (state, data_dir) in enumerate(zip(states, device_dirs)):
+        data = read_device_data(data_dir, pid)
+        kept = load_state(state, pid, rnd + 1)  # the newest student written up to round rnd
+        assert kept.student is not None
+        num_classes = server["mean"].shape[1]
+        student = build_model(cfg.student_for(pid), int(data.reference_x.shape[-1]), num_classes)
+        student.load_state_dict(kept.student)
+        query_x = data.reference_x[torch.from_numpy(server["queries"])]
+        wire = student_answers(
+            student, data, query_x, num_classes, cfg, run_privacy(cfg).upload, cfg.distill.answer_dtype, None
+        )
+        answers.append(decode_answers(wire).astype(np.float64))
+    return cfg, server, np.array(answers)
+
 
 def _processes_mentioning(text: str) -> list[int]:
     """PIDs of live processes whose command line mentions `text` (our temp dir)."""
@@ -285,20 +343,50 @@ def test_unregistered_supernode_is_rejected(restarted, tmp_path):
     assert "Failed to activate SuperNode" in proc.tail(), proc.tail()
 
 
-@deploy
-def test_device_ledger_survives_a_restart(first_run, restarted):
+@pytest.fixture(scope="module")
+def second_run(first_run, restarted):
+    """One SecAgg+ round with distributed DP on the restarted deployment (after the stranger's try)."""
     devices = [Path(d) for d in first_run["device_dirs"]]
     before = [_ledger(d, i) for i, d in enumerate(devices)]
-    results = restarted.run(rounds=1, output_dir=Path(first_run["out_dir"]) / "run2", timeout_s=200)
+    out = Path(first_run["out_dir"]) / "run2"
+    results = restarted.run(rounds=1, output_dir=out, overrides=SECAGG_DP_RUN, timeout_s=300)
+    states = _snapshot_states(restarted, Path(first_run["out_dir"]) / "states-run2")
+    return {"before": before, "results": results, "run_dir": out, "states": states, "devices": devices}
+
+
+@deploy
+def test_device_ledger_survives_a_restart(first_run, restarted, second_run):
+    results = second_run["results"]
     assert results["rounds"][0]["replies"] == 3
     record = results["privacy"]["record_level"]["devices"]
-    for i, d in enumerate(devices):
+    for i, d in enumerate(second_run["devices"]):
         after = _ledger(d, i)
-        assert len(after.history) == len(before[i].history) + 1  # the earlier run's spend is kept
+        assert len(after.history) == len(second_run["before"][i].history) + 1  # the earlier run's spend is kept
         assert record[str(i)]["record-epsilon"] == pytest.approx(after.epsilon())
-        assert after.epsilon() > before[i].epsilon()
+        assert after.epsilon() > second_run["before"][i].epsilon()
         log = restarted.supernodes[i].tail(1_000_000)  # both runs' lines: the log file is appended to
         assert log.count(f"SuperNode ID: {first_run['node_ids'][i]}") == 2  # same identity after the restart
+
+
+@deploy
+def test_distributed_dp_noise_comes_from_the_devices_and_is_accounted_as_in_simulation(second_run):
+    results = second_run["results"]
+    cfg, server, answers = _plain_answers(second_run["run_dir"], second_run["states"], second_run["devices"], 1)
+    noise = run_secagg_noise(cfg)
+    assert noise.distributed and results["privacy"]["secure_aggregation"]["distributed_noise"] is True
+    # the server adds nothing: the noise in its mean is the three devices' shares, N(0, 3 s^2) / 3
+    error = (server["mean"] - answers.mean(axis=0)).ravel()
+    expected = noise.share_std / math.sqrt(3)
+    assert 0.85 * expected < error.std() < 1.15 * expected
+    assert abs(error.mean()) < 5 * expected / math.sqrt(error.size)
+    # epsilon as in simulation: the same plan (replace-one, q = 1) charged once
+    plan = upload_privacy(cfg)
+    ledger = client_ledger(plan)
+    assert ledger is not None and plan.sampling_rate == 1.0 and plan.neighbouring == "replace-one"
+    ledger.record(plan.event(), 1, sensitivity=plan.sensitivity)
+    reported = results["privacy"]["client_level"]
+    assert reported["epsilon"] == pytest.approx(ledger.epsilon(), rel=1e-9)
+    assert results["rounds"][0]["client_epsilon"] == pytest.approx(ledger.epsilon(), rel=1e-9)
 
 
 def test_stop_processes_also_stops_descendants_that_left_the_group():

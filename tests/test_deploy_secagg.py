@@ -6,59 +6,38 @@ collect the answers through Flower's SecAgg+. What the server unmasked each roun
 folder (``RunFolder.secagg_sum``); what each device would have answered is recomputed here from
 the student the device kept in its own data dir (without local DP the answers depend on it
 alone), so the test compares the server's mean with the plain mean of the devices' answers.
+SecAgg+ with distributed DP (the noise added on the devices) is test_deploy's second run, on the
+restarted deployment there: one deployment fewer to start.
 Set FEDDISTILL_SKIP_DEPLOY=1 to skip the loopback tests.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import Context, Message, RecordDict
 
 from feddistill import protocol
-from feddistill.client.device import read_device_data
-from feddistill.client.distill import handle_distill, student_answers
-from feddistill.client.state import load_state
-from feddistill.config import load_config, parse_config
-from feddistill.encoding import decode_answers
-from feddistill.models import build_model
+from feddistill.client.distill import handle_distill
+from feddistill.config import load_config
 from feddistill.privacy.distributed import run_secagg_noise
-from feddistill.privacy.plan import run_privacy, upload_privacy
-from feddistill.runfolder import RunFolder
-from feddistill.server.loop import client_ledger
-from test_deploy import _processes_mentioning
+from feddistill.privacy.plan import run_privacy
+from test_deploy import NUM_SUPERNODES, TINY_SECAGG, _plain_answers, _processes_mentioning, _snapshot_states
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.e2e(seconds=120)
 
 VENV_BIN = Path(sys.executable).parent
-NUM_SUPERNODES = 3
 
 deploy = pytest.mark.skipif(
     not (VENV_BIN / "flower-superlink").exists() or os.environ.get("FEDDISTILL_SKIP_DEPLOY") == "1",
     reason="flower-superlink not available (or FEDDISTILL_SKIP_DEPLOY=1)",
 )
-
-TINY_SECAGG = {
-    "distill.secure-aggregation": "secagg+",
-    "distill.secagg-num-shares": 3,  # every device holds shares of the other two
-    "distill.secagg-reconstruction-threshold": 2,  # any two survivors unmask
-    "teacher.epochs": 5,  # what these tests are about is the aggregation, not the teacher
-    "distill.digest-epochs": 1,
-    "distill.revisit-epochs": 1,
-    "distill.server-epochs": 2,
-    "distill.query-size": 60,
-    "fleet.fraction": 1.0,
-}
-DISTRIBUTED_DP = {"privacy.client-level": "central", "privacy.noise-multiplier": 0.5}
 
 
 @pytest.fixture()
@@ -68,20 +47,11 @@ def task_identity():
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 
 
-def _snapshot_states(deployment, dest: Path) -> list[Path]:
-    """Copy each device's state dir now: the next run on the same devices writes over it."""
-    copies = []
-    for i in range(NUM_SUPERNODES):
-        copy = dest / f"device-{i}"
-        shutil.copytree(deployment.device_dir(i) / "state", copy)
-        copies.append(copy)
-    return copies
-
-
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    """One secure deployment (3 SuperNodes) serving two one-round SecAgg+ runs: without DP (while
-    a SuperNode with an unregistered key tries to join) and with distributed DP."""
+    """One secure deployment (3 SuperNodes) serving a one-round SecAgg+ run without DP, while a
+    SuperNode with an unregistered key tries to join. (The run with distributed DP is
+    test_deploy's second run, on a restarted deployment.)"""
     from feddistill.deploy.certs import generate_credentials
     from feddistill.deploy.local import LocalDeployment
 
@@ -103,36 +73,12 @@ def deployment(tmp_path_factory):
         except subprocess.TimeoutExpired:
             info["intruder_rc"] = None
         info["intruder_log"] = intruder.tail()
-        info["dp"] = dep.run(rounds=1, output_dir=out / "dp", overrides=DISTRIBUTED_DP, timeout_s=300)
-        info["dp_states"] = _snapshot_states(dep, out / "states-dp")
         info["logs"] = {name: Path(path).read_text(errors="replace") for name, path in dep.log_paths().items()}
     finally:
         dep.stop()
     info["leftover"] = _processes_mentioning(str(out))
     info["out"] = out
     return info
-
-
-def _plain_answers(run_dir: Path, states: list[Path], device_dirs: list[Path], rnd: int):
-    """The server's unmasked mean of round ``rnd``, and the answers each device gave, recomputed
-    from the student it kept after that round (no local noise: the answers depend on it alone)."""
-    cfg = parse_config(json.loads(RunFolder(run_dir).config.read_text()), "the run's config.json")
-    with np.load(RunFolder(run_dir).secagg_sum(rnd)) as saved:
-        server = {k: saved[k] for k in saved.files}
-    answers = []
-    for pid, (state, data_dir) in enumerate(zip(states, device_dirs)):
-        data = read_device_data(data_dir, pid)
-        kept = load_state(state, pid, rnd + 1)  # the newest student written up to round rnd
-        assert kept.student is not None
-        num_classes = server["mean"].shape[1]
-        student = build_model(cfg.student_for(pid), int(data.reference_x.shape[-1]), num_classes)
-        student.load_state_dict(kept.student)
-        query_x = data.reference_x[torch.from_numpy(server["queries"])]
-        wire = student_answers(
-            student, data, query_x, num_classes, cfg, run_privacy(cfg).upload, cfg.distill.answer_dtype, None
-        )
-        answers.append(decode_answers(wire).astype(np.float64))
-    return cfg, server, np.array(answers)
 
 
 @deploy
@@ -176,29 +122,6 @@ def test_unregistered_supernode_is_refused_by_the_secagg_deployment(deployment):
     assert deployment["intruder_rc"] not in (None, 0), deployment["intruder_log"]
     assert "Failed to activate SuperNode" in deployment["intruder_log"]
     assert deployment["plain"]["num_nodes"] == NUM_SUPERNODES  # the intruder never took part
-
-
-@deploy
-def test_distributed_dp_noise_comes_from_the_devices_and_is_accounted_as_in_simulation(deployment):
-    results = deployment["dp"]
-    dep = deployment["dep"]
-    devices = [dep.device_dir(i) for i in range(NUM_SUPERNODES)]
-    cfg, server, answers = _plain_answers(Path(dep.out).parent / "dp", deployment["dp_states"], devices, 1)
-    noise = run_secagg_noise(cfg)
-    assert noise.distributed and results["privacy"]["secure_aggregation"]["distributed_noise"] is True
-    # the server adds nothing: the noise in its mean is the three devices' shares, N(0, 3 s^2) / 3
-    error = (server["mean"] - answers.mean(axis=0)).ravel()
-    expected = noise.share_std / math.sqrt(3)
-    assert 0.85 * expected < error.std() < 1.15 * expected
-    assert abs(error.mean()) < 5 * expected / math.sqrt(error.size)
-    # epsilon as in simulation: the same plan (replace-one, q = 1) charged once
-    plan = upload_privacy(cfg)
-    ledger = client_ledger(plan)
-    assert ledger is not None and plan.sampling_rate == 1.0 and plan.neighbouring == "replace-one"
-    ledger.record(plan.event(), 1, sensitivity=plan.sensitivity)
-    reported = results["privacy"]["client_level"]
-    assert reported["epsilon"] == pytest.approx(ledger.epsilon(), rel=1e-9)
-    assert results["rounds"][0]["client_epsilon"] == pytest.approx(ledger.epsilon(), rel=1e-9)
 
 
 # --------------------------------------------------------------------------- #

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from feddistill.server.drift import drift_alert, per_class_accuracy, signal_kl
 from feddistill.simulations.shift import check_populations, eligible_partitions, shift_populations
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.e2e(seconds=35)
 
 
 def test_signal_kl_is_the_mean_row_kl():
@@ -61,6 +61,7 @@ SHIFT = {
     "distill.revisit_kd_weight": 0,  # plain FedMD revisit: answers follow the clients' own labels
     "scenario.shift_round": 4,
     "drift.kl_threshold": 1.0,
+    "simulation.cpus_per_client": 2.0,  # one client actor (see test_simulation.SMALL)
 }
 
 

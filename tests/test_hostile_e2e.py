@@ -22,7 +22,7 @@ from flwr.clientapp import ClientApp
 from feddistill import protocol
 from feddistill.config import RunConfig, load_config
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.e2e(seconds=55)
 
 HOSTILE = 2  # partition id of the hostile node
 
@@ -134,7 +134,7 @@ def _run(cfg: RunConfig, client_app: ClientApp) -> None:
         client_app=client_app,
         num_supernodes=cfg.fleet.num_clients,
         backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "client_resources": {"num_cpus": 2, "num_gpus": 0.0},  # one client actor (test_simulation.SMALL)
             "init_args": {"logging_level": "ERROR", "log_to_driver": False},
         },
     )
@@ -212,7 +212,7 @@ def test_two_nodes_claiming_one_client_id_stop_the_start_up(tmp_path):
         client_app=client,
         num_supernodes=3,
         backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "client_resources": {"num_cpus": 2, "num_gpus": 0.0},  # one client actor (test_simulation.SMALL)
             "init_args": {"logging_level": "ERROR", "log_to_driver": False},
         },
     )

@@ -15,7 +15,7 @@ import torch
 
 from test_simulation import SMALL
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.e2e(seconds=135)
 
 SETTINGS = {
     **SMALL,

@@ -19,7 +19,7 @@ from feddistill.runfolder import RunFolder
 from feddistill.server.loop import client_ledger
 from test_resume import _cmd, _kill_after_checkpoint
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.e2e(seconds=80)
 
 
 def test_secagg_run_with_signed_downloads_resumes_after_a_sigkill(tmp_path):
@@ -41,6 +41,7 @@ def test_secagg_run_with_signed_downloads_resumes_after_a_sigkill(tmp_path):
         "privacy.noise_multiplier": 2.0,
         "security.signing_key": str(creds.release_signing_key),
         "security.release_public_key": str(creds.release_signing_pub),
+        "simulation.cpus_per_client": 2.0,  # one client actor (see test_simulation.SMALL)
     }
     run = tmp_path / "run"
     args = ["--out", str(run)]

@@ -19,7 +19,7 @@ from feddistill.privacy.plan import run_privacy
 from feddistill.server.app import round_config
 from feddistill.strategies import teacher_arrays
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.e2e(seconds=85)
 
 SMALL = {
     "rounds": 2,
@@ -30,6 +30,9 @@ SMALL = {
     "distill.revisit_epochs": 2,
     "distill.query_size": 200,
     "baselines.local_epochs": 5,
+    # one client actor: the suite's two pytest workers keep both cores busy already, and a second
+    # actor only adds its start-up (imports, data: about a quarter of a small run's CPU time)
+    "simulation.cpus_per_client": 2.0,
 }
 
 
