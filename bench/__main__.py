@@ -15,9 +15,10 @@ Suites:
            run: seconds per round; the client footprint (install size, ClientApp import time,
            peak RSS of a SuperNode with the ClientApp processes it starts).
   install  the device install profile (`pip install feddistill`, no extras) in a fresh venv vs the full
-           install: site-packages MiB (torch's share), and a ClientApp's cold start (fresh process,
-           median of 5); the device self-check (plain, signed, DP-SGD, SecAgg+ rounds) in the device venv,
-           and one real round answered by flower-supernode processes of the device venv.
+           install: site-packages MiB (torch's share), and a ClientApp process's start-up, one that
+           trains nothing and one that trains (fresh process, median of 5); the device self-check
+           (plain, signed, DP-SGD, SecAgg+ rounds) in the device venv, and one real round answered
+           by flower-supernode processes of the device venv.
   comms    upload bytes and accuracy for answers in float32, float16, uint8 and one-byte votes.
   scale    time per round and peak RSS (whole process tree) for 10, 100 and 1000 clients (q = 0.1)
            and 10,000 clients (q = 0.01, IID: about 100 per round, as at 1000), and the

@@ -105,9 +105,9 @@ def _footprint(peaks: dict[int, int]) -> dict:
     import sys
 
     imports = []
-    for _ in range(3):  # a SuperNode starts a fresh ClientApp process per message: this is its import cost
+    for _ in range(3):  # a SuperNode starts a fresh ClientApp process per message: the import cost of one that trains
         t0 = time.monotonic()
-        subprocess.run([sys.executable, "-c", "import feddistill.client.app"], check=True)
+        subprocess.run([sys.executable, "-c", "import feddistill.client.app, feddistill.client.distill"], check=True)
         imports.append(time.monotonic() - t0)
     site = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
     sizes = {

@@ -5,9 +5,11 @@ Builds the device profile in a fresh virtual environment, as a device owner woul
 it against the environment the suite runs in (the full install, ``.[test]``): site-packages size
 (total, torch's share, installed distributions), which of the packages the device profile leaves
 out are installed, and a ClientApp's cold start: a fresh process that loads the ClientApp the way a
-SuperNode does (Flower's ``load_app`` on pyproject's ``clientapp``), median of ``runs`` after one
-warm-up. In the device environment it then runs ``python -m feddistill.deploy.device_check``
-(plain, signed, DP-SGD and SecAgg+ requests through the ClientApp).
+SuperNode does (Flower's ``load_app`` on pyproject's ``clientapp``: what an identify query or a
+SecAgg+ bookkeeping stage pays), and one that also imports the training code (what a message that
+trains pays before it trains), median of ``runs`` after one warm-up. In the device environment it
+then runs ``python -m feddistill.deploy.device_check`` (plain, signed, DP-SGD and SecAgg+
+requests through the ClientApp).
 
 Last, one real round on loopback: a SuperLink of the full install (TLS, SuperNode authentication,
 signed downloads) and ``supernodes`` (default 2; 0 skips it) ``flower-supernode`` processes of
@@ -36,6 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCH = "torch==2.13.0"  # the CPU wheel on local disk: installed first, as scripts/setup.sh does
 # what a SuperNode does with pyproject's [tool.flwr.app.components] clientapp, in a fresh process
 LOAD_CLIENTAPP = "from flwr.supercore.object_ref import load_app; load_app('feddistill.client.app:app', RuntimeError)"
+# the two kinds of ClientApp process: one that trains nothing (identify, SecAgg+'s key and unmask
+# stages: the routing alone, no torch) and one that trains (the distill handler, torch and all)
+COLD_STARTS = {"routing": LOAD_CLIENTAPP, "training": LOAD_CLIENTAPP + "; import feddistill.client.distill"}
 PROBE = """
 import json, sysconfig
 from feddistill.profiles import DEVICE_EXCLUDED, installed
@@ -83,29 +88,30 @@ def build_device_venv(venv: Path) -> float | None:
     return time.monotonic() - start if fresh else None
 
 
-def _timed(python: Path, device: bool) -> tuple[float, float]:
-    """One fresh process loading the ClientApp: its wall seconds, and the CPU seconds it used
+def _timed(python: Path, device: bool, code: str) -> tuple[float, float]:
+    """One fresh process running ``code``: its wall seconds, and the CPU seconds it used
     (user + system; what a busy machine inflates far less than wall time)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
-    _run([str(python), "-c", LOAD_CLIENTAPP], device)
+    _run([str(python), "-c", code], device)
     wall = time.monotonic() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def cold_starts(pythons: dict[str, Path], runs: int) -> dict[str, dict[str, list[float]]]:
-    """Wall and CPU seconds of fresh processes loading the ClientApp, ``runs`` per environment
-    (after one warm-up each: .pyc files written). The environments take turns, so a machine
-    whose load drifts during the measurement biases neither."""
+def cold_starts(pythons: dict[str, Path], runs: int) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """Wall and CPU seconds of fresh ClientApp processes of each kind (``COLD_STARTS``), ``runs``
+    per environment and kind (after one warm-up each: .pyc files written). Environments and kinds
+    take turns, so a machine whose load drifts during the measurement biases none of them."""
     for name, python in pythons.items():
-        _run([str(python), "-c", LOAD_CLIENTAPP], name == "device")
-    seconds: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in pythons}
+        _run([str(python), "-c", COLD_STARTS["training"]], name == "device")
+    seconds = {name: {kind: {"wall": [], "cpu": []} for kind in COLD_STARTS} for name in pythons}
     for _ in range(runs):
         for name, python in pythons.items():
-            wall, cpu = _timed(python, name == "device")
-            seconds[name]["wall"].append(wall)
-            seconds[name]["cpu"].append(cpu)
+            for kind, code in COLD_STARTS.items():
+                wall, cpu = _timed(python, name == "device", code)
+                seconds[name][kind]["wall"].append(wall)
+                seconds[name][kind]["cpu"].append(cpu)
     return seconds
 
 
@@ -167,13 +173,16 @@ def install(out: Path, overrides: dict) -> dict:
         build_seconds = build_device_venv(venv)
         python = venv / "bin" / "python"
         profiles = {"device": footprint(python, True), "full": footprint(Path(sys.executable), False)}
-        for name, starts in cold_starts({"device": python, "full": Path(sys.executable)}, runs).items():
-            profiles[name].update(
-                cold_start_seconds=starts["wall"],
-                cold_start_median=statistics.median(starts["wall"]),
-                cold_start_cpu_seconds=starts["cpu"],
-                cold_start_cpu_median=statistics.median(starts["cpu"]),
-            )
+        for name, kinds in cold_starts({"device": python, "full": Path(sys.executable)}, runs).items():
+            profiles[name]["cold_start"] = {
+                kind: {
+                    "wall_seconds": starts["wall"],
+                    "wall_median": statistics.median(starts["wall"]),
+                    "cpu_seconds": starts["cpu"],
+                    "cpu_median": statistics.median(starts["cpu"]),
+                }
+                for kind, starts in kinds.items()
+            }
         check = json.loads(_run([str(python), "-m", "feddistill.deploy.device_check", "--json"], True).splitlines()[-1])
         supernodes = int(overrides.get("supernodes", 2))
         deployed = supernode_round(python.parent, supernodes) if supernodes else None
@@ -201,8 +210,8 @@ def install(out: Path, overrides: dict) -> dict:
 
 
 def plot(summary: dict, path: Path) -> None:
-    """Left: site-packages (torch and the rest); right: the ClientApp's cold start, wall and CPU
-    seconds (median, range)."""
+    """Left: site-packages (torch and the rest); right: the ClientApp's cold start, CPU seconds
+    (median, range) of each kind of process in each install."""
     fig, (size, start) = panel_pair()
     names = list(summary["profiles"])
     rows = [summary["profiles"][n] for n in names]
@@ -214,15 +223,16 @@ def plot(summary: dict, path: Path) -> None:
     size.set_title("install size")
     size.legend()
     width = 0.38
-    for offset, kind, label, color in ((-width / 2, "", "wall", "#55a868"), (width / 2, "_cpu", "CPU", "#8172b2")):
-        medians = [r[f"cold_start{kind}_median"] for r in rows]
-        runs = [r[f"cold_start{kind}_seconds"] for r in rows]
+    kinds = (("routing", "trains nothing (identify, SecAgg+ keys)", "#55a868"), ("training", "trains", "#8172b2"))
+    for offset, (kind, label, color) in zip((-width / 2, width / 2), kinds):
+        medians = [r["cold_start"][kind]["cpu_median"] for r in rows]
+        runs = [r["cold_start"][kind]["cpu_seconds"] for r in rows]
         low = [m - min(x) for m, x in zip(medians, runs)]
         high = [max(x) - m for m, x in zip(medians, runs)]
         xs = [i + offset for i in range(len(names))]
         start.bar(xs, medians, width, yerr=[low, high], capsize=5, label=label, color=color)
     start.set_xticks(range(len(names)), names)
-    start.set_ylabel("seconds (median, min-max)")
-    start.set_title(f"ClientApp cold start (fresh process, {summary['runs']} runs)")
+    start.set_ylabel("CPU seconds (median, min-max)")
+    start.set_title(f"ClientApp process start-up ({summary['runs']} runs)")
     start.legend()
     save_figure(fig, path)

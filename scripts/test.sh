@@ -15,7 +15,7 @@ export FEDDISTILL_REQUIRE_FASHION=1
 # A private teacher cache per test run, so tests never depend on an earlier run's files.
 export FEDDISTILL_CACHE="${FEDDISTILL_CACHE:-$(mktemp -d)}"
 # Two pytest workers (pytest-xdist). A file's tests share a worker (--dist loadfile): module
-# fixtures start once; files in collection order (tests/conftest.py puts the e2e files first),
-# not xdist's largest-file-first. FEDDISTILL_TEST_WORKERS=0 runs in one process.
+# fixtures start once; files in collection order (tests/conftest.py puts the e2e files first,
+# the longest first by their e2e(seconds=N) mark), not xdist's most-tests-first. FEDDISTILL_TEST_WORKERS=0 runs in one process.
 exec .venv/bin/python -m pytest -q -n "${FEDDISTILL_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder \
     --durations=15 "$@"
