@@ -43,7 +43,7 @@ from feddistill.privacy.mechanisms import bound_answers
 from feddistill.privacy.plan import upload_privacy
 from feddistill.strategies import ReplyCheck, check_reply
 
-pytestmark = pytest.mark.e2e(seconds=100)
+pytestmark = pytest.mark.e2e(seconds=80)
 
 VENV_BIN = Path(sys.executable).parent
 SECRET = bytes(range(32))

@@ -20,7 +20,7 @@ import pytest
 from feddistill.config import RunConfig
 from feddistill.runfolder import RUN_ENTRIES, RunFolderError, clear_run_folder, prepare_run_folder
 
-pytestmark = pytest.mark.e2e(seconds=20)
+pytestmark = pytest.mark.e2e(seconds=15)
 
 FEDDISTILL = str(Path(sys.executable).parent / "feddistill")
 

@@ -2,7 +2,14 @@
 
 The deployment tests start real ``flower-superlink`` / ``flower-supernode`` / ``flwr``
 processes on 127.0.0.1 (never ``--insecure``), bounded in time and always stopped by
-process group. Set FEDDISTILL_SKIP_DEPLOY=1 to skip them.
+process group. One deployment of 3 devices serves them all: a plain 2-round run with
+record-level DP (``deploy_local``, as an operator runs it); the same folder started again
+(registrations in the SuperLink's database, ledgers in the devices' data dirs), where a
+SuperNode with an unregistered key is refused; then two one-round runs through Flower's SecAgg+
+(issue 18): without client-level DP (the server's unmasked mean must equal the plain mean of
+what the devices answered, within one quantization step) and with distributed DP (the noise
+comes from the devices and is accounted as in simulation).
+Set FEDDISTILL_SKIP_DEPLOY=1 to skip them.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from feddistill.privacy.plan import run_privacy, upload_privacy
 from feddistill.runfolder import RunFolder
 from feddistill.server.loop import client_ledger
 
-pytestmark = pytest.mark.e2e(seconds=200)
+pytestmark = pytest.mark.e2e(seconds=240)
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -208,7 +215,7 @@ SMALL_DEPLOY = {
 }
 
 NUM_SUPERNODES = 3
-# test_deploy_secagg's runs, and this file's second run (SecAgg+ with distributed DP)
+# The runs on the restarted deployment go through SecAgg+ (record-level DP, SMALL_DEPLOY, still on)
 TINY_SECAGG = {
     "distill.secure-aggregation": "secagg+",
     "distill.secagg-num-shares": 3,  # every device holds shares of the other two
@@ -221,8 +228,7 @@ TINY_SECAGG = {
     "fleet.fraction": 1.0,
 }
 DISTRIBUTED_DP = {"privacy.client-level": "central", "privacy.noise-multiplier": 0.5}
-# The second run, on the restarted deployment: one round through SecAgg+ with the DP noise added
-# on the devices, record-level DP (SMALL_DEPLOY) still on
+# The restarted deployment's second run: SecAgg+ with the DP noise added on the devices
 SECAGG_DP_RUN = {**TINY_SECAGG, **DISTRIBUTED_DP}
 
 
@@ -344,34 +350,76 @@ def test_unregistered_supernode_is_rejected(restarted, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def second_run(first_run, restarted):
-    """One SecAgg+ round with distributed DP on the restarted deployment (after the stranger's try)."""
+def secagg_runs(first_run, restarted):
+    """Two one-round SecAgg+ runs on the restarted deployment (record-level DP still on): without
+    client-level DP, then with distributed DP. Each device's state is copied after each run."""
     devices = [Path(d) for d in first_run["device_dirs"]]
-    before = [_ledger(d, i) for i, d in enumerate(devices)]
-    out = Path(first_run["out_dir"]) / "run2"
-    results = restarted.run(rounds=1, output_dir=out, overrides=SECAGG_DP_RUN, timeout_s=300)
-    states = _snapshot_states(restarted, Path(first_run["out_dir"]) / "states-run2")
-    return {"before": before, "results": results, "run_dir": out, "states": states, "devices": devices}
+    info: dict = {"devices": devices, "before": [_ledger(d, i) for i, d in enumerate(devices)]}
+    out = Path(first_run["out_dir"])
+    for name, overrides in (("secagg-plain", TINY_SECAGG), ("secagg-dp", SECAGG_DP_RUN)):
+        info[name] = restarted.run(rounds=1, output_dir=out / name, overrides=overrides, timeout_s=300)
+        info[f"{name}-run-id"] = restarted.last_run["run_id"]
+        info[f"{name}-states"] = _snapshot_states(restarted, out / f"states-{name}")
+        info[f"{name}-last-release"] = [json.loads((d / "state" / "last-release.json").read_text()) for d in devices]
+    info["logs"] = {name: Path(path).read_text(errors="replace") for name, path in restarted.log_paths().items()}
+    return info
 
 
 @deploy
-def test_device_ledger_survives_a_restart(first_run, restarted, second_run):
-    results = second_run["results"]
+def test_device_ledger_survives_a_restart(first_run, restarted, secagg_runs):
+    results = secagg_runs["secagg-dp"]
     assert results["rounds"][0]["replies"] == 3
     record = results["privacy"]["record_level"]["devices"]
-    for i, d in enumerate(second_run["devices"]):
-        after = _ledger(d, i)
-        assert len(after.history) == len(second_run["before"][i].history) + 1  # the earlier run's spend is kept
+    for i, d in enumerate(secagg_runs["devices"]):
+        before, after = secagg_runs["before"][i], _ledger(d, i)
+        assert len(after.history) == len(before.history) + 2  # the first run's spend is kept, + one per run
         assert record[str(i)]["record-epsilon"] == pytest.approx(after.epsilon())
-        assert after.epsilon() > second_run["before"][i].epsilon()
-        log = restarted.supernodes[i].tail(1_000_000)  # both runs' lines: the log file is appended to
+        assert after.epsilon() > before.epsilon()
+        log = restarted.supernodes[i].tail(1_000_000)  # both starts' lines: the log file is appended to
         assert log.count(f"SuperNode ID: {first_run['node_ids'][i]}") == 2  # same identity after the restart
 
 
 @deploy
-def test_distributed_dp_noise_comes_from_the_devices_and_is_accounted_as_in_simulation(second_run):
-    results = second_run["results"]
-    cfg, server, answers = _plain_answers(second_run["run_dir"], second_run["states"], second_run["devices"], 1)
+def test_secagg_deployment_unmasks_the_plain_mean_of_the_devices_answers(first_run, secagg_runs):
+    results = secagg_runs["secagg-plain"]
+    assert [(r["round"], r["clients"], r["replies"], r["dropped"]) for r in results["rounds"]] == [(1, 3, 3, {})]
+    assert results["num_nodes"] == NUM_SUPERNODES  # the stranger of test_unregistered_... never took part
+    assert results["privacy"]["secure_aggregation"]["reconstruction_threshold"] == 2
+    run_dir = Path(first_run["out_dir"]) / "secagg-plain"
+    cfg, server, answers = _plain_answers(run_dir, secagg_runs["secagg-plain-states"], secagg_runs["devices"], 1)
+    step = run_secagg_noise(cfg).step
+    assert sorted(server["survivors"].tolist()) == [0, 1, 2]
+    assert server["mean"].shape == answers.shape[1:] == (cfg.distill.query_size, 10)
+    plain_mean = answers.mean(axis=0)
+    # stochastic rounding puts each device's entry within one step, so their mean too
+    np.testing.assert_allclose(server["mean"], plain_mean, rtol=0, atol=step + 1e-9)
+    assert np.abs(server["mean"] - plain_mean).max() > 0  # it did go through SecAgg+'s quantization
+    assert not any(np.allclose(server["mean"], a, rtol=0, atol=step) for a in answers)  # no single answer
+    # 8 bytes per masked entry (and the weight) per survivor
+    assert results["rounds"][0]["bytes_uploaded"] == 3 * (server["mean"].size + 1) * 8
+
+
+@deploy
+def test_secagg_deployment_is_tls_authenticated_and_signed(first_run, secagg_runs):
+    logs = secagg_runs["logs"]
+    assert all("--insecure" not in text for text in logs.values())
+    assert "Uvicorn running on https://127.0.0.1:" in logs["superlink"]
+    for name in ("secagg-plain", "secagg-dp"):
+        assert logs[f"flwr-run-{name}"].count("Secure aggregation completed") == 1
+        # every device verified the signed download inside SecAgg+'s masking stage
+        assert secagg_runs[f"{name}-last-release"] == [{"run_id": secagg_runs[f"{name}-run-id"], "round": 1}] * 3
+    for i in range(NUM_SUPERNODES):
+        assert "release-public-key=" in logs[f"supernode-{i}"].splitlines()[0]  # the pinned release key
+        assert "release rejected" not in logs[f"supernode-{i}"]
+    run_config = Path(first_run["out_dir"], "run-config-secagg-plain.toml").read_text()
+    assert '"security.signing-key"' in run_config and '"privacy.noise-source" = "os-entropy"' in run_config
+
+
+@deploy
+def test_distributed_dp_noise_comes_from_the_devices_and_is_accounted_as_in_simulation(first_run, secagg_runs):
+    results = secagg_runs["secagg-dp"]
+    run_dir = Path(first_run["out_dir"]) / "secagg-dp"
+    cfg, server, answers = _plain_answers(run_dir, secagg_runs["secagg-dp-states"], secagg_runs["devices"], 1)
     noise = run_secagg_noise(cfg)
     assert noise.distributed and results["privacy"]["secure_aggregation"]["distributed_noise"] is True
     # the server adds nothing: the noise in its mean is the three devices' shares, N(0, 3 s^2) / 3

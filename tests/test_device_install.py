@@ -21,7 +21,7 @@ import pytest
 
 from feddistill.profiles import DEVICE_EXCLUDED, DEVICE_EXTRAS
 
-pytestmark = pytest.mark.e2e(seconds=20)
+pytestmark = pytest.mark.e2e(seconds=15)
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from feddistill.server.drift import drift_alert, per_class_accuracy, signal_kl
 from feddistill.simulations.shift import check_populations, eligible_partitions, shift_populations
 
-pytestmark = pytest.mark.e2e(seconds=35)
+pytestmark = pytest.mark.e2e(seconds=25)
 
 
 def test_signal_kl_is_the_mean_row_kl():

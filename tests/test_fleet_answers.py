@@ -20,7 +20,7 @@ from feddistill.privacy.plan import upload_privacy
 from feddistill.server.consensus import MIN_CALIBRATION_ROWS, FleetLabels, calibrate_share, select_queries
 from feddistill.strategies import MeanAnswers, ReplyCheck, validate_reply
 
-pytestmark = pytest.mark.e2e(seconds=60)
+pytestmark = pytest.mark.e2e(seconds=25)
 
 C = 4
 

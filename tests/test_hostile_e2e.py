@@ -22,7 +22,7 @@ from flwr.clientapp import ClientApp
 from feddistill import protocol
 from feddistill.config import RunConfig, load_config
 
-pytestmark = pytest.mark.e2e(seconds=55)
+pytestmark = pytest.mark.e2e(seconds=40)
 
 HOSTILE = 2  # partition id of the hostile node
 

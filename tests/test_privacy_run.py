@@ -20,7 +20,7 @@ from feddistill.data.fleet import load_fleet
 from feddistill.privacy.plan import upload_privacy
 from test_simulation import SMALL, _request
 
-pytestmark = pytest.mark.e2e(seconds=30)
+pytestmark = pytest.mark.e2e(seconds=25)
 
 
 @pytest.fixture(autouse=True)

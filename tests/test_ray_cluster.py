@@ -53,7 +53,7 @@ TINY = {
 RUN_S = 600  # one tiny run: 40 s on 2 quiet cores, 4 min when 7 users share them
 
 pytestmark = [
-    pytest.mark.e2e(seconds=135),
+    pytest.mark.e2e(seconds=180),
     pytest.mark.skipif(not (VENV_BIN / "ray").exists(), reason="Ray's CLI not installed"),
 ]
 

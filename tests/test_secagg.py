@@ -23,7 +23,7 @@ from feddistill.privacy.plan import upload_privacy
 from feddistill.strategies import normalize_rows
 from test_simulation import SMALL
 
-pytestmark = pytest.mark.e2e(seconds=25)
+pytestmark = pytest.mark.e2e(seconds=15)
 
 SECAGG = {**SMALL, "distill.secure_aggregation": "secagg+"}
 

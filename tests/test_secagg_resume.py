@@ -19,7 +19,7 @@ from feddistill.runfolder import RunFolder
 from feddistill.server.loop import client_ledger
 from test_resume import _cmd, _kill_after_checkpoint
 
-pytestmark = pytest.mark.e2e(seconds=80)
+pytestmark = pytest.mark.e2e(seconds=60)
 
 
 def test_secagg_run_with_signed_downloads_resumes_after_a_sigkill(tmp_path):

@@ -19,7 +19,7 @@ from feddistill.privacy.plan import run_privacy
 from feddistill.server.app import round_config
 from feddistill.strategies import teacher_arrays
 
-pytestmark = pytest.mark.e2e(seconds=85)
+pytestmark = pytest.mark.e2e(seconds=100)
 
 SMALL = {
     "rounds": 2,
