@@ -290,7 +290,7 @@ def first_run(tmp_path_factory):
     from feddistill.deploy.local import deploy_local
 
     out = tmp_path_factory.mktemp("deploy")
-    info = deploy_local(out, num_supernodes=3, rounds=2, config_overrides=SMALL_DEPLOY, timeout_s=300)
+    info = deploy_local(out, num_supernodes=NUM_SUPERNODES, rounds=2, config_overrides=SMALL_DEPLOY, timeout_s=300)
     info["leftover"] = _processes_mentioning(str(out))
     return info
 
@@ -326,7 +326,7 @@ def restarted(first_run):
     and device data dirs (state, ledgers) are kept; nothing is registered again."""
     from feddistill.deploy.local import LocalDeployment
 
-    deployment = LocalDeployment(first_run["out_dir"], num_supernodes=3, config=SMALL_DEPLOY)
+    deployment = LocalDeployment(first_run["out_dir"], num_supernodes=NUM_SUPERNODES, config=SMALL_DEPLOY)
     try:
         deployment.start(register=False)  # registrations survived in the SuperLink's --database
         yield deployment

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from feddistill.server.drift import drift_alert, per_class_accuracy, signal_kl
 from feddistill.simulations.shift import check_populations, eligible_partitions, shift_populations
+from test_simulation import ONE_CLIENT_ACTOR
 
 pytestmark = pytest.mark.e2e(seconds=25)
 
@@ -61,7 +62,7 @@ SHIFT = {
     "distill.revisit_kd_weight": 0,  # plain FedMD revisit: answers follow the clients' own labels
     "scenario.shift_round": 4,
     "drift.kl_threshold": 1.0,
-    "simulation.cpus_per_client": 2.0,  # one client actor (see test_simulation.SMALL)
+    **ONE_CLIENT_ACTOR,
 }
 
 

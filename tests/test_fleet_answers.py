@@ -19,6 +19,7 @@ from feddistill.encoding import decode_votes, encode_answers
 from feddistill.privacy.plan import upload_privacy
 from feddistill.server.consensus import MIN_CALIBRATION_ROWS, FleetLabels, calibrate_share, select_queries
 from feddistill.strategies import MeanAnswers, ReplyCheck, validate_reply
+from test_simulation import ONE_CLIENT_ACTOR
 
 pytestmark = pytest.mark.e2e(seconds=25)
 
@@ -220,7 +221,7 @@ def test_a_simulation_with_abstaining_debiased_answers_and_consensus_labels(tmp_
         "distill.query_selection": '"uncertain"',
         "distill.answer_dtype": '"vote"',
         "privacy.bound": '"votes"',
-        "simulation.cpus_per_client": 2.0,  # one client actor (see test_simulation.SMALL)
+        **ONE_CLIENT_ACTOR,
     }
     args = [sys.executable, "-m", "feddistill.cli", "simulate", "--no-baselines", "--out", str(out)]
     for key, value in settings.items():

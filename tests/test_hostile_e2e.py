@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 
 from feddistill import protocol
 from feddistill.config import RunConfig, load_config
+from test_simulation import ONE_CLIENT_ACTOR
 
 pytestmark = pytest.mark.e2e(seconds=40)
 
@@ -39,6 +40,11 @@ FAST = {
     "distill.query_size": 50,
     "privacy.record_level": True,  # so that every honest reply carries its device's record-epsilon
     "privacy.record_noise_multiplier": 1.0,
+}
+# Flower's Ray backend as feddistill.simulations.run sets it up, with one client actor
+BACKEND = {
+    "client_resources": {"num_cpus": ONE_CLIENT_ACTOR["simulation.cpus_per_client"], "num_gpus": 0.0},
+    "init_args": {"logging_level": "ERROR", "log_to_driver": False},
 }
 
 
@@ -133,10 +139,7 @@ def _run(cfg: RunConfig, client_app: ClientApp) -> None:
         server_app=make_server_app(cfg),
         client_app=client_app,
         num_supernodes=cfg.fleet.num_clients,
-        backend_config={
-            "client_resources": {"num_cpus": 2, "num_gpus": 0.0},  # one client actor (test_simulation.SMALL)
-            "init_args": {"logging_level": "ERROR", "log_to_driver": False},
-        },
+        backend_config=BACKEND,
     )
 
 
@@ -211,10 +214,7 @@ def test_two_nodes_claiming_one_client_id_stop_the_start_up(tmp_path):
         server_app=server,
         client_app=client,
         num_supernodes=3,
-        backend_config={
-            "client_resources": {"num_cpus": 2, "num_gpus": 0.0},  # one client actor (test_simulation.SMALL)
-            "init_args": {"logging_level": "ERROR", "log_to_driver": False},
-        },
+        backend_config=BACKEND,
     )
     assert len(errors) == 1 and "both claim client id 0" in errors[0], errors
     claimants = {(tmp_path / f"node{pid}").read_text() for pid in (0, 2)}

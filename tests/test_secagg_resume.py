@@ -18,6 +18,7 @@ from feddistill.privacy.plan import upload_privacy
 from feddistill.runfolder import RunFolder
 from feddistill.server.loop import client_ledger
 from test_resume import _cmd, _kill_after_checkpoint
+from test_simulation import ONE_CLIENT_ACTOR
 
 pytestmark = pytest.mark.e2e(seconds=60)
 
@@ -41,7 +42,7 @@ def test_secagg_run_with_signed_downloads_resumes_after_a_sigkill(tmp_path):
         "privacy.noise_multiplier": 2.0,
         "security.signing_key": str(creds.release_signing_key),
         "security.release_public_key": str(creds.release_signing_pub),
-        "simulation.cpus_per_client": 2.0,  # one client actor (see test_simulation.SMALL)
+        **ONE_CLIENT_ACTOR,
     }
     run = tmp_path / "run"
     args = ["--out", str(run)]

@@ -21,6 +21,11 @@ from feddistill.strategies import teacher_arrays
 
 pytestmark = pytest.mark.e2e(seconds=100)
 
+# One client actor per test simulation: the suite's two pytest workers keep both cores busy
+# already, and a second actor only adds its start-up (imports, data: about a quarter of a small
+# run's CPU time).
+ONE_CLIENT_ACTOR = {"simulation.cpus_per_client": 2.0}
+
 SMALL = {
     "rounds": 2,
     "fleet.num_clients": 5,
@@ -30,9 +35,7 @@ SMALL = {
     "distill.revisit_epochs": 2,
     "distill.query_size": 200,
     "baselines.local_epochs": 5,
-    # one client actor: the suite's two pytest workers keep both cores busy already, and a second
-    # actor only adds its start-up (imports, data: about a quarter of a small run's CPU time)
-    "simulation.cpus_per_client": 2.0,
+    **ONE_CLIENT_ACTOR,
 }
 
 
